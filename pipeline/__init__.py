@@ -1,0 +1,3 @@
+"""distill: API-based black-box distillation (harvest -> build -> finetune -> eval)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,348 @@
+"""The run store: one SQLite file per run directory, append-only, keyed by what was asked.
+
+A response paid for is committed (one transaction, WAL) before anything else happens with it.
+Its key is a hash of (endpoint, model, request messages, generation parameters, sample index),
+so rerunning the same job finds every key done and sends nothing, and changing a parameter makes
+new keys while old rows stay. Rows in `responses` are never updated or deleted; a key can be
+inserted once only (INSERT OR IGNORE), so a response can never appear twice.
+
+Failed requests go to `failures` (the latest reason and attempt count per key); a later success
+for the key removes its failure row. Schema changes are ordered migrations (PRAGMA user_version).
+
+    run/
+      store.sqlite      (+ -wal, -shm while open)
+      lock              flock held by the harvest writing this run
+      harvest.log       one line per event, appended by every run
+      config.yaml       the last harvest config used (no secrets)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+import time
+import zlib
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import RunLockedError, StoreError
+
+STORE_FILE = "store.sqlite"
+
+MIGRATIONS: list[str] = [
+    # 1: responses, failures, meta
+    """
+    CREATE TABLE responses (
+        key TEXT PRIMARY KEY,
+        prompt_id TEXT NOT NULL,
+        sample_index INTEGER NOT NULL,
+        teacher TEXT NOT NULL,
+        base_url TEXT NOT NULL,
+        model TEXT NOT NULL,
+        params_hash TEXT NOT NULL,
+        params TEXT NOT NULL,
+        messages TEXT NOT NULL,
+        reference TEXT,
+        meta TEXT,
+        response TEXT NOT NULL,
+        reasoning TEXT,
+        finish_reason TEXT,
+        response_model TEXT,
+        system_fingerprint TEXT,
+        response_id TEXT,
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        reasoning_tokens INTEGER,
+        cost_usd REAL NOT NULL DEFAULT 0,
+        latency_s REAL,
+        attempts INTEGER NOT NULL DEFAULT 1,
+        created_at TEXT NOT NULL,
+        logprobs BLOB,
+        source TEXT NOT NULL DEFAULT 'online'
+    );
+    CREATE INDEX responses_prompt ON responses (prompt_id, sample_index);
+    CREATE TABLE failures (
+        key TEXT PRIMARY KEY,
+        prompt_id TEXT NOT NULL,
+        sample_index INTEGER NOT NULL,
+        teacher TEXT NOT NULL,
+        status INTEGER,
+        error TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+]
+
+RESPONSE_COLUMNS = (
+    "key",
+    "prompt_id",
+    "sample_index",
+    "teacher",
+    "base_url",
+    "model",
+    "params_hash",
+    "params",
+    "messages",
+    "reference",
+    "meta",
+    "response",
+    "reasoning",
+    "finish_reason",
+    "response_model",
+    "system_fingerprint",
+    "response_id",
+    "prompt_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "latency_s",
+    "attempts",
+    "created_at",
+    "logprobs",
+    "source",
+)
+_JSON_COLUMNS = ("params", "messages", "meta")
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def content_hash(obj: Any, length: int = 32) -> str:
+    """Stable hex hash of a JSON-able value (sorted keys), used for store keys and prompt ids."""
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()[:length]
+
+
+def request_key(base_url: str, model: str, messages: list[dict], params: dict, sample_index: int) -> str:
+    """The store key: what was asked, of whom, and which sample."""
+    return content_hash(
+        {
+            "endpoint": base_url.rstrip("/"),
+            "model": model,
+            "messages": messages,
+            "params": params,
+            "sample": sample_index,
+        },
+        length=40,
+    )
+
+
+def pack_logprobs(logprobs: Any) -> bytes | None:
+    """OpenAI `choice.logprobs` -> zlib-compressed JSON of [token, logprob, [[alt, logprob], ...]]."""
+    if not logprobs:
+        return None
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not content:
+        return None
+    rows = [
+        [t.get("token"), t.get("logprob"), [[a.get("token"), a.get("logprob")] for a in t.get("top_logprobs") or []]]
+        for t in content
+    ]
+    return zlib.compress(canonical_json(rows).encode("utf-8"), 6)
+
+
+def unpack_logprobs(blob: bytes | None) -> list | None:
+    if blob is None:
+        return None
+    return json.loads(zlib.decompress(blob))
+
+
+def _friendly(e: sqlite3.Error | OSError, path: Path) -> StoreError:
+    text = str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "full" in text:
+        return StoreError(f"{path}: disk full; free space and rerun (responses already stored are safe)")
+    if "readonly" in text or "read-only" in text or (isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES)):
+        return StoreError(f"{path}: run directory is read-only; choose a writable --out or fix its permissions")
+    if "not a database" in text or "malformed" in text:
+        return StoreError(f"{path}: not a distill store (or damaged); point --out at a run directory")
+    return StoreError(f"{path}: {text}")
+
+
+class RunLock:
+    """An exclusive flock on RUN/lock. The kernel drops it when the process dies, even by kill -9,
+    so a crashed run never leaves the directory stuck."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _friendly(e, self.path.parent) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunLockedError(
+                f"{self.path.parent}: another harvest is running on this run directory (pid {holder}); "
+                "wait for it to finish or stop it, or use another --out"
+            ) from None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+            self._fd = None
+
+
+class Store:
+    """The SQLite store of one run directory. Open writable for a harvest, read-only for the rest."""
+
+    def __init__(self, run_dir: str | Path, *, readonly: bool = False):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / STORE_FILE
+        self.readonly = readonly
+        if readonly:
+            if not self.path.is_file():
+                raise StoreError(
+                    f"{self.run_dir}: no harvest store here ({STORE_FILE} missing); "
+                    "run `distill harvest --out {dir}` first or check the path".replace("{dir}", str(self.run_dir))
+                )
+            # Read-only, but still WAL-aware: mode=ro needs the -shm file or a writable dir.
+            uri = f"file:{self.path}?mode=ro"
+            try:
+                self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+                self.db.execute("SELECT 1 FROM responses LIMIT 1").fetchall()
+            except sqlite3.Error as e:
+                raise _friendly(e, self.path) from None
+        else:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL mode: a commit survives a process crash (kill -9); only an OS crash
+                # or power cut could lose the last commits, never corrupt the file.
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.execute("PRAGMA busy_timeout=5000")
+                self._migrate()
+            except (sqlite3.Error, OSError) as e:
+                raise _friendly(e, self.path) from None
+        self.db.row_factory = sqlite3.Row
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in script.split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.db.execute(f"PRAGMA user_version={i}")
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes (harvest) ---------------------------------------------------------------------
+
+    def add_response(self, row: dict[str, Any]) -> bool:
+        """Commit one response. Returns False if its key was already stored (nothing changes)."""
+        values = []
+        for col in RESPONSE_COLUMNS:
+            v = row.get(col)
+            if col in _JSON_COLUMNS and v is not None and not isinstance(v, str):
+                v = canonical_json(v)
+            values.append(v)
+        sql = f"INSERT OR IGNORE INTO responses ({', '.join(RESPONSE_COLUMNS)}) VALUES ({', '.join('?' * len(RESPONSE_COLUMNS))})"
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            cur = self.db.execute(sql, values)
+            self.db.execute("DELETE FROM failures WHERE key = ?", (row["key"],))
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise _friendly(e, self.path) from None
+        return cur.rowcount == 1
+
+    def add_failure(
+        self, key: str, prompt_id: str, sample_index: int, teacher: str, status: int | None, error: str, attempts: int
+    ) -> None:
+        try:
+            self.db.execute(
+                "INSERT INTO failures (key, prompt_id, sample_index, teacher, status, error, attempts, updated_at) "
+                "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET status=excluded.status, "
+                "error=excluded.error, attempts=failures.attempts+excluded.attempts, updated_at=excluded.updated_at",
+                (key, prompt_id, sample_index, teacher, status, error[:2000], attempts, utcnow()),
+            )
+        except sqlite3.Error as e:
+            raise _friendly(e, self.path) from None
+
+    def set_meta(self, key: str, value: str) -> None:
+        try:
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        except sqlite3.Error as e:
+            raise _friendly(e, self.path) from None
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def done_keys(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT key FROM responses")}
+
+    def count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
+
+    def spent_usd(self) -> float:
+        return float(self.db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM responses").fetchone()[0])
+
+    def iter_responses(self, *, decode: bool = True) -> Iterator[dict[str, Any]]:
+        """Every stored response, in a stable order (prompt id, sample index, key)."""
+        cur = self.db.execute(
+            f"SELECT {', '.join(RESPONSE_COLUMNS)} FROM responses ORDER BY prompt_id, sample_index, key"
+        )
+        for r in cur:
+            row = dict(zip(RESPONSE_COLUMNS, r))
+            if decode:
+                for col in _JSON_COLUMNS:
+                    if row[col] is not None:
+                        row[col] = json.loads(row[col])
+            yield row
+
+    def failures(self) -> list[dict[str, Any]]:
+        cur = self.db.execute("SELECT * FROM failures ORDER BY prompt_id, sample_index, key")
+        return [dict(r) for r in cur]
+
+
+def wait_for_store(run_dir: Path, timeout: float = 5.0) -> None:
+    """Poll until a run directory has a store (for tests that start a harvest in a subprocess)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if (run_dir / STORE_FILE).exists():
+            return
+        time.sleep(0.05)
+    raise StoreError(f"{run_dir}: no store appeared within {timeout}s")
