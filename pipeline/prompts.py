@@ -1,0 +1,248 @@
+"""Prompt files -> prompt rows: the harvester's input, in any of the formats users have.
+
+Formats (by extension): .jsonl, .json (an array), .csv, .parquet, .txt (one prompt a line), or a
+folder saved with `datasets.save_to_disk`. A row is `{"id"?, "prompt" | "messages", "reference"?,
+"meta"?}`; any other field is kept in `meta` and can be used by the user template.
+
+    rows, dropped = load_prompts([Path("prompts/demo/train.jsonl")], system_prompt="...")
+
+A row's id is the one given, else a hash of its own content (stable across runs, and across
+template changes). Rows whose final request messages are identical are sent once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError
+from pipeline.store import content_hash
+
+KNOWN_KEYS = {"id", "prompt", "messages", "reference", "meta"}
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+@dataclass
+class PromptRow:
+    """One prompt, ready to send: the request messages plus what curation and eval need."""
+
+    id: str
+    messages: list[dict[str, Any]]
+    source: str  # "file:line", for error messages
+    reference: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+
+
+def _rows_json(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file") from None
+    if isinstance(data, dict) and isinstance(data.get("prompts"), list):
+        data = data["prompts"]
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a JSON array of prompt rows, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        yield f"{path}[{i}]", row
+
+
+def _rows_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None and v != ""}
+
+
+def _rows_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise InputError(f"{path}: not a readable Parquet file ({e}); check the file") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path}[row {i}]", row
+
+
+def _rows_txt(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                yield f"{path}:{n}", {"prompt": line.rstrip("\n")}
+
+
+def _rows_hf(path: Path) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise InputError(f"{path}: not a dataset folder saved with save_to_disk ({e})") from None
+    splits = ds.items() if isinstance(ds, datasets.DatasetDict) else [("", ds)]
+    for name, split in splits:
+        tag = f"[{name}]" if name else ""
+        for i, row in enumerate(split):
+            yield f"{path}{tag}[row {i}]", row
+
+
+def _read(path: Path) -> Iterator[tuple[str, Any]]:
+    if not path.exists():
+        raise InputError(f"{path}: prompt file not found; check the --prompts path")
+    if path.is_dir():
+        return _rows_hf(path)
+    suffix = path.suffix.lower()
+    readers = {".jsonl": _rows_jsonl, ".ndjson": _rows_jsonl, ".json": _rows_json, ".csv": _rows_csv, ".parquet": _rows_parquet}
+    reader = readers.get(suffix, _rows_txt)
+    try:
+        return iter(list(reader(path)))
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text; convert it or use .parquet") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied; make the prompt file readable") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory but not a saved dataset") from None
+
+
+def _fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """The names a user template may use: the row's keys, and its meta's keys."""
+    out = dict(raw.get("meta") or {}) if isinstance(raw.get("meta"), dict) else {}
+    out.update(raw)
+    return out
+
+
+def _render(template: str, values: dict[str, Any], src: str) -> str:
+    try:
+        return string.Formatter().vformat(template, (), values)
+    except KeyError as e:
+        raise InputError(
+            f"{src}: user template uses {{{e.args[0]}}} but the row has no such field "
+            f"(fields: {', '.join(sorted(values)) or 'none'}); fix the template or the row"
+        ) from None
+    except (ValueError, IndexError) as e:
+        raise InputError(f"user template: {e}; write literal braces as {{{{ and }}}}") from None
+
+
+def _check_messages(msgs: Any, src: str) -> list[dict[str, Any]]:
+    if not isinstance(msgs, list) or not msgs:
+        raise InputError(f"{src}: 'messages' must be a non-empty list of {{role, content}} objects")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str | list):
+            raise InputError(
+                f"{src}: messages[{i}] must be an object with a role ({'/'.join(sorted(ROLES))}) and a content string"
+            )
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def to_row(raw: Any, src: str, *, system_prompt: str | None, user_template: str | None) -> PromptRow:
+    """One raw record -> a PromptRow; errors name `src` (file:line)."""
+    if not isinstance(raw, dict):
+        raise InputError(f"{src}: expected an object with 'prompt' or 'messages', got {type(raw).__name__}")
+    meta = dict(raw["meta"]) if isinstance(raw.get("meta"), dict) else {}
+    if raw.get("meta") is not None and not isinstance(raw.get("meta"), dict):
+        meta = {"meta": raw["meta"]}
+    meta.update({k: v for k, v in raw.items() if k not in KNOWN_KEYS})
+    if raw.get("messages") is not None:
+        messages = _check_messages(raw["messages"], src)
+        own_content: Any = messages
+    elif raw.get("prompt") is not None or user_template:
+        prompt = raw.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            prompt = str(prompt)
+        if user_template:
+            values = _fields(raw)
+            values.setdefault("prompt", prompt or "")
+            text = _render(user_template, values, src)
+        else:
+            text = prompt or ""
+        if not text.strip():
+            raise InputError(f"{src}: empty prompt; remove the row or fill it in")
+        messages = [{"role": "user", "content": text}]
+        own_content = {k: v for k, v in raw.items() if k != "id"}
+    else:
+        keys = ", ".join(sorted(raw)) or "none"
+        raise InputError(
+            f"{src}: row has neither 'prompt' nor 'messages' (keys: {keys}); add one, or set user_template to build it from the row's fields"
+        )
+    if system_prompt and messages[0]["role"] not in ("system", "developer"):
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    rid = raw.get("id")
+    prompt_id = str(rid) if rid not in (None, "") else content_hash(own_content, length=16)
+    ref = raw.get("reference")
+    return PromptRow(
+        id=prompt_id,
+        messages=messages,
+        source=src,
+        reference=None if ref is None else str(ref),
+        meta=meta,
+    )
+
+
+def read_text_arg(inline: str | None, path: Path | None, what: str) -> str | None:
+    """An inline text setting or the content of its file (system prompt, user template)."""
+    if path is None:
+        return inline
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} file not found; fix the path (shipped ones are in prompts/)") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read {what} file ({e.strerror})") from None
+
+
+def load_prompts(
+    paths: list[Path],
+    *,
+    system_prompt: str | None = None,
+    user_template: str | None = None,
+    limit: int | None = None,
+) -> tuple[list[PromptRow], int]:
+    """All rows of all files, in order, without exact duplicates. Returns (rows, duplicates dropped).
+
+    `limit` keeps the first N unique rows. An empty result is an error: there is nothing to do.
+    """
+    if not paths:
+        raise InputError("no prompt files given; pass --prompts FILE (or set prompts: in the config)")
+    rows: list[PromptRow] = []
+    seen_messages: set[str] = set()
+    seen_ids: dict[str, tuple[str, str]] = {}
+    dropped = 0
+    for path in paths:
+        for src, raw in _read(Path(path)):
+            row = to_row(raw, src, system_prompt=system_prompt, user_template=user_template)
+            digest = content_hash(row.messages)
+            if row.id in seen_ids:
+                first_src, first_digest = seen_ids[row.id]
+                if first_digest != digest:
+                    raise InputError(
+                        f"{src}: prompt id {row.id!r} is also used by a different prompt at {first_src}; ids must be unique"
+                    )
+            if digest in seen_messages:
+                dropped += 1
+                continue
+            seen_messages.add(digest)
+            seen_ids[row.id] = (src, digest)
+            rows.append(row)
+            if limit is not None and len(rows) >= limit:
+                return rows, dropped
+    if not rows:
+        names = ", ".join(str(p) for p in paths)
+        raise InputError(f"{names}: no prompts found (empty file?); add prompt rows")
+    return rows, dropped

@@ -1,0 +1,274 @@
+"""Pace and retry: the one place that decides when a request may go and whether to try again.
+
+The `Limiter` holds three things every request passes through:
+- a requests/min bucket and a tokens/min bucket (given in config, or learned from the server's
+  `x-ratelimit-limit-*` headers). Tokens are reserved before a request (prompt estimate plus
+  `max_tokens`) and the reservation is corrected from `usage` afterwards;
+- a global pause: a 429's `Retry-After`/`retry-after-ms`, or `x-ratelimit-remaining-* == 0` with
+  its `x-ratelimit-reset-*`, holds back every request, not only the one that was refused; a 429
+  also lowers the pace for a while (multiplicative decrease, additive recovery);
+- an adaptive concurrency limit for servers that send no headers (vLLM, Ollama): it halves on
+  429/503/timeouts and grows back by one per round of successes while latency holds.
+
+`retrying(...)` is the retry policy (tenacity): only `TransientError` is retried, with
+exponential backoff and jitter, never shorter than the server's Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity.wait import wait_exponential_jitter
+
+from pipeline.errors import TransientError
+
+
+class Bucket:
+    """A token bucket that may go into debt, so one request larger than the bucket still goes."""
+
+    def __init__(self, per_second: float, capacity: float):
+        self.rate = per_second
+        self.capacity = max(1.0, capacity)
+        self.level = self.capacity
+        self.stamp = time.monotonic()
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_time(self, amount: float, now: float, factor: float = 1.0) -> float:
+        """Seconds until `amount` (capped at capacity) is available at `factor` of the rate."""
+        self.refill(now)
+        need = min(amount, self.capacity) - self.level
+        return 0.0 if need <= 0 else need / (self.rate * factor)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(value: str | None) -> float | None:
+    """OpenAI reset headers: '1s', '6m0s', '20ms', '1h2m3.5s', or a plain number of seconds."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    parts = _DURATION.findall(value)
+    if not parts:
+        return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if not ra:
+        return None
+    try:
+        return max(0.0, float(ra))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(ra).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+class Limiter:
+    """Shared by every request to one teacher. Not thread-safe: one asyncio loop."""
+
+    def __init__(
+        self,
+        *,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        concurrency: int = 16,
+        adaptive: bool = True,
+        learn_from_headers: bool = True,
+    ):
+        self.max_concurrency = max(1, concurrency)
+        self.limit = float(self.max_concurrency)
+        self.adaptive = adaptive
+        self.learn = learn_from_headers
+        self.in_flight = 0
+        self.requests: Bucket | None = None
+        self.tokens: Bucket | None = None
+        self.rpm_given = rpm is not None
+        self.tpm_given = tpm is not None
+        if rpm:
+            self.set_rpm(rpm)
+        if tpm:
+            self.set_tpm(tpm)
+        self.paused_until = 0.0
+        self.factor = 1.0  # share of the known rate we pace at; lowered by 429s
+        self.best_latency = math.inf
+        self.latency_ema: float | None = None
+        self.successes_since_change = 0
+        self.last_decrease = 0.0
+        self.throttled = 0  # 429s seen
+        self._cond = asyncio.Condition()
+
+    # -- configuration ---------------------------------------------------------------------------
+
+    def set_rpm(self, rpm: float) -> None:
+        per_s = rpm / 60.0
+        # Half a second of burst: enough to catch up after a stall, small enough not to trip a
+        # server whose own bucket is one second deep.
+        self.requests = Bucket(per_s, max(1.0, per_s * 0.5))
+
+    def set_tpm(self, tpm: float) -> None:
+        per_s = tpm / 60.0
+        self.tokens = Bucket(per_s, max(1.0, per_s * 0.5))
+
+    # -- the gate ----------------------------------------------------------------------------------
+
+    async def acquire(self, est_tokens: float) -> None:
+        """Wait until a request of `est_tokens` may be sent; then it counts as in flight."""
+        async with self._cond:
+            while True:
+                now = time.monotonic()
+                wait = self.paused_until - now
+                if self.in_flight >= int(self.limit):
+                    await self._cond.wait()
+                    continue
+                if wait <= 0 and self.requests is not None:
+                    wait = self.requests.wait_time(1, now, self.factor)
+                if wait <= 0 and self.tokens is not None:
+                    wait = self.tokens.wait_time(est_tokens, now, self.factor)
+                if wait <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._cond.wait(), timeout=wait)
+                except asyncio.TimeoutError:
+                    pass
+            if self.requests is not None:
+                self.requests.level -= 1
+            if self.tokens is not None:
+                self.tokens.level -= est_tokens
+            self.in_flight += 1
+
+    async def release(self) -> None:
+        async with self._cond:
+            self.in_flight -= 1
+            self._cond.notify_all()
+
+    # -- feedback ----------------------------------------------------------------------------------
+
+    def correct_tokens(self, reserved: float, used: float) -> None:
+        """Give back (or charge) the difference between the reservation and the real usage."""
+        if self.tokens is not None:
+            self.tokens.level = min(self.tokens.capacity, self.tokens.level + reserved - used)
+
+    def observe_headers(self, headers: Mapping[str, str]) -> None:
+        """Learn limits and steer the pace from x-ratelimit-* headers (any response)."""
+        if not self.learn:
+            return
+        lim_r = headers.get("x-ratelimit-limit-requests")
+        if lim_r and not self.rpm_given:
+            try:
+                rpm = float(lim_r)
+                if rpm > 0 and (self.requests is None or abs(self.requests.rate * 60 - rpm) > 1e-6):
+                    self.set_rpm(rpm)
+            except ValueError:
+                pass
+        lim_t = headers.get("x-ratelimit-limit-tokens")
+        if lim_t and not self.tpm_given:
+            try:
+                tpm = float(lim_t)
+                if tpm > 0 and (self.tokens is None or abs(self.tokens.rate * 60 - tpm) > 1e-6):
+                    self.set_tpm(tpm)
+            except ValueError:
+                pass
+        now = time.monotonic()
+        for kind in ("requests", "tokens"):
+            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
+            if remaining is None:
+                continue
+            try:
+                left = float(remaining)
+            except ValueError:
+                continue
+            if left <= 0:
+                reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}")) or 1.0
+                self.paused_until = max(self.paused_until, now + reset)
+
+    def on_success(self, latency: float) -> None:
+        self.best_latency = min(self.best_latency, latency)
+        self.latency_ema = latency if self.latency_ema is None else 0.9 * self.latency_ema + 0.1 * latency
+        self.factor = min(1.0, self.factor + 0.01)
+        if self.adaptive and self.limit < self.max_concurrency:
+            self.successes_since_change += 1
+            latency_holds = self.latency_ema <= 2.0 * self.best_latency + 0.05
+            if latency_holds and self.successes_since_change >= self.limit:
+                self.limit = min(float(self.max_concurrency), self.limit + 1)
+                self.successes_since_change = 0
+
+    def on_throttle(self, retry_after: float | None, status: int | None = 429) -> None:
+        """A 429 or 503: pause everyone, slow the pace, shrink concurrency."""
+        now = time.monotonic()
+        if status == 429:
+            self.throttled += 1
+            self.factor = max(0.2, self.factor * 0.85)
+        pause = retry_after if retry_after is not None else 1.0
+        self.paused_until = max(self.paused_until, now + min(pause, 600.0))
+        self._decrease(now)
+
+    def on_timeout(self) -> None:
+        self._decrease(time.monotonic())
+
+    def _decrease(self, now: float) -> None:
+        # At most one decrease per typical latency, so a burst of failures from one overload
+        # counts once.
+        window = max(0.5, self.latency_ema or 0.5)
+        if self.adaptive and now - self.last_decrease > window:
+            self.limit = max(1.0, math.floor(self.limit * 0.5))
+            self.successes_since_change = 0
+            self.last_decrease = now
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "concurrency_limit": int(self.limit),
+            "rpm": None if self.requests is None else round(self.requests.rate * 60, 1),
+            "tpm": None if self.tokens is None else round(self.tokens.rate * 60, 1),
+            "pace_factor": round(self.factor, 3),
+            "throttled": self.throttled,
+        }
+
+
+def _wait(base: wait_exponential_jitter):
+    """Exponential backoff with jitter, but never less than the server's Retry-After."""
+
+    def wait(state: RetryCallState) -> float:
+        backoff = base(state)
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, TransientError) and exc.retry_after is not None:
+            # The limiter already pauses everyone until Retry-After; add a little jitter.
+            return max(exc.retry_after, 0.05) + 0.05 * backoff
+        return backoff
+
+    return wait
+
+
+def retrying(max_retries: int, *, initial: float = 0.5, max_wait: float = 60.0) -> AsyncRetrying:
+    """The retry policy: `max_retries` retries of TransientError only, then re-raise it."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type(TransientError),
+        stop=stop_after_attempt(max_retries + 1),
+        wait=_wait(wait_exponential_jitter(initial=initial, max=max_wait, jitter=initial)),
+        reraise=True,
+    )

@@ -1,0 +1,157 @@
+"""A local teacher: `transformers serve` on a model folder, started and always stopped by a with-block.
+
+    python -m pipeline.serve data/models/SmolLM2-135M-Instruct   # serves until Ctrl-C
+
+    with serve_teacher(Path("data/models/SmolLM2-135M-Instruct")) as base_url:
+        ...  # an OpenAI-compatible API at base_url ("http://127.0.0.1:PORT/v1")
+
+The server is pinned to the folder, so it answers only to the model name `str(model_dir)`, exactly
+as passed here (a request naming anything else gets HTTP 400); `served_model_name(model_dir)`
+gives it. It runs on the CPU with continuous batching, so concurrent requests share forward passes.
+Continuous batching takes its sampling settings (do_sample, temperature, top_p) from the first
+request and the model's generation_config, for all requests: the readiness probe sends none, so the
+folder's generation_config decides (greedy for the demo's model, see pipeline/student.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from pipeline.errors import InputError, TeacherError
+
+START_TIMEOUT_S = 180.0  # loading a 135M model on 2 busy cores takes 10-30 s; leave room
+STOP_GRACE_S = 10.0  # after SIGTERM, before SIGKILL
+
+
+def served_model_name(model_dir: Path) -> str:
+    """The `model` a request must name: the server is pinned to the folder under this exact string."""
+    return str(model_dir)
+
+
+def _free_port() -> int:
+    # Ask the OS for a free port; the tiny race before the server binds it is acceptable here.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _log_tail(log_path: Path, lines: int = 8) -> str:
+    try:
+        text = log_path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(line.strip() for line in text[-lines:] if line.strip()) or "(empty log)"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server's whole process group, then SIGKILL it if it has not gone in time."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _wait_ready(
+    proc: subprocess.Popen[bytes], base: str, model: str, log_path: Path, timeout: float
+) -> None:
+    """Poll until one real one-token chat completion comes back (the model is loaded and generates)."""
+    deadline = time.monotonic() + timeout
+    probe = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    last = "no answer yet"
+    with httpx.Client(timeout=30.0) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise TeacherError(
+                    f"the teacher server for {model} exited with code {proc.returncode} before it "
+                    f"answered; log {log_path}: {_log_tail(log_path)}"
+                )
+            try:
+                r = client.post(f"{base}/v1/chat/completions", json=probe)
+                if r.status_code == 200 and r.json().get("choices"):
+                    return
+                last = f"HTTP {r.status_code}: {r.text[:200]}"
+            except (httpx.TransportError, ValueError) as e:
+                last = f"{type(e).__name__}: {e}"
+            time.sleep(0.5)
+    raise TeacherError(
+        f"the teacher server for {model} did not answer within {timeout:.0f} s ({last}); "
+        f"log {log_path}: {_log_tail(log_path)}"
+    )
+
+
+@contextlib.contextmanager
+def serve_teacher(
+    model_dir: Path,
+    port: int | None = None,
+    log_path: Path | None = None,
+    timeout: float = START_TIMEOUT_S,
+) -> Iterator[str]:
+    """Serve `model_dir` with `transformers serve` on 127.0.0.1; yield its base URL ".../v1".
+
+    The server is stopped when the block exits, however it exits (exception, Ctrl-C included).
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise InputError(
+            f"{model_dir} is not a model folder (no config.json): for the demo's model run "
+            "`python -m pipeline.student`"
+        )
+    port = port or _free_port()
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix="distill-serve-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    model = served_model_name(model_dir)
+    cmd = [
+        sys.executable,
+        "-m",
+        "transformers.cli.transformers",
+        "serve",
+        model,
+        "--device",
+        "cpu",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--continuous-batching",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with open(log_path, "ab") as log:
+        # A session of its own: Ctrl-C in the terminal reaches only us, and we stop the whole group.
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_ready(proc, base, model, log_path, timeout)
+        yield f"{base}/v1"
+    finally:
+        _stop(proc)
+
+
+if __name__ == "__main__":
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("data/models/SmolLM2-135M-Instruct")
+    with serve_teacher(folder) as url:
+        print(f"serving {served_model_name(folder)!r} at {url}; Ctrl-C stops it", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                time.sleep(3600)

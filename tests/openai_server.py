@@ -1,0 +1,346 @@
+"""A test server that speaks the OpenAI chat-completions API on 127.0.0.1, with faults on demand.
+
+Used by the tests (in a thread: `with OpenAIServer() as srv: srv.url`) and by the benchmarks (in
+its own process: `python -m tests.openai_server --port 8123 --rps 20`). It answers
+deterministically from the last user message unless `responder` is set, and can:
+- return reasoning as `reasoning_content`, `reasoning`, or inline `<think>` (`reasoning=`);
+- honour `n`, return logprobs, report usage with reasoning tokens;
+- demand an API key (401), know only some models (404), reject chosen prompts (400);
+- enforce a requests/s token bucket (429 with Retry-After / retry-after-ms and x-ratelimit-* headers);
+- inject faults at given rates: 5xx, dropped connections, hangs, garbage bodies, empty choices.
+Every request is counted, so tests can assert "the second run sent nothing".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Faults:
+    """Rates (0..1) of each fault, drawn per request in this order."""
+
+    server_error: float = 0.0  # 500/502/503
+    drop: float = 0.0  # close the connection without answering
+    hang: float = 0.0  # never answer (until the client times out)
+    garbage: float = 0.0  # 200 with a body that is not JSON
+    empty_choices: float = 0.0  # 200 with "choices": []
+    too_many: float = 0.0  # 429 regardless of the bucket
+
+
+def default_answer(messages: list[dict[str, Any]], index: int) -> str:
+    """Echo-ish and deterministic; solves 'What is A + B?' so verifiers have something to check."""
+    last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    if not isinstance(last, str):
+        last = json.dumps(last)
+    m = re.search(r"(-?\d+)\s*([+*-])\s*(-?\d+)", last)
+    if m:
+        a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+        val = a + b if op == "+" else a - b if op == "-" else a * b
+        return f"{a} {op} {b} = {val}. The answer is {val}."
+    return f"Answer {index}: {last[:200]}"
+
+
+@dataclass
+class OpenAIServer:
+    """Configure the attributes at any time; they are read per request."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    api_key: str | None = None  # require "Authorization: Bearer <api_key>"
+    models: set[str] | None = None  # None: every model exists
+    reasoning: str | None = None  # None | "reasoning_content" | "reasoning" | "think"
+    supports_n: bool = True
+    latency: float = 0.0  # seconds before answering
+    rps: float | None = None  # token bucket: requests per second
+    burst: float | None = None  # bucket depth (default: one second of rps)
+    ratelimit_headers: bool = True  # send x-ratelimit-* when rps is set
+    faults: Faults = field(default_factory=Faults)
+    seed: int = 0
+    finish_reason: str = "stop"
+    responder: Callable[[dict[str, Any], int], dict[str, Any]] | None = None  # -> {content, reasoning?, finish_reason?}
+    reject: Callable[[dict[str, Any]], str | None] | None = None  # -> message for a 400, or None
+    hang_seconds: float = 3600.0
+
+    def __post_init__(self) -> None:
+        self.requests = 0  # chat completion requests received
+        self.completed = 0  # 200s with choices
+        self.status_counts: dict[int, int] = {}
+        self.bodies: list[dict[str, Any]] = []
+        self.keep_bodies = True
+        self.headers_seen: list[dict[str, str]] = []
+        self._rng = random.Random(self.seed)
+        self._tokens = -1.0  # bucket starts full on first use
+        self._stamp = time.monotonic()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def _count(self, status: int) -> None:
+        self.status_counts[status] = self.status_counts.get(status, 0) + 1
+
+    # -- rate limit ----------------------------------------------------------------------------
+
+    def _take(self) -> tuple[bool, float, dict[str, str]]:
+        if not self.rps:
+            return True, 0.0, {}
+        depth = self.burst or self.rps
+        now = time.monotonic()
+        if self._tokens < 0:
+            self._tokens = depth
+        self._tokens = min(depth, self._tokens + (now - self._stamp) * self.rps)
+        self._stamp = now
+        ok = self._tokens >= 1
+        if ok:
+            self._tokens -= 1
+        wait = 0.0 if ok else (1 - self._tokens) / self.rps
+        headers = {}
+        if self.ratelimit_headers:
+            headers = {
+                "x-ratelimit-limit-requests": str(int(self.rps * 60)),
+                "x-ratelimit-remaining-requests": str(max(0, math.floor(self._tokens))),
+                "x-ratelimit-reset-requests": f"{max(0.0, (depth - self._tokens) / self.rps):.3f}s",
+            }
+        return ok, wait, headers
+
+    # -- handlers --------------------------------------------------------------------------------
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        self.headers_seen.append({"authorization": request.headers.get("Authorization", "")})
+        if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            self._count(401)
+            return web.json_response(
+                {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error", "code": "invalid_api_key"}},
+                status=401,
+            )
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self._count(400)
+            return web.json_response({"error": {"message": "We could not parse the JSON body of your request."}}, status=400)
+        if self.keep_bodies:
+            self.bodies.append(body)
+        model = body.get("model")
+        if self.models is not None and model not in self.models:
+            self._count(404)
+            return web.json_response(
+                {"error": {"message": f"The model `{model}` does not exist or you do not have access to it.", "code": "model_not_found"}},
+                status=404,
+            )
+        ok, wait, rl_headers = self._take()
+        if not ok:
+            self._count(429)
+            headers = dict(rl_headers)
+            headers["retry-after-ms"] = str(max(1, int(wait * 1000)))
+            headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            return web.json_response({"error": {"message": "Rate limit reached for requests", "type": "requests"}}, status=429, headers=headers)
+        if self.reject is not None:
+            msg = self.reject(body)
+            if msg:
+                self._count(400)
+                return web.json_response({"error": {"message": msg, "type": "invalid_request_error"}}, status=400)
+        f = self.faults
+        r = self._rng.random()
+        edges = [f.server_error, f.drop, f.hang, f.garbage, f.empty_choices, f.too_many]
+        kinds = ["server_error", "drop", "hang", "garbage", "empty", "429"]
+        acc = 0.0
+        fault = None
+        for k, p in zip(kinds, edges):
+            acc += p
+            if r < acc:
+                fault = k
+                break
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        if fault == "server_error":
+            status = self._rng.choice([500, 502, 503])
+            self._count(status)
+            return web.json_response({"error": {"message": "The server had an error while processing your request."}}, status=status)
+        if fault == "drop":
+            self._count(0)
+            assert request.transport is not None
+            request.transport.close()
+            raise ConnectionResetError("dropped on purpose")
+        if fault == "hang":
+            self._count(-1)
+            await asyncio.sleep(self.hang_seconds)
+        if fault == "garbage":
+            self._count(200)
+            return web.Response(text='<html><body>502 Bad Gateway</body></html>{"choices": [', content_type="text/html")
+        if fault == "empty":
+            self._count(200)
+            return web.json_response({"id": "x", "object": "chat.completion", "choices": []})
+        if fault == "429":
+            self._count(429)
+            return web.json_response({"error": {"message": "Rate limit reached"}}, status=429, headers={"Retry-After": "0"})
+        n = int(body.get("n") or 1) if self.supports_n else 1
+        choices = [self._choice(body, i) for i in range(n)]
+        prompt_chars = sum(len(m.get("content") or "") for m in body.get("messages", []) if isinstance(m.get("content"), str))
+        completion_tokens = sum(max(1, len(c["message"]["content"] or "") // 4) for c in choices)
+        reasoning_tokens = sum(len(c["message"].get("reasoning_content") or c["message"].get("reasoning") or "") // 4 for c in choices)
+        completion_tokens += reasoning_tokens
+        self.completed += 1
+        self._count(200)
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{self.requests}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": f"{model}-2026-01-01",
+                "system_fingerprint": "fp_test",
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": max(1, prompt_chars // 4),
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": max(1, prompt_chars // 4) + completion_tokens,
+                    "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+                },
+            },
+            headers=rl_headers,
+        )
+
+    def _choice(self, body: dict[str, Any], i: int) -> dict[str, Any]:
+        if self.responder is not None:
+            spec = self.responder(body, i)
+        else:
+            spec = {"content": default_answer(body.get("messages", []), i)}
+        content = spec.get("content", "")
+        reasoning = spec.get("reasoning")
+        if reasoning is None and self.reasoning:
+            reasoning = f"Let me think about sample {i}. Step by step."
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        shape = spec.get("shape", self.reasoning)
+        if reasoning and shape == "reasoning_content":
+            message["reasoning_content"] = reasoning
+        elif reasoning and shape == "reasoning":
+            message["reasoning"] = reasoning
+        elif reasoning and shape == "think":
+            message["content"] = f"<think>\n{reasoning}\n</think>\n\n{content}"
+        choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": spec.get("finish_reason", self.finish_reason)}
+        if body.get("logprobs"):
+            k = int(body.get("top_logprobs") or 0)
+            toks = (content or "x").split()[:50]
+            choice["logprobs"] = {
+                "content": [
+                    {"token": t, "logprob": -0.1 * j, "bytes": None, "top_logprobs": [{"token": t + "_", "logprob": -1.0 - a} for a in range(k)]}
+                    for j, t in enumerate(toks)
+                ]
+            }
+        else:
+            choice["logprobs"] = None
+        return choice
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        names = sorted(self.models or {"test-model"})
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in names]})
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.list_models)
+        return app
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start_async(self) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def start(self) -> OpenAIServer:
+        """Serve from a background thread with its own event loop."""
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self.start_async())
+            ready.set()
+            self._loop.run_forever()
+            self._loop.run_until_complete(self._runner.cleanup())  # type: ignore[union-attr]
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self) -> OpenAIServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="OpenAI-compatible test server")
+    ap.add_argument("--port", type=int, default=8123)
+    ap.add_argument("--rps", type=float)
+    ap.add_argument("--burst", type=float)
+    ap.add_argument("--no-ratelimit-headers", action="store_true")
+    ap.add_argument("--latency", type=float, default=0.0)
+    ap.add_argument("--reasoning")
+    ap.add_argument("--server-error", type=float, default=0.0)
+    ap.add_argument("--drop", type=float, default=0.0)
+    ap.add_argument("--hang", type=float, default=0.0)
+    ap.add_argument("--garbage", type=float, default=0.0)
+    ap.add_argument("--stats-file", help="write request counts here as JSON on SIGTERM/exit")
+    a = ap.parse_args()
+    srv = OpenAIServer(
+        port=a.port,
+        rps=a.rps,
+        burst=a.burst,
+        ratelimit_headers=not a.no_ratelimit_headers,
+        latency=a.latency,
+        reasoning=a.reasoning,
+        faults=Faults(server_error=a.server_error, drop=a.drop, hang=a.hang, garbage=a.garbage),
+    )
+    srv.keep_bodies = False
+
+    async def serve() -> None:
+        await srv.start_async()
+        print(f"listening {srv.url}", flush=True)
+        stop = asyncio.Event()
+        import signal
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        if a.stats_file:
+            with open(a.stats_file, "w") as f:
+                json.dump({"requests": srv.requests, "completed": srv.completed, "status": srv.status_counts}, f)
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
