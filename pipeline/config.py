@@ -35,7 +35,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{p}: config file not found; pass an existing file to --config") from None
+        raise ConfigError(
+            f"{p}: config file not found; pass an existing file to --config"
+        ) from None
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config file ({e.strerror})") from None
     try:
@@ -48,7 +50,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of sections (harvest:, build:, ...), got {type(data).__name__}")
+        raise ConfigError(
+            f"{p}: expected a mapping of sections (harvest:, build:, ...), got {type(data).__name__}"
+        )
     return data
 
 

@@ -57,7 +57,9 @@ class TrainingError(DistillError):
 class TransientError(Exception):
     """A request failed in a way that may succeed if tried again (timeout, 429, 5xx, garbage body)."""
 
-    def __init__(self, message: str, *, status: int | None = None, retry_after: float | None = None):
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after

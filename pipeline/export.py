@@ -23,9 +23,15 @@ ExportFormat = Literal["hf", "parquet", "jsonl"]
 EXPORT_COLUMNS: dict[str, tuple[str, str]] = {
     "prompt_id": ("string", "the prompt row's id (given, or a hash of its content)"),
     "sample_index": ("int64", "which sample of this prompt (0..samples-1)"),
-    "messages": ("list", "the request messages followed by the assistant answer (without its reasoning)"),
+    "messages": (
+        "list",
+        "the request messages followed by the assistant answer (without its reasoning)",
+    ),
     "response": ("string", "the answer, reasoning stripped"),
-    "reasoning": ("string", "the reasoning trace (reasoning_content, reasoning, or inline <think>), or null"),
+    "reasoning": (
+        "string",
+        "the reasoning trace (reasoning_content, reasoning, or inline <think>), or null",
+    ),
     "finish_reason": ("string", "stop, length, content_filter, ... as the server said"),
     "model": ("string", "the model name the server reported (else the one requested)"),
     "requested_model": ("string", "the model name sent in the request"),
@@ -44,7 +50,10 @@ EXPORT_COLUMNS: dict[str, tuple[str, str]] = {
     "params_hash": ("string", "hash of params"),
     "system_fingerprint": ("string", "system_fingerprint from the server, or null"),
     "response_id": ("string", "the server's response id"),
-    "logprobs": ("string", "JSON [[token, logprob, [[alt, logprob], ...]], ...] when asked, else null"),
+    "logprobs": (
+        "string",
+        "JSON [[token, logprob, [[alt, logprob], ...]], ...] when asked, else null",
+    ),
     "source": ("string", "online or batch"),
     "key": ("string", "the store key: hash of endpoint, model, messages, params, sample index"),
 }
@@ -84,7 +93,9 @@ def export_rows(store: Store) -> list[dict[str, Any]]:
                 "attempts": r["attempts"],
                 "created_at": r["created_at"],
                 "reference": r["reference"],
-                "meta": None if r["meta"] is None else json.dumps(r["meta"], ensure_ascii=False, sort_keys=True),
+                "meta": None
+                if r["meta"] is None
+                else json.dumps(r["meta"], ensure_ascii=False, sort_keys=True),
                 "params": json.dumps(r["params"], sort_keys=True),
                 "params_hash": r["params_hash"],
                 "system_fingerprint": r["system_fingerprint"],
@@ -103,7 +114,9 @@ def features():  # type: ignore[no-untyped-def]
     f: dict[str, Any] = {}
     for name, (kind, _) in EXPORT_COLUMNS.items():
         if kind == "list":
-            f[name] = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
+            f[name] = datasets.List(
+                {"role": datasets.Value("string"), "content": datasets.Value("string")}
+            )
         else:
             f[name] = datasets.Value(kind)
     return datasets.Features(f)
@@ -114,7 +127,9 @@ def export(run_dir: Path, to: Path, fmt: ExportFormat = "hf") -> Path:
     with Store(run_dir, readonly=True) as store:
         rows = export_rows(store)
     if not rows:
-        raise StoreError(f"{run_dir}: the store holds no responses yet; run `distill harvest` first")
+        raise StoreError(
+            f"{run_dir}: the store holds no responses yet; run `distill harvest` first"
+        )
     to = Path(to)
     if fmt == "jsonl":
         to.mkdir(parents=True, exist_ok=True)

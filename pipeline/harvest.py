@@ -48,31 +48,85 @@ class HarvestConfig(TeacherConfig):
     """`harvest:` section. The teacher fields (base_url, model, rpm, ...) sit at the top level for
     one teacher; `teachers:` lists several (each with the same fields)."""
 
-    prompts: list[Path] = Field(default_factory=list, description="Prompt files (.jsonl/.json/.csv/.parquet/.txt or a saved dataset folder).")
-    out: Path = Field(Path("data/runs/default"), description="Run directory: holds store.sqlite, harvest.log, config.yaml.")
+    prompts: list[Path] = Field(
+        default_factory=list,
+        description="Prompt files (.jsonl/.json/.csv/.parquet/.txt or a saved dataset folder).",
+    )
+    out: Path = Field(
+        Path("data/runs/default"),
+        description="Run directory: holds store.sqlite, harvest.log, config.yaml.",
+    )
     limit: int | None = Field(None, ge=1, description="Use only the first N unique prompts.")
-    system_prompt: str | None = Field(None, description="System message prepended to every prompt row without one.")
-    system_prompt_file: Path | None = Field(None, description="File whose text is the system prompt (overrides system_prompt).")
-    user_template: str | None = Field(None, description="Python format string for the user message, e.g. 'Solve: {question}'; fields come from the row (and its meta).")
-    user_template_file: Path | None = Field(None, description="File holding the user template (overrides user_template).")
+    system_prompt: str | None = Field(
+        None, description="System message prepended to every prompt row without one."
+    )
+    system_prompt_file: Path | None = Field(
+        None, description="File whose text is the system prompt (overrides system_prompt)."
+    )
+    user_template: str | None = Field(
+        None,
+        description="Python format string for the user message, e.g. 'Solve: {question}'; fields come from the row (and its meta).",
+    )
+    user_template_file: Path | None = Field(
+        None, description="File holding the user template (overrides user_template)."
+    )
     samples: int = Field(1, ge=1, le=128, description="Answers per prompt (one row each).")
-    temperature: float | None = Field(None, ge=0, le=2, description="Sampling temperature (server default if unset).")
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="Sampling temperature (server default if unset)."
+    )
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling.")
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens per answer (reasoning included on most APIs).")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most tokens per answer (reasoning included on most APIs)."
+    )
     stop: list[str] | None = Field(None, description="Stop sequences.")
-    seed: int | None = Field(None, description="Sampling seed; sample i of a prompt sent alone gets seed + i.")
-    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(None, description="For reasoning models that take it (OpenAI o-series, gpt-5).")
+    seed: int | None = Field(
+        None, description="Sampling seed; sample i of a prompt sent alone gets seed + i."
+    )
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(
+        None, description="For reasoning models that take it (OpenAI o-series, gpt-5)."
+    )
     logprobs: bool = Field(False, description="Ask for token logprobs (stored compressed).")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token with logprobs.")
-    generation_extra: dict[str, Any] = Field(default_factory=dict, description="Extra body fields for every request, part of the store key (e.g. {'top_k': 20}).")
-    retry_length_max_tokens: int | None = Field(None, ge=1, description="Retry answers cut off by max_tokens (finish_reason 'length') once with this larger max_tokens. Off by default: they are kept as 'length'.")
-    max_cost: float | None = Field(None, ge=0, description="Stop sending before this run's spend (USD, worst case of requests in flight) would pass this cap.")
-    max_duration: float | None = Field(None, gt=0, description="Stop sending after this many seconds (cron windows); rerun continues.")
-    grace_period: float = Field(30.0, ge=0, description="On the first SIGINT/SIGTERM, seconds to wait for requests in flight before giving up on them.")
-    dry_run: bool = Field(False, description="Print what would be sent (requests, estimated tokens and cost) and send nothing.")
-    json_summary: bool = Field(False, description="Print the final summary as JSON on stdout (--json).")
-    progress_every: float = Field(10.0, gt=0, description="Seconds between progress lines when stderr is not a terminal.")
-    teachers: list[TeacherConfig] = Field(default_factory=list, description="Several teachers, each {name, base_url, model, api_key_env, rpm, tpm, concurrency, price_input, price_output, ...}; every prompt goes to each.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="Alternatives per token with logprobs."
+    )
+    generation_extra: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra body fields for every request, part of the store key (e.g. {'top_k': 20}).",
+    )
+    retry_length_max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Retry answers cut off by max_tokens (finish_reason 'length') once with this larger max_tokens. Off by default: they are kept as 'length'.",
+    )
+    max_cost: float | None = Field(
+        None,
+        ge=0,
+        description="Stop sending before this run's spend (USD, worst case of requests in flight) would pass this cap.",
+    )
+    max_duration: float | None = Field(
+        None,
+        gt=0,
+        description="Stop sending after this many seconds (cron windows); rerun continues.",
+    )
+    grace_period: float = Field(
+        30.0,
+        ge=0,
+        description="On the first SIGINT/SIGTERM, seconds to wait for requests in flight before giving up on them.",
+    )
+    dry_run: bool = Field(
+        False,
+        description="Print what would be sent (requests, estimated tokens and cost) and send nothing.",
+    )
+    json_summary: bool = Field(
+        False, description="Print the final summary as JSON on stdout (--json)."
+    )
+    progress_every: float = Field(
+        10.0, gt=0, description="Seconds between progress lines when stderr is not a terminal."
+    )
+    teachers: list[TeacherConfig] = Field(
+        default_factory=list,
+        description="Several teachers, each {name, base_url, model, api_key_env, rpm, tpm, concurrency, price_input, price_output, ...}; every prompt goes to each.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> HarvestConfig:
@@ -164,7 +218,10 @@ class Summary:
 
 def estimate_tokens(messages: list[dict[str, Any]]) -> int:
     """~4 characters a token, plus a few per message: good enough to reserve budget."""
-    chars = sum(len(m["content"]) if isinstance(m["content"], str) else len(json.dumps(m["content"])) for m in messages)
+    chars = sum(
+        len(m["content"]) if isinstance(m["content"], str) else len(json.dumps(m["content"]))
+        for m in messages
+    )
     return chars // 4 + 4 * len(messages) + 3
 
 
@@ -175,7 +232,14 @@ def _cost(t: TeacherConfig, prompt_tokens: float, completion_tokens: float) -> f
 class Harvest:
     """One run: the prompts, the store, and a worker pool per teacher."""
 
-    def __init__(self, cfg: HarvestConfig, rows: list[PromptRow], store: Store, summary: Summary, pretty: bool):
+    def __init__(
+        self,
+        cfg: HarvestConfig,
+        rows: list[PromptRow],
+        store: Store,
+        summary: Summary,
+        pretty: bool,
+    ):
         self.cfg = cfg
         self.rows = rows
         self.store = store
@@ -245,7 +309,9 @@ class Harvest:
                 return completion, attempts
         raise AssertionError("unreachable")
 
-    def commit(self, teacher: Teacher, job: Job, completion: Completion, attempts: int) -> list[int]:
+    def commit(
+        self, teacher: Teacher, job: Job, completion: Completion, attempts: int
+    ) -> list[int]:
         """Store the answers that came back; return the sample indices still missing."""
         t = teacher.cfg
         got = completion.choices[: len(job.samples)]
@@ -279,7 +345,9 @@ class Harvest:
                     "response_id": completion.response_id,
                     "prompt_tokens": pt,
                     "completion_tokens": None if ct is None else round(ct / k),
-                    "reasoning_tokens": None if completion.reasoning_tokens is None else round(completion.reasoning_tokens / k),
+                    "reasoning_tokens": None
+                    if completion.reasoning_tokens is None
+                    else round(completion.reasoning_tokens / k),
                     "cost_usd": cost,
                     "latency_s": round(completion.latency_s, 4),
                     "attempts": attempts,
@@ -319,9 +387,14 @@ class Harvest:
 
         await asyncio.gather(*(worker() for _ in range(teacher.cfg.concurrency)))
 
-    async def do_job(self, teacher: Teacher, job: Job, queue: asyncio.Queue[Job], pending: list[int]) -> None:
+    async def do_job(
+        self, teacher: Teacher, job: Job, queue: asyncio.Queue[Job], pending: list[int]
+    ) -> None:
         t = teacher.cfg
-        if self.cfg.max_duration is not None and time.monotonic() - self.started > self.cfg.max_duration:
+        if (
+            self.cfg.max_duration is not None
+            and time.monotonic() - self.started > self.cfg.max_duration
+        ):
             self.stop(f"max_duration of {self.cfg.max_duration:g}s reached")
             return
         use_n = len(job.samples) > 1 and teacher.supports_n is not False
@@ -332,7 +405,10 @@ class Harvest:
             job = Job(job.row, job.samples[:1], job.max_tokens, job.cost_so_far)
         n = len(job.samples)
         worst = self.worst_cost(t, job, n)
-        if self.cfg.max_cost is not None and self.summary.cost_usd + self.reserved_cost + worst > self.cfg.max_cost:
+        if (
+            self.cfg.max_cost is not None
+            and self.summary.cost_usd + self.reserved_cost + worst > self.cfg.max_cost
+        ):
             self.stop(f"max_cost ${self.cfg.max_cost:g} would be passed")
             return
         self.reserved_cost += worst
@@ -340,7 +416,13 @@ class Harvest:
         try:
             completion, attempts = await self.send(teacher, job, n)
         except TransientError as e:
-            self.fail(t, job, getattr(e, "status", None), f"gave up after {t.max_retries + 1} attempts: {e}", t.max_retries + 1)
+            self.fail(
+                t,
+                job,
+                getattr(e, "status", None),
+                f"gave up after {t.max_retries + 1} attempts: {e}",
+                t.max_retries + 1,
+            )
             return
         except PromptRejected as e:
             self.fail(t, job, e.status, str(e), 1)
@@ -353,7 +435,12 @@ class Harvest:
         # 'length' answers are kept unless a retry with a larger max_tokens is configured.
         retry_len = self.cfg.retry_length_max_tokens
         current = job.max_tokens or self.cfg.max_tokens
-        if retry_len and n == 1 and completion.choices[0].finish_reason == "length" and (current or 0) < retry_len:
+        if (
+            retry_len
+            and n == 1
+            and completion.choices[0].finish_reason == "length"
+            and (current or 0) < retry_len
+        ):
             spent = _cost(t, completion.prompt_tokens or 0, completion.completion_tokens or 0)
             self.summary.cost_usd += spent
             log.info("key %s: finish_reason length; retrying with max_tokens=%d", key0, retry_len)
@@ -373,9 +460,13 @@ class Harvest:
         elif n > 1:
             teacher.supports_n = True
 
-    def fail(self, t: TeacherConfig, job: Job, status: int | None, error: str, attempts: int) -> None:
+    def fail(
+        self, t: TeacherConfig, job: Job, status: int | None, error: str, attempts: int
+    ) -> None:
         for s in job.samples:
-            self.store.add_failure(self.key(t, job.row, s), job.row.id, s, t.label, status, error, attempts)
+            self.store.add_failure(
+                self.key(t, job.row, s), job.row.id, s, t.label, status, error, attempts
+            )
             self.summary.failed += 1
         log.warning("prompt %s (%s) failed: %s", job.row.id, job.row.source, error)
 
@@ -391,7 +482,11 @@ class Harvest:
         name = signal.Signals(signum).name
         if self.signals > 1:
             # Every committed response is already durable (WAL): leaving now corrupts nothing.
-            print(f"\n{name} again: exiting now; rerun the same command to resume", file=sys.stderr, flush=True)
+            print(
+                f"\n{name} again: exiting now; rerun the same command to resume",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(130)
         in_flight = sum(t.limiter.in_flight for t in self.teachers)
         self.stop(f"{name}")
@@ -426,7 +521,9 @@ class Harvest:
                     # Let requests in flight finish for up to the grace period, then cut them.
                     _, still = await asyncio.wait(tasks, timeout=self.cfg.grace_period)
                     if still:
-                        log.warning("grace period over; abandoning %d requests in flight", len(still))
+                        log.warning(
+                            "grace period over; abandoning %d requests in flight", len(still)
+                        )
                     break
         finally:
             for t in tasks:
@@ -448,7 +545,13 @@ class Harvest:
         todo = max(1, s.total - s.already_done)
         if self.pretty:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             with Progress(
                 TextColumn("harvest"),
@@ -491,14 +594,18 @@ def _setup_log(run_dir: Path) -> logging.Handler:
 def prepare_rows(cfg: HarvestConfig) -> tuple[list[PromptRow], int]:
     system = read_text_arg(cfg.system_prompt, cfg.system_prompt_file, "system prompt")
     template = read_text_arg(cfg.user_template, cfg.user_template_file, "user template")
-    return load_prompts(list(cfg.prompts), system_prompt=system, user_template=template, limit=cfg.limit)
+    return load_prompts(
+        list(cfg.prompts), system_prompt=system, user_template=template, limit=cfg.limit
+    )
 
 
 def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
     """Run a harvest (or a dry run) and return its summary. Raises DistillError on a user error."""
     for t in cfg.all_teachers():
         if not t.model:
-            raise ConfigError("no teacher model: pass --model NAME or set model: in the harvest config")
+            raise ConfigError(
+                "no teacher model: pass --model NAME or set model: in the harvest config"
+            )
     rows, dropped = prepare_rows(cfg)  # every input error surfaces before the store is touched
     summary = Summary(run_dir=str(cfg.out), prompts=len(rows), duplicates_dropped=dropped)
     summary.teachers = [t.label for t in cfg.all_teachers()]
@@ -512,7 +619,9 @@ def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise StoreError(f"{out}: cannot create the run directory ({e.strerror}); choose another --out") from None
+        raise StoreError(
+            f"{out}: cannot create the run directory ({e.strerror}); choose another --out"
+        ) from None
     lock = RunLock(out)
     lock.acquire()
     handler = None
@@ -524,7 +633,12 @@ def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
             (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         except OSError as e:
             raise StoreError(f"{out}: cannot write to the run directory ({e.strerror})") from None
-        log.info("harvest start: %d prompts (%d duplicates dropped), teachers %s", len(rows), dropped, summary.teachers)
+        log.info(
+            "harvest start: %d prompts (%d duplicates dropped), teachers %s",
+            len(rows),
+            dropped,
+            summary.teachers,
+        )
         h = Harvest(cfg, rows, store, summary, pretty)
         try:
             asyncio.run(h.run())
@@ -532,7 +646,9 @@ def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
             summary.elapsed_s = round(time.monotonic() - h.started, 3)
             summary.throttled = sum(t.limiter.throttled for t in h.teachers)
         summary.completions_per_s = round(summary.completed / max(summary.elapsed_s, 1e-9), 2)
-        summary.tokens_per_s = round((summary.prompt_tokens + summary.completion_tokens) / max(summary.elapsed_s, 1e-9), 1)
+        summary.tokens_per_s = round(
+            (summary.prompt_tokens + summary.completion_tokens) / max(summary.elapsed_s, 1e-9), 1
+        )
         summary.cost_usd = round(summary.cost_usd, 6)
         left = summary.total - summary.already_done - summary.completed
         summary.stopped = h.stopping

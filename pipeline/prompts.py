@@ -46,7 +46,9 @@ def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 yield f"{path}:{n}", json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+                raise InputError(
+                    f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}); fix or remove the line"
+                ) from None
 
 
 def _rows_json(path: Path) -> Iterator[tuple[str, Any]]:
@@ -66,7 +68,10 @@ def _rows_csv(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         for row in reader:
-            yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None and v != ""}
+            yield (
+                f"{path}:{reader.line_num}",
+                {k: v for k, v in row.items() if k is not None and v != ""},
+            )
 
 
 def _rows_parquet(path: Path) -> Iterator[tuple[str, Any]]:
@@ -107,7 +112,13 @@ def _read(path: Path) -> Iterator[tuple[str, Any]]:
     if path.is_dir():
         return _rows_hf(path)
     suffix = path.suffix.lower()
-    readers = {".jsonl": _rows_jsonl, ".ndjson": _rows_jsonl, ".json": _rows_json, ".csv": _rows_csv, ".parquet": _rows_parquet}
+    readers = {
+        ".jsonl": _rows_jsonl,
+        ".ndjson": _rows_jsonl,
+        ".json": _rows_json,
+        ".csv": _rows_csv,
+        ".parquet": _rows_parquet,
+    }
     reader = readers.get(suffix, _rows_txt)
     try:
         return iter(list(reader(path)))
@@ -143,7 +154,11 @@ def _check_messages(msgs: Any, src: str) -> list[dict[str, Any]]:
         raise InputError(f"{src}: 'messages' must be a non-empty list of {{role, content}} objects")
     out = []
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str | list):
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in ROLES
+            or not isinstance(m.get("content"), str | list)
+        ):
             raise InputError(
                 f"{src}: messages[{i}] must be an object with a role ({'/'.join(sorted(ROLES))}) and a content string"
             )
@@ -151,10 +166,14 @@ def _check_messages(msgs: Any, src: str) -> list[dict[str, Any]]:
     return out
 
 
-def to_row(raw: Any, src: str, *, system_prompt: str | None, user_template: str | None) -> PromptRow:
+def to_row(
+    raw: Any, src: str, *, system_prompt: str | None, user_template: str | None
+) -> PromptRow:
     """One raw record -> a PromptRow; errors name `src` (file:line)."""
     if not isinstance(raw, dict):
-        raise InputError(f"{src}: expected an object with 'prompt' or 'messages', got {type(raw).__name__}")
+        raise InputError(
+            f"{src}: expected an object with 'prompt' or 'messages', got {type(raw).__name__}"
+        )
     meta = dict(raw["meta"]) if isinstance(raw.get("meta"), dict) else {}
     if raw.get("meta") is not None and not isinstance(raw.get("meta"), dict):
         meta = {"meta": raw["meta"]}
@@ -202,7 +221,9 @@ def read_text_arg(inline: str | None, path: Path | None, what: str) -> str | Non
     try:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise InputError(f"{path}: {what} file not found; fix the path (shipped ones are in prompts/)") from None
+        raise InputError(
+            f"{path}: {what} file not found; fix the path (shipped ones are in prompts/)"
+        ) from None
     except OSError as e:
         raise InputError(f"{path}: cannot read {what} file ({e.strerror})") from None
 
@@ -219,7 +240,9 @@ def load_prompts(
     `limit` keeps the first N unique rows. An empty result is an error: there is nothing to do.
     """
     if not paths:
-        raise InputError("no prompt files given; pass --prompts FILE (or set prompts: in the config)")
+        raise InputError(
+            "no prompt files given; pass --prompts FILE (or set prompts: in the config)"
+        )
     rows: list[PromptRow] = []
     seen_messages: set[str] = set()
     seen_ids: dict[str, tuple[str, str]] = {}

@@ -17,6 +17,7 @@ exponential backoff and jitter, never shorter than the server's Retry-After.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
 import time
@@ -152,10 +153,8 @@ class Limiter:
                     wait = self.tokens.wait_time(est_tokens, now, self.factor)
                 if wait <= 0:
                     break
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._cond.wait(), timeout=wait)
-                except asyncio.TimeoutError:
-                    pass
             if self.requests is not None:
                 self.requests.level -= 1
             if self.tokens is not None:
@@ -209,7 +208,9 @@ class Limiter:
 
     def on_success(self, latency: float) -> None:
         self.best_latency = min(self.best_latency, latency)
-        self.latency_ema = latency if self.latency_ema is None else 0.9 * self.latency_ema + 0.1 * latency
+        self.latency_ema = (
+            latency if self.latency_ema is None else 0.9 * self.latency_ema + 0.1 * latency
+        )
         self.factor = min(1.0, self.factor + 0.01)
         if self.adaptive and self.limit < self.max_concurrency:
             self.successes_since_change += 1

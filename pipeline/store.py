@@ -126,7 +126,9 @@ def content_hash(obj: Any, length: int = 32) -> str:
     return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()[:length]
 
 
-def request_key(base_url: str, model: str, messages: list[dict], params: dict, sample_index: int) -> str:
+def request_key(
+    base_url: str, model: str, messages: list[dict], params: dict, sample_index: int
+) -> str:
     """The store key: what was asked, of whom, and which sample."""
     return content_hash(
         {
@@ -148,7 +150,11 @@ def pack_logprobs(logprobs: Any) -> bytes | None:
     if not content:
         return None
     rows = [
-        [t.get("token"), t.get("logprob"), [[a.get("token"), a.get("logprob")] for a in t.get("top_logprobs") or []]]
+        [
+            t.get("token"),
+            t.get("logprob"),
+            [[a.get("token"), a.get("logprob")] for a in t.get("top_logprobs") or []],
+        ]
         for t in content
     ]
     return zlib.compress(canonical_json(rows).encode("utf-8"), 6)
@@ -163,11 +169,21 @@ def unpack_logprobs(blob: bytes | None) -> list | None:
 def _friendly(e: sqlite3.Error | OSError, path: Path) -> StoreError:
     text = str(e)
     if isinstance(e, OSError) and e.errno == errno.ENOSPC or "full" in text:
-        return StoreError(f"{path}: disk full; free space and rerun (responses already stored are safe)")
-    if "readonly" in text or "read-only" in text or (isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES)):
-        return StoreError(f"{path}: run directory is read-only; choose a writable --out or fix its permissions")
+        return StoreError(
+            f"{path}: disk full; free space and rerun (responses already stored are safe)"
+        )
+    if (
+        "readonly" in text
+        or "read-only" in text
+        or (isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES))
+    ):
+        return StoreError(
+            f"{path}: run directory is read-only; choose a writable --out or fix its permissions"
+        )
     if "not a database" in text or "malformed" in text:
-        return StoreError(f"{path}: not a distill store (or damaged); point --out at a run directory")
+        return StoreError(
+            f"{path}: not a distill store (or damaged); point --out at a run directory"
+        )
     return StoreError(f"{path}: {text}")
 
 
@@ -217,7 +233,9 @@ class Store:
             if not self.path.is_file():
                 raise StoreError(
                     f"{self.run_dir}: no harvest store here ({STORE_FILE} missing); "
-                    "run `distill harvest --out {dir}` first or check the path".replace("{dir}", str(self.run_dir))
+                    "run `distill harvest --out {dir}` first or check the path".replace(
+                        "{dir}", str(self.run_dir)
+                    )
                 )
             # Read-only, but still WAL-aware: mode=ro needs the -shm file or a writable dir.
             uri = f"file:{self.path}?mode=ro"
@@ -287,7 +305,14 @@ class Store:
         return cur.rowcount == 1
 
     def add_failure(
-        self, key: str, prompt_id: str, sample_index: int, teacher: str, status: int | None, error: str, attempts: int
+        self,
+        key: str,
+        prompt_id: str,
+        sample_index: int,
+        teacher: str,
+        status: int | None,
+        error: str,
+        attempts: int,
     ) -> None:
         try:
             self.db.execute(
@@ -318,7 +343,9 @@ class Store:
         return int(self.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
 
     def spent_usd(self) -> float:
-        return float(self.db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM responses").fetchone()[0])
+        return float(
+            self.db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM responses").fetchone()[0]
+        )
 
     def iter_responses(self, *, decode: bool = True) -> Iterator[dict[str, Any]]:
         """Every stored response, in a stable order (prompt id, sample index, key)."""

@@ -35,7 +35,9 @@ def default_base_url() -> str:
 class TeacherConfig(StageConfig):
     """Who answers, and how hard we may push it."""
 
-    name: str | None = Field(None, description="Label recorded in every row as `teacher` (default: the model name).")
+    name: str | None = Field(
+        None, description="Label recorded in every row as `teacher` (default: the model name)."
+    )
     base_url: str = Field(
         default_factory=default_base_url,
         description="OpenAI-compatible API root, e.g. https://api.deepseek.com/v1 or http://127.0.0.1:8000/v1 "
@@ -47,16 +49,50 @@ class TeacherConfig(StageConfig):
         description="Name of the environment variable holding the API key. The key itself never goes in config, "
         "logs or the store. Unset: no Authorization header (local servers).",
     )
-    rpm: float | None = Field(None, gt=0, description="Requests per minute to stay under (default: learned from x-ratelimit-* headers, else unlimited).")
-    tpm: float | None = Field(None, gt=0, description="Tokens per minute to stay under (prompt estimate + max_tokens reserved per request).")
-    concurrency: int = Field(16, ge=1, le=4096, description="Most requests in flight at once (adaptive below this on 429/503/timeouts).")
-    adaptive_concurrency: bool = Field(True, description="Halve concurrency on 429/503/timeouts and grow it back while latency holds.")
-    timeout: float = Field(600.0, gt=0, description="Seconds to wait for one response (reasoning models are slow: keep it long).")
-    max_retries: int = Field(8, ge=0, description="Retries of a transient failure (timeout, dropped connection, 408/409/429/5xx, garbage body).")
-    price_input: float = Field(0.0, ge=0, description="USD per million prompt tokens (for spend and --max-cost).")
-    price_output: float = Field(0.0, ge=0, description="USD per million completion tokens (reasoning tokens included).")
-    use_n: bool = Field(True, description="Ask for several samples in one request with the API's `n`; falls back to separate requests if the server ignores it.")
-    extra_body: dict[str, Any] = Field(default_factory=dict, description="Extra JSON fields sent in every request to this teacher (provider-specific).")
+    rpm: float | None = Field(
+        None,
+        gt=0,
+        description="Requests per minute to stay under (default: learned from x-ratelimit-* headers, else unlimited).",
+    )
+    tpm: float | None = Field(
+        None,
+        gt=0,
+        description="Tokens per minute to stay under (prompt estimate + max_tokens reserved per request).",
+    )
+    concurrency: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="Most requests in flight at once (adaptive below this on 429/503/timeouts).",
+    )
+    adaptive_concurrency: bool = Field(
+        True,
+        description="Halve concurrency on 429/503/timeouts and grow it back while latency holds.",
+    )
+    timeout: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds to wait for one response (reasoning models are slow: keep it long).",
+    )
+    max_retries: int = Field(
+        8,
+        ge=0,
+        description="Retries of a transient failure (timeout, dropped connection, 408/409/429/5xx, garbage body).",
+    )
+    price_input: float = Field(
+        0.0, ge=0, description="USD per million prompt tokens (for spend and --max-cost)."
+    )
+    price_output: float = Field(
+        0.0, ge=0, description="USD per million completion tokens (reasoning tokens included)."
+    )
+    use_n: bool = Field(
+        True,
+        description="Ask for several samples in one request with the API's `n`; falls back to separate requests if the server ignores it.",
+    )
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra JSON fields sent in every request to this teacher (provider-specific).",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -141,7 +177,9 @@ class Teacher:
 
     def __init__(self, cfg: TeacherConfig, limiter: Limiter | None = None):
         if not cfg.model:
-            raise ConfigError("no teacher model: pass --model NAME or set model: in the harvest config")
+            raise ConfigError(
+                "no teacher model: pass --model NAME or set model: in the harvest config"
+            )
         self.cfg = cfg
         self.url = f"{cfg.base_url}/chat/completions"
         self.limiter = limiter or Limiter(
@@ -154,7 +192,9 @@ class Teacher:
         self.client = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(cfg.timeout, connect=min(30.0, cfg.timeout)),
-            limits=httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency),
+            limits=httpx.Limits(
+                max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency
+            ),
         )
         self.supports_n: bool | None = None if cfg.use_n else False
 
@@ -179,10 +219,18 @@ class Teacher:
         try:
             data = resp.json()
         except ValueError:
-            raise TransientError(f"HTTP 200 with an unparseable body: {resp.text[:80]!r}", status=200) from None
-        if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+            raise TransientError(
+                f"HTTP 200 with an unparseable body: {resp.text[:80]!r}", status=200
+            ) from None
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("choices"), list)
+            or not data["choices"]
+        ):
             if isinstance(data, dict) and data.get("error"):
-                raise TransientError(f"HTTP 200 with an error body: {str(data['error'])[:200]}", status=200)
+                raise TransientError(
+                    f"HTTP 200 with an error body: {str(data['error'])[:200]}", status=200
+                )
             raise TransientError("HTTP 200 with empty or missing choices", status=200)
         choices = []
         for i, c in enumerate(data["choices"]):
@@ -199,7 +247,7 @@ class Teacher:
                 )
             )
         choices.sort(key=lambda c: c.index)
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        usage: dict[str, Any] = data["usage"] if isinstance(data.get("usage"), dict) else {}
         details = usage.get("completion_tokens_details") or {}
         self.limiter.on_success(latency)
         return Completion(
@@ -232,5 +280,7 @@ class Teacher:
             self.limiter.on_throttle(retry_after, status)
             raise TransientError(f"{where}: {msg}", status=status, retry_after=retry_after)
         if status in (408, 409) or status >= 500:
-            raise TransientError(f"{where}: {msg}", status=status, retry_after=parse_retry_after(resp.headers))
+            raise TransientError(
+                f"{where}: {msg}", status=status, retry_after=parse_retry_after(resp.headers)
+            )
         raise PromptRejected(f"{where}: {msg}", status=status)

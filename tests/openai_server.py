@@ -70,7 +70,9 @@ class OpenAIServer:
     faults: Faults = field(default_factory=Faults)
     seed: int = 0
     finish_reason: str = "stop"
-    responder: Callable[[dict[str, Any], int], dict[str, Any]] | None = None  # -> {content, reasoning?, finish_reason?}
+    responder: Callable[[dict[str, Any], int], dict[str, Any]] | None = (
+        None  # -> {content, reasoning?, finish_reason?}
+    )
     reject: Callable[[dict[str, Any]], str | None] | None = None  # -> message for a 400, or None
     hang_seconds: float = 3600.0
 
@@ -125,24 +127,41 @@ class OpenAIServer:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         self.headers_seen.append({"authorization": request.headers.get("Authorization", "")})
-        if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+        if (
+            self.api_key is not None
+            and request.headers.get("Authorization") != f"Bearer {self.api_key}"
+        ):
             self._count(401)
             return web.json_response(
-                {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error", "code": "invalid_api_key"}},
+                {
+                    "error": {
+                        "message": "Incorrect API key provided.",
+                        "type": "invalid_request_error",
+                        "code": "invalid_api_key",
+                    }
+                },
                 status=401,
             )
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             self._count(400)
-            return web.json_response({"error": {"message": "We could not parse the JSON body of your request."}}, status=400)
+            return web.json_response(
+                {"error": {"message": "We could not parse the JSON body of your request."}},
+                status=400,
+            )
         if self.keep_bodies:
             self.bodies.append(body)
         model = body.get("model")
         if self.models is not None and model not in self.models:
             self._count(404)
             return web.json_response(
-                {"error": {"message": f"The model `{model}` does not exist or you do not have access to it.", "code": "model_not_found"}},
+                {
+                    "error": {
+                        "message": f"The model `{model}` does not exist or you do not have access to it.",
+                        "code": "model_not_found",
+                    }
+                },
                 status=404,
             )
         ok, wait, rl_headers = self._take()
@@ -151,12 +170,18 @@ class OpenAIServer:
             headers = dict(rl_headers)
             headers["retry-after-ms"] = str(max(1, int(wait * 1000)))
             headers["Retry-After"] = str(max(1, math.ceil(wait)))
-            return web.json_response({"error": {"message": "Rate limit reached for requests", "type": "requests"}}, status=429, headers=headers)
+            return web.json_response(
+                {"error": {"message": "Rate limit reached for requests", "type": "requests"}},
+                status=429,
+                headers=headers,
+            )
         if self.reject is not None:
             msg = self.reject(body)
             if msg:
                 self._count(400)
-                return web.json_response({"error": {"message": msg, "type": "invalid_request_error"}}, status=400)
+                return web.json_response(
+                    {"error": {"message": msg, "type": "invalid_request_error"}}, status=400
+                )
         f = self.faults
         r = self._rng.random()
         edges = [f.server_error, f.drop, f.hang, f.garbage, f.empty_choices, f.too_many]
@@ -173,7 +198,10 @@ class OpenAIServer:
         if fault == "server_error":
             status = self._rng.choice([500, 502, 503])
             self._count(status)
-            return web.json_response({"error": {"message": "The server had an error while processing your request."}}, status=status)
+            return web.json_response(
+                {"error": {"message": "The server had an error while processing your request."}},
+                status=status,
+            )
         if fault == "drop":
             self._count(0)
             assert request.transport is not None
@@ -184,18 +212,32 @@ class OpenAIServer:
             await asyncio.sleep(self.hang_seconds)
         if fault == "garbage":
             self._count(200)
-            return web.Response(text='<html><body>502 Bad Gateway</body></html>{"choices": [', content_type="text/html")
+            return web.Response(
+                text='<html><body>502 Bad Gateway</body></html>{"choices": [',
+                content_type="text/html",
+            )
         if fault == "empty":
             self._count(200)
             return web.json_response({"id": "x", "object": "chat.completion", "choices": []})
         if fault == "429":
             self._count(429)
-            return web.json_response({"error": {"message": "Rate limit reached"}}, status=429, headers={"Retry-After": "0"})
+            return web.json_response(
+                {"error": {"message": "Rate limit reached"}},
+                status=429,
+                headers={"Retry-After": "0"},
+            )
         n = int(body.get("n") or 1) if self.supports_n else 1
         choices = [self._choice(body, i) for i in range(n)]
-        prompt_chars = sum(len(m.get("content") or "") for m in body.get("messages", []) if isinstance(m.get("content"), str))
+        prompt_chars = sum(
+            len(m.get("content") or "")
+            for m in body.get("messages", [])
+            if isinstance(m.get("content"), str)
+        )
         completion_tokens = sum(max(1, len(c["message"]["content"] or "") // 4) for c in choices)
-        reasoning_tokens = sum(len(c["message"].get("reasoning_content") or c["message"].get("reasoning") or "") // 4 for c in choices)
+        reasoning_tokens = sum(
+            len(c["message"].get("reasoning_content") or c["message"].get("reasoning") or "") // 4
+            for c in choices
+        )
         completion_tokens += reasoning_tokens
         self.completed += 1
         self._count(200)
@@ -234,13 +276,22 @@ class OpenAIServer:
             message["reasoning"] = reasoning
         elif reasoning and shape == "think":
             message["content"] = f"<think>\n{reasoning}\n</think>\n\n{content}"
-        choice: dict[str, Any] = {"index": i, "message": message, "finish_reason": spec.get("finish_reason", self.finish_reason)}
+        choice: dict[str, Any] = {
+            "index": i,
+            "message": message,
+            "finish_reason": spec.get("finish_reason", self.finish_reason),
+        }
         if body.get("logprobs"):
             k = int(body.get("top_logprobs") or 0)
             toks = (content or "x").split()[:50]
             choice["logprobs"] = {
                 "content": [
-                    {"token": t, "logprob": -0.1 * j, "bytes": None, "top_logprobs": [{"token": t + "_", "logprob": -1.0 - a} for a in range(k)]}
+                    {
+                        "token": t,
+                        "logprob": -0.1 * j,
+                        "bytes": None,
+                        "top_logprobs": [{"token": t + "_", "logprob": -1.0 - a} for a in range(k)],
+                    }
                     for j, t in enumerate(toks)
                 ]
             }
@@ -250,7 +301,9 @@ class OpenAIServer:
 
     async def list_models(self, request: web.Request) -> web.Response:
         names = sorted(self.models or {"test-model"})
-        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in names]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": m, "object": "model"} for m in names]}
+        )
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -261,7 +314,9 @@ class OpenAIServer:
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start_async(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=0.1)
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, shutdown_timeout=0.1
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
         await site.start()
@@ -337,7 +392,14 @@ def main() -> None:
         await stop.wait()
         if a.stats_file:
             with open(a.stats_file, "w") as f:
-                json.dump({"requests": srv.requests, "completed": srv.completed, "status": srv.status_counts}, f)
+                json.dump(
+                    {
+                        "requests": srv.requests,
+                        "completed": srv.completed,
+                        "status": srv.status_counts,
+                    },
+                    f,
+                )
 
     asyncio.run(serve())
 
