@@ -1,0 +1,100 @@
+"""Prompt files in every format, ids, templates, duplicates, and the errors for bad rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import InputError
+from pipeline.prompts import load_prompts
+from tests.conftest import write_jsonl
+
+ROWS = [
+    {"id": "a", "prompt": "What is 1 + 2?", "reference": "3"},
+    {"prompt": "What is 2 + 2?", "reference": 4, "meta": {"level": "easy"}},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+]
+
+
+def _check(rows: list) -> None:
+    assert [r.messages[-1]["content"] for r in rows] == ["What is 1 + 2?", "What is 2 + 2?", "Hi"]
+    assert rows[0].id == "a" and rows[0].reference == "3"
+    assert rows[1].reference == "4"
+    assert rows[2].messages[0] == {"role": "system", "content": "Be brief."}
+
+
+def test_jsonl_json_csv_parquet_txt_and_dataset_folder(tmp_path: Path) -> None:
+    _check(load_prompts([write_jsonl(tmp_path / "p.jsonl", ROWS)])[0])
+    (tmp_path / "p.json").write_text(json.dumps(ROWS))
+    _check(load_prompts([tmp_path / "p.json"])[0])
+
+    (tmp_path / "p.csv").write_text('id,prompt,reference,level\nx,"What is 1, really?",1,easy\ny,Two?,,hard\n')
+    rows, _ = load_prompts([tmp_path / "p.csv"])
+    assert [r.id for r in rows] == ["x", "y"]
+    assert rows[0].messages[-1]["content"] == "What is 1, really?" and rows[0].meta == {"level": "easy"}
+    assert rows[1].reference is None
+
+    pq.write_table(pa.Table.from_pylist([{"prompt": "P1", "reference": "1"}, {"prompt": "P2", "reference": "2"}]), tmp_path / "p.parquet")
+    rows, _ = load_prompts([tmp_path / "p.parquet"])
+    assert [r.messages[0]["content"] for r in rows] == ["P1", "P2"]
+
+    (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
+    rows, _ = load_prompts([tmp_path / "p.txt"])
+    assert [r.messages[0]["content"] for r in rows] == ["first prompt", "second prompt"]
+
+    datasets.Dataset.from_list([{"prompt": "D1", "reference": "r"}]).save_to_disk(str(tmp_path / "ds"))
+    rows, _ = load_prompts([tmp_path / "ds"])
+    assert rows[0].messages[0]["content"] == "D1" and rows[0].reference == "r"
+
+
+def test_ids_are_stable_content_hashes_and_duplicates_are_dropped(tmp_path: Path) -> None:
+    f1 = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "same"}, {"prompt": "other"}, {"prompt": "same"}])
+    f2 = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "other"}, {"prompt": "new"}])
+    rows, dropped = load_prompts([f1, f2])
+    assert [r.messages[0]["content"] for r in rows] == ["same", "other", "new"]
+    assert dropped == 2
+    again, _ = load_prompts([f1, f2])
+    assert [r.id for r in rows] == [r.id for r in again]
+    assert len({r.id for r in rows}) == 3
+    # The id does not depend on the template: the same question keeps its id.
+    templated, _ = load_prompts([f1], user_template="Q: {prompt}")
+    assert templated[0].id == rows[0].id and templated[0].messages[0]["content"] == "Q: same"
+
+
+def test_system_prompt_template_and_limit(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "p.jsonl", [{"question": "q1", "meta": {"unit": "cm"}}, {"question": "q2", "meta": {"unit": "m"}}])
+    rows, _ = load_prompts([f], system_prompt="SYS", user_template="Solve {question} in {unit}", limit=1)
+    assert len(rows) == 1
+    assert rows[0].messages == [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Solve q1 in cm"}]
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ('{"prompt": "ok"}\n{"prompt": broken}\n', "p.jsonl:2: invalid JSON"),
+        ('{"prompt": "ok"}\n{"text": "no prompt"}\n', "p.jsonl:2: row has neither 'prompt' nor 'messages'"),
+        ('{"messages": [{"role": "robot", "content": "x"}]}\n', "p.jsonl:1: messages[0]"),
+        ("", "no prompts found"),
+        ('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n', "prompt id 'a' is also used"),
+    ],
+)
+def test_bad_rows_name_file_and_line(tmp_path: Path, content: str, needle: str) -> None:
+    f = tmp_path / "p.jsonl"
+    f.write_text(content)
+    with pytest.raises(InputError) as e:
+        load_prompts([f])
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file_and_missing_template_field(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="prompt file not found"):
+        load_prompts([tmp_path / "nope.jsonl"])
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}])
+    with pytest.raises(InputError, match=r"p.jsonl:1: user template uses \{question\}"):
+        load_prompts([f], user_template="{question}")
