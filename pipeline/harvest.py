@@ -31,6 +31,7 @@ from pipeline.errors import (
     EXIT_PARTIAL,
     ConfigError,
     DistillError,
+    InputError,
     PromptRejected,
     StoreError,
     TeacherError,
@@ -39,7 +40,7 @@ from pipeline.errors import (
 from pipeline.prompts import PromptRow, load_prompts, read_text_arg
 from pipeline.ratelimit import retrying
 from pipeline.store import RunLock, Store, content_hash, pack_logprobs, request_key, utcnow
-from pipeline.teacher import Completion, Teacher, TeacherConfig
+from pipeline.teacher import Choice, Completion, Teacher, TeacherConfig
 
 log = logging.getLogger("distill.harvest")
 
@@ -125,7 +126,15 @@ class HarvestConfig(TeacherConfig):
     )
     teachers: list[TeacherConfig] = Field(
         default_factory=list,
-        description="Several teachers, each {name, base_url, model, api_key_env, rpm, tpm, concurrency, price_input, price_output, ...}; every prompt goes to each.",
+        description="Several teachers, each {name, base_url, model, api_key_env, rpm, tpm, concurrency, price_input, price_output, share, ...}, each with its own rate limiter; `routing` decides which prompts each answers.",
+    )
+    routing: Literal["all", "share", "field"] = Field(
+        "all",
+        description="Which teachers answer a prompt: all (each one: comparisons, ensembles), share (one teacher, picked by a hash of the prompt id in proportion to each teacher's `share`), field (the teacher named by the prompt row's `route_field`).",
+    )
+    route_field: str | None = Field(
+        None,
+        description="With routing: field, the prompt-row field (a column, or a key of meta) whose value is the name of the teacher to ask.",
     )
 
     @model_validator(mode="after")
@@ -133,7 +142,27 @@ class HarvestConfig(TeacherConfig):
         names = [t.label for t in self.all_teachers()]
         if len(set(names)) != len(names):
             raise ValueError(f"teachers must have distinct names (got {names}); set name: on each")
+        if self.routing == "field" and not self.route_field:
+            raise ValueError(
+                "routing: field needs route_field: the prompt field naming the teacher"
+            )
+        if self.routing == "share":
+            self.shares()  # raises on shares that do not add up
         return self
+
+    def shares(self) -> list[float]:
+        """Each teacher's fraction of prompts: given shares, the rest split among the others."""
+        teachers = self.all_teachers()
+        given = sum(t.share or 0.0 for t in teachers)
+        unset = [t for t in teachers if t.share is None]
+        if given > 1 + 1e-9 or (unset and given >= 1 - 1e-9):
+            raise ValueError(
+                f"teacher shares add up to {given:g}; they must leave room for every teacher "
+                "(at most 1, below 1 if some teachers have no share)"
+            )
+        rest = (1 - given) / len(unset) if unset else 0.0
+        raw = [t.share if t.share is not None else rest for t in teachers]
+        return [r / sum(raw) for r in raw]  # given shares below 1 in total are scaled up
 
     def all_teachers(self) -> list[TeacherConfig]:
         if self.teachers:
@@ -229,6 +258,78 @@ def _cost(t: TeacherConfig, prompt_tokens: float, completion_tokens: float) -> f
     return (prompt_tokens * t.price_input + completion_tokens * t.price_output) / 1e6
 
 
+def routes_to(cfg: HarvestConfig, teachers: list[TeacherConfig], row: PromptRow) -> set[str]:
+    """Labels of the teachers that answer this prompt under `cfg.routing`."""
+    labels = [t.label for t in teachers]
+    if cfg.routing == "all":
+        return set(labels)
+    if cfg.routing == "share":
+        # A hash of the prompt id, not a random draw: a prompt goes to the same teacher on every
+        # run, and prompts added to a growing file never move the old ones.
+        u = int(content_hash(row.id, length=15), 16) / 16**15
+        acc = 0.0
+        for label, share in zip(labels, cfg.shares()):
+            acc += share
+            if u < acc:
+                return {label}
+        return {labels[-1]}
+    value = row.meta.get(cfg.route_field or "")
+    if not isinstance(value, str) or value not in labels:
+        raise InputError(
+            f"{row.source}: route_field {cfg.route_field!r} is {value!r}, which names no teacher "
+            f"(teachers: {', '.join(labels)}); fix the row or the teachers' name:"
+        )
+    return {value}
+
+
+def response_row(
+    t: TeacherConfig,
+    row: PromptRow,
+    sample: int,
+    key: str,
+    params: dict[str, Any],
+    completion: Completion,
+    choice: Choice,
+    *,
+    split: int,
+    cost: float,
+    attempts: int,
+    source: str,
+) -> dict[str, Any]:
+    """One stored row, online and batch alike: what was asked, of whom, and what came back.
+    `split` is how many answers shared the request (n > 1): its token counts are divided."""
+    ct = completion.completion_tokens
+    rt = completion.reasoning_tokens
+    return {
+        "key": key,
+        "prompt_id": row.id,
+        "sample_index": sample,
+        "teacher": t.label,
+        "base_url": t.base_url,
+        "model": t.model,
+        "params_hash": content_hash(params, length=16),
+        "params": params,
+        "messages": row.messages,
+        "reference": row.reference,
+        "meta": row.meta or None,
+        "response": choice.content,
+        "reasoning": choice.reasoning,
+        "finish_reason": choice.finish_reason,
+        "response_model": completion.model,
+        "system_fingerprint": completion.system_fingerprint,
+        "response_id": completion.response_id,
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": None if ct is None else round(ct / split),
+        "reasoning_tokens": None if rt is None else round(rt / split),
+        "cost_usd": cost,
+        "latency_s": None if completion.latency_s is None else round(completion.latency_s, 4),
+        "attempts": attempts,
+        "created_at": utcnow(),
+        "logprobs": pack_logprobs(choice.logprobs),
+        "source": source,
+    }
+
+
 class Harvest:
     """One run: the prompts, the store, and a worker pool per teacher."""
 
@@ -260,7 +361,10 @@ class Harvest:
 
     def plan(self, t: TeacherConfig, done: set[str]) -> list[Job]:
         jobs = []
+        teachers = self.cfg.all_teachers()
         for row in self.rows:
+            if self.cfg.routing != "all" and t.label not in routes_to(self.cfg, teachers, row):
+                continue
             missing = [i for i in range(self.cfg.samples) if self.key(t, row, i) not in done]
             self.summary.total += self.cfg.samples
             self.summary.already_done += self.cfg.samples - len(missing)
@@ -270,8 +374,8 @@ class Harvest:
 
     # -- one request --------------------------------------------------------------------------------
 
-    def body(self, teacher: Teacher, job: Job, n: int) -> dict[str, Any]:
-        b: dict[str, Any] = {"model": teacher.cfg.model, "messages": job.row.messages}
+    def body(self, t: TeacherConfig, job: Job, n: int) -> dict[str, Any]:
+        b: dict[str, Any] = {"model": t.model, "messages": job.row.messages}
         b.update(self.params)
         if job.max_tokens is not None:
             b["max_tokens"] = job.max_tokens
@@ -279,7 +383,7 @@ class Harvest:
             b["n"] = n
         elif self.cfg.seed is not None and job.samples[0] > 0:
             b["seed"] = self.cfg.seed + job.samples[0]  # separate requests must not repeat sample 0
-        b.update(teacher.cfg.extra_body)
+        b.update(t.extra_body)
         return b
 
     def worst_cost(self, t: TeacherConfig, job: Job, n: int) -> float:
@@ -288,7 +392,7 @@ class Harvest:
 
     async def send(self, teacher: Teacher, job: Job, n: int) -> tuple[Completion, int]:
         """One logical request through the limiter and the retry policy. Returns (completion, attempts)."""
-        body = self.body(teacher, job, n)
+        body = self.body(teacher.cfg, job, n)
         est = estimate_tokens(job.row.messages) + (job.max_tokens or self.cfg.max_tokens or 256) * n
         attempts = 0
         async for attempt in retrying(teacher.cfg.max_retries):
@@ -324,37 +428,21 @@ class Harvest:
             params["max_tokens"] = job.max_tokens
         for i, (sample, choice) in enumerate(zip(job.samples, got)):
             cost = request_cost / k + (job.cost_so_far if i == 0 else 0.0)
+            key = self.key(t, job.row, sample)
             self.store.add_response(
-                {
-                    "key": self.key(t, job.row, sample),
-                    "prompt_id": job.row.id,
-                    "sample_index": sample,
-                    "teacher": t.label,
-                    "base_url": t.base_url,
-                    "model": t.model,
-                    "params_hash": content_hash(params, length=16),
-                    "params": params,
-                    "messages": job.row.messages,
-                    "reference": job.row.reference,
-                    "meta": job.row.meta or None,
-                    "response": choice.content,
-                    "reasoning": choice.reasoning,
-                    "finish_reason": choice.finish_reason,
-                    "response_model": completion.model,
-                    "system_fingerprint": completion.system_fingerprint,
-                    "response_id": completion.response_id,
-                    "prompt_tokens": pt,
-                    "completion_tokens": None if ct is None else round(ct / k),
-                    "reasoning_tokens": None
-                    if completion.reasoning_tokens is None
-                    else round(completion.reasoning_tokens / k),
-                    "cost_usd": cost,
-                    "latency_s": round(completion.latency_s, 4),
-                    "attempts": attempts,
-                    "created_at": utcnow(),
-                    "logprobs": pack_logprobs(choice.logprobs),
-                    "source": "online",
-                }
+                response_row(
+                    t,
+                    job.row,
+                    sample,
+                    key,
+                    params,
+                    completion,
+                    choice,
+                    split=k,
+                    cost=cost,
+                    attempts=attempts,
+                    source="online",
+                )
             )
             self.summary.completed += 1
         self.summary.prompt_tokens += pt or 0
@@ -382,6 +470,8 @@ class Harvest:
                     continue
                 try:
                     await self.do_job(teacher, job, queue, pending)
+                except DistillError as e:  # the store cannot take more (disk full, ...): stop all
+                    self.fatal = self.fatal or e
                 finally:
                     pending[0] -= 1
 
@@ -528,7 +618,7 @@ class Harvest:
         finally:
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
@@ -539,6 +629,9 @@ class Harvest:
                     loop.remove_signal_handler(sig)
         if self.fatal:
             raise self.fatal
+        for r in results:  # a bug in a worker must not pass silently
+            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+                raise r
 
     async def report_progress(self) -> None:
         s = self.summary
@@ -607,6 +700,9 @@ def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
                 "no teacher model: pass --model NAME or set model: in the harvest config"
             )
     rows, dropped = prepare_rows(cfg)  # every input error surfaces before the store is touched
+    teachers = cfg.all_teachers()
+    for row in rows:
+        routes_to(cfg, teachers, row)  # a row naming no teacher, too
     summary = Summary(run_dir=str(cfg.out), prompts=len(rows), duplicates_dropped=dropped)
     summary.teachers = [t.label for t in cfg.all_teachers()]
     if pretty is None:

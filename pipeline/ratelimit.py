@@ -21,11 +21,12 @@ import contextlib
 import math
 import re
 import time
+from collections import deque
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_exponential_jitter
 
 from pipeline.errors import TransientError
@@ -103,7 +104,6 @@ class Limiter:
         learn_from_headers: bool = True,
     ):
         self.max_concurrency = max(1, concurrency)
-        self.limit = float(self.max_concurrency)
         self.adaptive = adaptive
         self.learn = learn_from_headers
         self.in_flight = 0
@@ -115,13 +115,21 @@ class Limiter:
             self.set_rpm(rpm)
         if tpm:
             self.set_tpm(tpm)
+        # Unknown budget: start with one request in flight and add one per success (doubling
+        # each round trip) until the limit, a throttle, or headers tell us the budget. Without
+        # this, the first wave of `concurrency` requests overruns a small server bucket.
+        self.slow_start = not self.rpm_given
+        self.limit = 1.0 if self.slow_start else float(self.max_concurrency)
+        self.rate_inferred = False  # a 429 came without limit headers: pace at what got through
         self.paused_until = 0.0
         self.factor = 1.0  # share of the known rate we pace at; lowered by 429s
         self.best_latency = math.inf
         self.latency_ema: float | None = None
         self.successes_since_change = 0
         self.last_decrease = 0.0
+        self.recent: deque[float] = deque(maxlen=1024)  # times of recent successes
         self.throttled = 0  # 429s seen
+        self.last_cut = 0.0
         self._cond = asyncio.Condition()
 
     # -- configuration ---------------------------------------------------------------------------
@@ -142,11 +150,11 @@ class Limiter:
         """Wait until a request of `est_tokens` may be sent; then it counts as in flight."""
         async with self._cond:
             while True:
-                now = time.monotonic()
-                wait = self.paused_until - now
                 if self.in_flight >= int(self.limit):
                     await self._cond.wait()
                     continue
+                now = time.monotonic()
+                wait = self.paused_until - now
                 if wait <= 0 and self.requests is not None:
                     wait = self.requests.wait_time(1, now, self.factor)
                 if wait <= 0 and self.tokens is not None:
@@ -177,22 +185,26 @@ class Limiter:
         """Learn limits and steer the pace from x-ratelimit-* headers (any response)."""
         if not self.learn:
             return
-        lim_r = headers.get("x-ratelimit-limit-requests")
-        if lim_r and not self.rpm_given:
-            try:
-                rpm = float(lim_r)
-                if rpm > 0 and (self.requests is None or abs(self.requests.rate * 60 - rpm) > 1e-6):
-                    self.set_rpm(rpm)
-            except ValueError:
-                pass
-        lim_t = headers.get("x-ratelimit-limit-tokens")
-        if lim_t and not self.tpm_given:
-            try:
-                tpm = float(lim_t)
-                if tpm > 0 and (self.tokens is None or abs(self.tokens.rate * 60 - tpm) > 1e-6):
-                    self.set_tpm(tpm)
-            except ValueError:
-                pass
+        for kind in ("requests", "tokens"):
+            given = self.rpm_given if kind == "requests" else self.tpm_given
+            raw = headers.get(f"x-ratelimit-limit-{kind}")
+            if raw and not given:
+                try:
+                    per_min = float(raw)
+                except ValueError:
+                    per_min = 0.0
+                bucket = self.requests if kind == "requests" else self.tokens
+                if per_min > 0 and (
+                    bucket is None or abs(bucket.rate * 60 - per_min) > 1e-6 or self.rate_inferred
+                ):
+                    if kind == "requests":
+                        self.set_rpm(per_min)
+                        self.rate_inferred = False
+                        # the bucket paces from here: no need to creep up on concurrency
+                        self.slow_start = False
+                        self.limit = max(self.limit, float(self.max_concurrency))
+                    else:
+                        self.set_tpm(per_min)
         now = time.monotonic()
         for kind in ("requests", "tokens"):
             remaining = headers.get(f"x-ratelimit-remaining-{kind}")
@@ -204,15 +216,21 @@ class Limiter:
                 continue
             if left <= 0:
                 reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}")) or 1.0
-                self.paused_until = max(self.paused_until, now + reset)
+                self.paused_until = max(self.paused_until, now + min(reset, 600.0))
 
     def on_success(self, latency: float) -> None:
+        now = time.monotonic()
+        self.recent.append(now)
         self.best_latency = min(self.best_latency, latency)
-        self.latency_ema = (
-            latency if self.latency_ema is None else 0.9 * self.latency_ema + 0.1 * latency
-        )
+        ema = self.latency_ema
+        self.latency_ema = latency if ema is None else 0.9 * ema + 0.1 * latency
+        if self.rate_inferred and self.requests is not None:
+            self.requests.rate *= 1.001  # probe upwards slowly; the next 429 cuts back
         self.factor = min(1.0, self.factor + 0.01)
-        if self.adaptive and self.limit < self.max_concurrency:
+        if self.slow_start:
+            self.limit = min(float(self.max_concurrency), self.limit + 1)
+            self.slow_start = self.limit < self.max_concurrency
+        elif self.adaptive and self.limit < self.max_concurrency:
             self.successes_since_change += 1
             latency_holds = self.latency_ema <= 2.0 * self.best_latency + 0.05
             if latency_holds and self.successes_since_change >= self.limit:
@@ -222,15 +240,36 @@ class Limiter:
     def on_throttle(self, retry_after: float | None, status: int | None = 429) -> None:
         """A 429 or 503: pause everyone, slow the pace, shrink concurrency."""
         now = time.monotonic()
+        self.slow_start = False
         if status == 429:
             self.throttled += 1
-            self.factor = max(0.2, self.factor * 0.85)
+            if self.requests is None:
+                # No budget known: pace at the rate that was getting through, then probe up.
+                self.requests = Bucket(max(0.5, 0.9 * self.recent_rate(now)), 1.0)
+                self.rate_inferred = True
+                self.last_cut = now
+            elif self.rate_inferred:
+                # The estimate itself was too high; cut it once per burst of 429s.
+                if now - self.last_cut > 0.5:
+                    self.requests.rate = max(0.5, self.requests.rate * 0.85)
+                    self.last_cut = now
+            else:
+                self.factor = max(0.2, self.factor * 0.85)
         pause = retry_after if retry_after is not None else 1.0
         self.paused_until = max(self.paused_until, now + min(pause, 600.0))
         self._decrease(now)
 
     def on_timeout(self) -> None:
+        self.slow_start = False
         self._decrease(time.monotonic())
+
+    def recent_rate(self, now: float) -> float:
+        """Successes per second over the last two seconds."""
+        while self.recent and now - self.recent[0] > 2.0:
+            self.recent.popleft()
+        if not self.recent:
+            return 0.0
+        return len(self.recent) / max(1.0, min(2.0, now - self.recent[0]))
 
     def _decrease(self, now: float) -> None:
         # At most one decrease per typical latency, so a burst of failures from one overload
@@ -265,11 +304,27 @@ def _wait(base: wait_exponential_jitter):
     return wait
 
 
+def _stop(max_retries: int):
+    """Stop after `max_retries` failures, not counting 429s (the server said "later", not "no")
+    unless they pile up: a 429 costs nothing, but a run must not spin on it forever."""
+    counts = {"failures": 0, "throttles": 0}
+
+    def stop(state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, TransientError) and exc.status == 429:
+            counts["throttles"] += 1
+        else:
+            counts["failures"] += 1
+        return counts["failures"] > max_retries or counts["throttles"] > max(50, 5 * max_retries)
+
+    return stop
+
+
 def retrying(max_retries: int, *, initial: float = 0.5, max_wait: float = 60.0) -> AsyncRetrying:
-    """The retry policy: `max_retries` retries of TransientError only, then re-raise it."""
+    """The retry policy: TransientError only, up to `max_retries` (429s apart), then re-raise."""
     return AsyncRetrying(
         retry=retry_if_exception_type(TransientError),
-        stop=stop_after_attempt(max_retries + 1),
+        stop=_stop(max_retries),
         wait=_wait(wait_exponential_jitter(initial=initial, max=max_wait, jitter=initial)),
         reraise=True,
     )

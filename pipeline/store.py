@@ -80,7 +80,58 @@ MIGRATIONS: list[str] = [
     );
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2: Batch API jobs (pipeline/batch.py). A batch row is written, with its requests, before
+    # anything is uploaded: `state` says how far the submission got (prepared, uploaded,
+    # submitted, collected, abandoned), `remote_status` what the server last said.
+    """
+    CREATE TABLE batches (
+        id TEXT PRIMARY KEY,
+        teacher TEXT NOT NULL,
+        teacher_config TEXT NOT NULL,
+        state TEXT NOT NULL,
+        request_count INTEGER NOT NULL,
+        input_file_id TEXT,
+        batch_id TEXT,
+        remote_status TEXT,
+        output_file_id TEXT,
+        error_file_id TEXT,
+        completed INTEGER,
+        failed INTEGER,
+        error TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE batch_requests (
+        batch TEXT NOT NULL REFERENCES batches (id),
+        key TEXT NOT NULL,
+        prompt_id TEXT NOT NULL,
+        sample_index INTEGER NOT NULL,
+        request TEXT NOT NULL,
+        PRIMARY KEY (batch, key)
+    );
+    CREATE INDEX batch_requests_key ON batch_requests (key);
+    """,
 ]
+
+# Batch states whose requests are still out (not to be submitted again).
+BATCH_OPEN_STATES = ("prepared", "uploaded", "submitted")
+BATCH_COLUMNS = (
+    "id",
+    "teacher",
+    "teacher_config",
+    "state",
+    "request_count",
+    "input_file_id",
+    "batch_id",
+    "remote_status",
+    "output_file_id",
+    "error_file_id",
+    "completed",
+    "failed",
+    "error",
+    "created_at",
+    "updated_at",
+)
 
 RESPONSE_COLUMNS = (
     "key",
@@ -237,11 +288,15 @@ class Store:
                         "{dir}", str(self.run_dir)
                     )
                 )
-            # Read-only, but still WAL-aware: mode=ro needs the -shm file or a writable dir.
-            uri = f"file:{self.path}?mode=ro"
+            # Read-only, but still WAL-aware: mode=ro needs the -shm file or a writable dir; on
+            # read-only media fall back to immutable (nobody can be writing there).
             try:
-                self.db = sqlite3.connect(uri, uri=True, check_same_thread=False)
-                self.db.execute("SELECT 1 FROM responses LIMIT 1").fetchall()
+                self.db = self._open_ro(f"file:{self.path}?mode=ro")
+            except sqlite3.OperationalError:
+                try:
+                    self.db = self._open_ro(f"file:{self.path}?mode=ro&immutable=1")
+                except sqlite3.Error as e:
+                    raise _friendly(e, self.path) from None
             except sqlite3.Error as e:
                 raise _friendly(e, self.path) from None
         else:
@@ -257,6 +312,12 @@ class Store:
             except (sqlite3.Error, OSError) as e:
                 raise _friendly(e, self.path) from None
         self.db.row_factory = sqlite3.Row
+
+    @staticmethod
+    def _open_ro(uri: str) -> sqlite3.Connection:
+        db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        db.execute("SELECT 1 FROM responses LIMIT 1").fetchall()
+        return db
 
     def _migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -363,6 +424,93 @@ class Store:
     def failures(self) -> list[dict[str, Any]]:
         cur = self.db.execute("SELECT * FROM failures ORDER BY prompt_id, sample_index, key")
         return [dict(r) for r in cur]
+
+    # -- Batch API jobs ---------------------------------------------------------------------------
+
+    def add_batch(self, batch: dict[str, Any], requests: list[dict[str, Any]]) -> None:
+        """Record a batch and its requests in one transaction, before anything is uploaded.
+        A request is {key, prompt_id, sample_index, request: {...}} (request stored as JSON)."""
+        now = utcnow()
+        row = {**batch, "created_at": now, "updated_at": now}
+        cols = [c for c in BATCH_COLUMNS if c in row]
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(
+                f"INSERT INTO batches ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                [row[c] for c in cols],
+            )
+            self.db.executemany(
+                "INSERT INTO batch_requests (batch, key, prompt_id, sample_index, request) "
+                "VALUES (?,?,?,?,?)",
+                [
+                    (
+                        batch["id"],
+                        r["key"],
+                        r["prompt_id"],
+                        r["sample_index"],
+                        canonical_json(r["request"]),
+                    )
+                    for r in requests
+                ],
+            )
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise _friendly(e, self.path) from None
+
+    def update_batch(self, local_id: str, /, **fields: Any) -> None:
+        """Record what happened to a batch (its state, the server's ids and status)."""
+        bad = set(fields) - set(BATCH_COLUMNS)
+        assert not bad, f"unknown batch columns {bad}"
+        fields["updated_at"] = utcnow()
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        try:
+            self.db.execute(f"UPDATE batches SET {sets} WHERE id = ?", [*fields.values(), local_id])
+        except sqlite3.Error as e:
+            raise _friendly(e, self.path) from None
+
+    def batches(self, states: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        """Batch rows, oldest first (none in a store written before batches existed)."""
+        sql = "SELECT * FROM batches"
+        args: tuple[str, ...] = ()
+        if states is not None:
+            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
+            args = states
+        try:
+            cur = self.db.execute(sql + " ORDER BY created_at, id", args)
+        except sqlite3.OperationalError:  # a read-only store of schema 1
+            return []
+        return [dict(r) for r in cur]
+
+    def batch_requests(self, batch_id: str) -> list[dict[str, Any]]:
+        cur = self.db.execute(
+            "SELECT key, prompt_id, sample_index, request FROM batch_requests WHERE batch = ? "
+            "ORDER BY prompt_id, sample_index, key",
+            (batch_id,),
+        )
+        return [{**dict(r), "request": json.loads(r["request"])} for r in cur]
+
+    def keys_in_open_batches(self) -> set[str]:
+        """Keys already sent (or being sent) in a batch that has not been collected yet."""
+        cur = self.db.execute(
+            "SELECT r.key FROM batch_requests r JOIN batches b ON b.id = r.batch "
+            f"WHERE b.state IN ({', '.join('?' * len(BATCH_OPEN_STATES))})",
+            BATCH_OPEN_STATES,
+        )
+        return {r[0] for r in cur}
+
+    def batch_keys(self) -> set[str]:
+        """Every key ever sent in a batch."""
+        try:
+            return {r[0] for r in self.db.execute("SELECT DISTINCT key FROM batch_requests")}
+        except sqlite3.OperationalError:  # a read-only store of schema 1
+            return set()
+
+    def batch_attempts(self, key: str) -> int:
+        """How many batches a key has been sent in."""
+        cur = self.db.execute("SELECT COUNT(*) FROM batch_requests WHERE key = ?", (key,))
+        return int(cur.fetchone()[0])
 
 
 def wait_for_store(run_dir: Path, timeout: float = 5.0) -> None:

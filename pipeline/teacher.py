@@ -93,6 +93,12 @@ class TeacherConfig(StageConfig):
         default_factory=dict,
         description="Extra JSON fields sent in every request to this teacher (provider-specific).",
     )
+    share: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="With `routing: share`, the fraction of prompts this teacher answers (picked by a hash of the prompt id, so stable across runs); teachers without one split what is left.",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -130,7 +136,7 @@ class Completion:
     prompt_tokens: int | None
     completion_tokens: int | None
     reasoning_tokens: int | None
-    latency_s: float
+    latency_s: float | None  # None for Batch API answers
 
 
 _THINK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.S)
@@ -155,6 +161,48 @@ def split_reasoning(message: dict[str, Any]) -> tuple[str, str | None]:
         head, _, tail = content.partition("</think>")
         return tail.lstrip(), head.strip("\n")
     return content, None
+
+
+def parse_completion(data: Any, latency_s: float | None) -> Completion:
+    """A chat-completion body (online, or one line of a Batch API output file) -> Completion.
+    A body without usable choices raises TransientError: asking again may well work."""
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("choices"), list)
+        or not data["choices"]
+    ):
+        if isinstance(data, dict) and data.get("error"):
+            raise TransientError(
+                f"HTTP 200 with an error body: {str(data['error'])[:200]}", status=200
+            )
+        raise TransientError("HTTP 200 with empty or missing choices", status=200)
+    choices = []
+    for i, c in enumerate(data["choices"]):
+        if not isinstance(c, dict) or not isinstance(c.get("message"), dict):
+            raise TransientError("HTTP 200 with a malformed choice", status=200)
+        answer, reasoning = split_reasoning(c["message"])
+        choices.append(
+            Choice(
+                index=int(c.get("index", i)),
+                content=answer,
+                reasoning=reasoning,
+                finish_reason=c.get("finish_reason"),
+                logprobs=c.get("logprobs"),
+            )
+        )
+    choices.sort(key=lambda c: c.index)
+    usage: dict[str, Any] = data["usage"] if isinstance(data.get("usage"), dict) else {}
+    details = usage.get("completion_tokens_details") or {}
+    return Completion(
+        choices=choices,
+        model=data.get("model"),
+        response_id=data.get("id"),
+        system_fingerprint=data.get("system_fingerprint"),
+        prompt_tokens=usage.get("prompt_tokens"),
+        completion_tokens=usage.get("completion_tokens"),
+        reasoning_tokens=details.get("reasoning_tokens") if isinstance(details, dict) else None,
+        latency_s=latency_s,
+    )
 
 
 def _server_message(resp: httpx.Response) -> str:
@@ -222,44 +270,9 @@ class Teacher:
             raise TransientError(
                 f"HTTP 200 with an unparseable body: {resp.text[:80]!r}", status=200
             ) from None
-        if (
-            not isinstance(data, dict)
-            or not isinstance(data.get("choices"), list)
-            or not data["choices"]
-        ):
-            if isinstance(data, dict) and data.get("error"):
-                raise TransientError(
-                    f"HTTP 200 with an error body: {str(data['error'])[:200]}", status=200
-                )
-            raise TransientError("HTTP 200 with empty or missing choices", status=200)
-        choices = []
-        for i, c in enumerate(data["choices"]):
-            if not isinstance(c, dict) or not isinstance(c.get("message"), dict):
-                raise TransientError("HTTP 200 with a malformed choice", status=200)
-            answer, reasoning = split_reasoning(c["message"])
-            choices.append(
-                Choice(
-                    index=int(c.get("index", i)),
-                    content=answer,
-                    reasoning=reasoning,
-                    finish_reason=c.get("finish_reason"),
-                    logprobs=c.get("logprobs"),
-                )
-            )
-        choices.sort(key=lambda c: c.index)
-        usage: dict[str, Any] = data["usage"] if isinstance(data.get("usage"), dict) else {}
-        details = usage.get("completion_tokens_details") or {}
+        completion = parse_completion(data, latency)
         self.limiter.on_success(latency)
-        return Completion(
-            choices=choices,
-            model=data.get("model"),
-            response_id=data.get("id"),
-            system_fingerprint=data.get("system_fingerprint"),
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-            reasoning_tokens=details.get("reasoning_tokens") if isinstance(details, dict) else None,
-            latency_s=latency,
-        )
+        return completion
 
     def _raise_for_status(self, resp: httpx.Response) -> None:
         status = resp.status_code

@@ -35,7 +35,9 @@ def _no_real_keys(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run `distill ARGS` in a real subprocess (exit codes, stderr, signals as a user sees them)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
@@ -55,7 +57,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def arithmetic_rows(n: int, start: int = 0) -> list[dict]:
     """Prompts the test server answers correctly ('What is a + b?')."""
-    return [{"id": f"q{i}", "prompt": f"What is {i} + {2 * i}?", "reference": str(3 * i)} for i in range(start, start + n)]
+    return [
+        {"id": f"q{i}", "prompt": f"What is {i} + {2 * i}?", "reference": str(3 * i)}
+        for i in range(start, start + n)
+    ]
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:

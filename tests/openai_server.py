@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
 import random
 import re
@@ -26,6 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+# Dropped connections are on purpose here: keep aiohttp from logging each one.
+logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
 
 
 @dataclass
@@ -75,6 +79,8 @@ class OpenAIServer:
     )
     reject: Callable[[dict[str, Any]], str | None] | None = None  # -> message for a 400, or None
     hang_seconds: float = 3600.0
+    throttle_first: int = 0  # answer the first N requests 429 ...
+    throttle_ms: int = 500  # ... with retry-after-ms of this
 
     def __post_init__(self) -> None:
         self.requests = 0  # chat completion requests received
@@ -83,6 +89,8 @@ class OpenAIServer:
         self.bodies: list[dict[str, Any]] = []
         self.keep_bodies = True
         self.headers_seen: list[dict[str, str]] = []
+        self.arrivals: list[float] = []  # monotonic time of each request
+        self.throttled_at: list[float] = []  # monotonic time of each 429 sent
         self._rng = random.Random(self.seed)
         self._tokens = -1.0  # bucket starts full on first use
         self._stamp = time.monotonic()
@@ -126,6 +134,18 @@ class OpenAIServer:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
+        self.arrivals.append(time.monotonic())
+        if self.requests <= self.throttle_first:
+            self._count(429)
+            self.throttled_at.append(time.monotonic())
+            return web.json_response(
+                {"error": {"message": "Rate limit reached", "type": "requests"}},
+                status=429,
+                headers={
+                    "retry-after-ms": str(self.throttle_ms),
+                    "Retry-After": str(math.ceil(self.throttle_ms / 1000)),
+                },
+            )
         self.headers_seen.append({"authorization": request.headers.get("Authorization", "")})
         if (
             self.api_key is not None
@@ -334,7 +354,6 @@ class OpenAIServer:
             self._loop.run_until_complete(self.start_async())
             ready.set()
             self._loop.run_forever()
-            self._loop.run_until_complete(self._runner.cleanup())  # type: ignore[union-attr]
             self._loop.close()
 
         self._thread = threading.Thread(target=run, daemon=True)
@@ -342,9 +361,20 @@ class OpenAIServer:
         ready.wait(10)
         return self
 
+    async def _shutdown(self) -> None:
+        # Cancel handlers still hanging on purpose, then close the listener.
+        me = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not me]
+        for t in others:
+            t.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        asyncio.get_running_loop().stop()
+
     def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._loop is not None and self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
         if self._thread is not None:
             self._thread.join(5)
 

@@ -26,7 +26,9 @@ def rows_of(run: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("shape", ["reasoning_content", "reasoning", "think"])
-def test_reasoning_lands_in_one_column_whatever_the_shape(server: OpenAIServer, tmp_path: Path, shape: str) -> None:
+def test_reasoning_lands_in_one_column_whatever_the_shape(
+    server: OpenAIServer, tmp_path: Path, shape: str
+) -> None:
     server.reasoning = shape
     p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(3))
     s = harvest(cfg(server, p, tmp_path / "run"), pretty=False)
@@ -39,8 +41,25 @@ def test_reasoning_lands_in_one_column_whatever_the_shape(server: OpenAIServer, 
 
 def test_row_schema_and_provenance(server: OpenAIServer, tmp_path: Path) -> None:
     server.reasoning = "reasoning_content"
-    p = write_jsonl(tmp_path / "p.jsonl", [{"id": "q1", "prompt": "What is 2 + 3?", "reference": "5", "meta": {"src": "t"}}])
-    harvest(cfg(server, p, tmp_path / "run", temperature=0.7, max_tokens=64, seed=1, logprobs=True, top_logprobs=2, price_input=1.0, price_output=2.0), pretty=False)
+    p = write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"id": "q1", "prompt": "What is 2 + 3?", "reference": "5", "meta": {"src": "t"}}],
+    )
+    harvest(
+        cfg(
+            server,
+            p,
+            tmp_path / "run",
+            temperature=0.7,
+            max_tokens=64,
+            seed=1,
+            logprobs=True,
+            top_logprobs=2,
+            price_input=1.0,
+            price_output=2.0,
+        ),
+        pretty=False,
+    )
     (r,) = rows_of(tmp_path / "run")
     assert r["prompt_id"] == "q1" and r["sample_index"] == 0
     assert r["messages"] == [{"role": "user", "content": "What is 2 + 3?"}]
@@ -49,45 +68,105 @@ def test_row_schema_and_provenance(server: OpenAIServer, tmp_path: Path) -> None
     assert r["base_url"] == server.url and r["teacher"] == "teacher-x"
     assert r["system_fingerprint"] == "fp_test" and r["response_id"].startswith("chatcmpl-")
     assert r["prompt_tokens"] >= 1 and r["completion_tokens"] >= 1 and r["reasoning_tokens"] >= 1
-    assert r["params"] == {"temperature": 0.7, "max_tokens": 64, "seed": 1, "logprobs": True, "top_logprobs": 2}
-    assert r["cost_usd"] == pytest.approx((r["prompt_tokens"] * 1.0 + r["completion_tokens"] * 2.0) / 1e6)
-    assert r["latency_s"] > 0 and r["created_at"].endswith("Z") and r["reference"] == "5" and r["meta"] == {"src": "t"}
+    assert r["params"] == {
+        "temperature": 0.7,
+        "max_tokens": 64,
+        "seed": 1,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    assert r["cost_usd"] == pytest.approx(
+        (r["prompt_tokens"] * 1.0 + r["completion_tokens"] * 2.0) / 1e6
+    )
+    assert (
+        r["latency_s"] > 0
+        and r["created_at"].endswith("Z")
+        and r["reference"] == "5"
+        and r["meta"] == {"src": "t"}
+    )
     lp = unpack_logprobs(r["logprobs"])
     assert lp[0][0] == "2" and len(lp[0][2]) == 2
     # what was sent
     body = server.bodies[0]
-    assert body["temperature"] == 0.7 and body["max_tokens"] == 64 and body["logprobs"] is True and body["top_logprobs"] == 2
+    assert (
+        body["temperature"] == 0.7
+        and body["max_tokens"] == 64
+        and body["logprobs"] is True
+        and body["top_logprobs"] == 2
+    )
 
 
-def test_rerun_sends_nothing_new_prompts_only_and_new_params_new_keys(server: OpenAIServer, tmp_path: Path) -> None:
+def test_rerun_sends_nothing_new_prompts_only_and_new_params_new_keys(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
     p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(10))
     run = tmp_path / "run"
-    first = run_cli("harvest", "--prompts", str(p), "--out", str(run), "--base-url", server.url, "--model", "m", "--json")
+    first = run_cli(
+        "harvest",
+        "--prompts",
+        str(p),
+        "--out",
+        str(run),
+        "--base-url",
+        server.url,
+        "--model",
+        "m",
+        "--json",
+    )
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout)["completed"] == 10 and server.requests == 10
-    again = run_cli("harvest", "--prompts", str(p), "--out", str(run), "--base-url", server.url, "--model", "m", "--json")
+    again = run_cli(
+        "harvest",
+        "--prompts",
+        str(p),
+        "--out",
+        str(run),
+        "--base-url",
+        server.url,
+        "--model",
+        "m",
+        "--json",
+    )
     assert again.returncode == 0 and server.requests == 10
     assert json.loads(again.stdout)["already_done"] == 10
     # a growing prompt file: only the new prompts are paid for
     write_jsonl(p, arithmetic_rows(15))
-    more = run_cli("harvest", "--prompts", str(p), "--out", str(run), "--base-url", server.url, "--model", "m")
+    more = run_cli(
+        "harvest", "--prompts", str(p), "--out", str(run), "--base-url", server.url, "--model", "m"
+    )
     assert more.returncode == 0 and server.requests == 15
     # another temperature is another question: new keys, old rows untouched
     before = {r["key"]: r for r in rows_of(run)}
-    t = run_cli("harvest", "--prompts", str(p), "--out", str(run), "--base-url", server.url, "--model", "m", "--temperature", "0.5")
+    t = run_cli(
+        "harvest",
+        "--prompts",
+        str(p),
+        "--out",
+        str(run),
+        "--base-url",
+        server.url,
+        "--model",
+        "m",
+        "--temperature",
+        "0.5",
+    )
     assert t.returncode == 0 and server.requests == 30
     after = {r["key"]: r for r in rows_of(run)}
     assert len(after) == 30 and all(after[k] == v for k, v in before.items())
 
 
 @pytest.mark.parametrize("supports_n", [True, False])
-def test_samples_use_n_or_fall_back_to_separate_requests(server: OpenAIServer, tmp_path: Path, supports_n: bool) -> None:
+def test_samples_use_n_or_fall_back_to_separate_requests(
+    server: OpenAIServer, tmp_path: Path, supports_n: bool
+) -> None:
     server.supports_n = supports_n
     p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(4))
     s = harvest(cfg(server, p, tmp_path / "run", samples=3, concurrency=1), pretty=False)
     rows = rows_of(tmp_path / "run")
     assert s.completed == 12 and len(rows) == 12
-    assert sorted((r["prompt_id"], r["sample_index"]) for r in rows) == sorted((f"q{i}", k) for i in range(4) for k in range(3))
+    assert sorted((r["prompt_id"], r["sample_index"]) for r in rows) == sorted(
+        (f"q{i}", k) for i in range(4) for k in range(3)
+    )
     if supports_n:
         assert server.requests == 4 and server.bodies[0]["n"] == 3
     else:  # the first request asks for n=3, gets one answer, and the rest go one by one
@@ -95,32 +174,53 @@ def test_samples_use_n_or_fall_back_to_separate_requests(server: OpenAIServer, t
         assert sum(1 for b in server.bodies if b.get("n")) == 1
 
 
-def test_rejected_prompt_is_recorded_and_retried_on_rerun(server: OpenAIServer, tmp_path: Path) -> None:
-    server.reject = lambda body: "This model's maximum context length is 10 tokens" if "3 + 6" in body["messages"][-1]["content"] else None
+def test_rejected_prompt_is_recorded_and_retried_on_rerun(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    server.reject = lambda body: (
+        "This model's maximum context length is 10 tokens"
+        if "3 + 6" in body["messages"][-1]["content"]
+        else None
+    )
     p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(5))
     run = tmp_path / "run"
-    proc = run_cli("harvest", "--prompts", str(p), "--out", str(run), "--base-url", server.url, "--model", "m")
+    proc = run_cli(
+        "harvest", "--prompts", str(p), "--out", str(run), "--base-url", server.url, "--model", "m"
+    )
     assert proc.returncode == 3, proc.stderr  # partial: rerun later
     assert "1 failed" in proc.stderr and "rerun" in proc.stderr
     with Store(run, readonly=True) as s:
         (f,) = s.failures()
-        assert f["prompt_id"] == "q3" and f["status"] == 400 and "maximum context length" in f["error"]
+        assert (
+            f["prompt_id"] == "q3" and f["status"] == 400 and "maximum context length" in f["error"]
+        )
         assert s.count() == 4
     server.reject = None
-    proc = run_cli("harvest", "--prompts", str(p), "--out", str(run), "--base-url", server.url, "--model", "m")
+    proc = run_cli(
+        "harvest", "--prompts", str(p), "--out", str(run), "--base-url", server.url, "--model", "m"
+    )
     assert proc.returncode == 0
     with Store(run, readonly=True) as s:
         assert s.failures() == [] and s.count() == 5
 
 
 def test_length_is_kept_unless_retry_is_configured(server: OpenAIServer, tmp_path: Path) -> None:
-    server.responder = lambda body, i: {"content": "cut", "finish_reason": "length" if body.get("max_tokens", 0) < 100 else "stop"}
+    server.responder = lambda body, i: {
+        "content": "cut",
+        "finish_reason": "length" if body.get("max_tokens", 0) < 100 else "stop",
+    }
     p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(2))
     harvest(cfg(server, p, tmp_path / "a", max_tokens=10), pretty=False)
-    assert {r["finish_reason"] for r in rows_of(tmp_path / "a")} == {"length"} and server.requests == 2
-    harvest(cfg(server, p, tmp_path / "b", max_tokens=10, retry_length_max_tokens=200), pretty=False)
+    assert {r["finish_reason"] for r in rows_of(tmp_path / "a")} == {
+        "length"
+    } and server.requests == 2
+    harvest(
+        cfg(server, p, tmp_path / "b", max_tokens=10, retry_length_max_tokens=200), pretty=False
+    )
     rows = rows_of(tmp_path / "b")
-    assert {r["finish_reason"] for r in rows} == {"stop"} and {r["params"]["max_tokens"] for r in rows} == {200}
+    assert {r["finish_reason"] for r in rows} == {"stop"} and {
+        r["params"]["max_tokens"] for r in rows
+    } == {200}
     assert server.requests == 6
 
 
@@ -129,18 +229,43 @@ def test_api_key_is_sent_but_never_written(server: OpenAIServer, tmp_path: Path)
     server.api_key = secret
     p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(3))
     run = tmp_path / "run"
-    proc = run_cli("harvest", "--prompts", str(p), "--out", str(run), "--base-url", server.url, "--model", "m", "--json", env={"OPENAI_API_KEY": secret})
+    proc = run_cli(
+        "harvest",
+        "--prompts",
+        str(p),
+        "--out",
+        str(run),
+        "--base-url",
+        server.url,
+        "--model",
+        "m",
+        "--json",
+        env={"OPENAI_API_KEY": secret},
+    )
     assert proc.returncode == 0, proc.stderr
     assert server.headers_seen[0]["authorization"] == f"Bearer {secret}"
     exp = run_cli("export", str(run), "--to", str(tmp_path / "exp"))
     assert exp.returncode == 0
     assert secret not in proc.stdout + proc.stderr
     files = [f for f in tmp_path.rglob("*") if f.is_file()]
-    assert any(f.name == "store.sqlite" for f in files) and any(f.name == "harvest.log" for f in files)
+    assert any(f.name == "store.sqlite" for f in files) and any(
+        f.name == "harvest.log" for f in files
+    )
     for f in files:
         assert secret.encode() not in f.read_bytes(), f
     # a wrong key stops the run with what to do, and names the variable, not the key
-    bad = run_cli("harvest", "--prompts", str(p), "--out", str(tmp_path / "run2"), "--base-url", server.url, "--model", "m", env={"OPENAI_API_KEY": "sk-wrong-123"})
+    bad = run_cli(
+        "harvest",
+        "--prompts",
+        str(p),
+        "--out",
+        str(tmp_path / "run2"),
+        "--base-url",
+        server.url,
+        "--model",
+        "m",
+        env={"OPENAI_API_KEY": "sk-wrong-123"},
+    )
     assert_one_line_error(bad, "HTTP 401", "OPENAI_API_KEY")
     assert "sk-wrong-123" not in bad.stderr
 
@@ -162,30 +287,95 @@ def test_bad_input_one_line_error_and_store_untouched(server: OpenAIServer, tmp_
     (tmp_path / "unknown.yaml").write_text("harvest:\n  modle: x\n")
     (tmp_path / "wrongtype.yaml").write_text("harvest:\n  rpm: lots\n")
     cases = [
-        ([*base, "--prompts", str(tmp_path / "missing.jsonl"), "--model", "good-model"], ["missing.jsonl", "not found"]),
-        ([*base, "--prompts", str(bad_json), "--model", "good-model"], ["bad.jsonl:2", "invalid JSON"]),
-        ([*base, "--prompts", str(no_prompt), "--model", "good-model"], ["np.jsonl:1", "neither 'prompt' nor 'messages'"]),
+        (
+            [*base, "--prompts", str(tmp_path / "missing.jsonl"), "--model", "good-model"],
+            ["missing.jsonl", "not found"],
+        ),
+        (
+            [*base, "--prompts", str(bad_json), "--model", "good-model"],
+            ["bad.jsonl:2", "invalid JSON"],
+        ),
+        (
+            [*base, "--prompts", str(no_prompt), "--model", "good-model"],
+            ["np.jsonl:1", "neither 'prompt' nor 'messages'"],
+        ),
         ([*base, "--prompts", str(empty), "--model", "good-model"], ["empty.jsonl", "no prompts"]),
-        ([*base, "--prompts", str(good), "--config", str(tmp_path / "unknown.yaml")], ["unknown.yaml", "unknown key 'modle'"]),
-        ([*base, "--prompts", str(good), "--config", str(tmp_path / "wrongtype.yaml")], ["wrongtype.yaml", "rpm", "lots"]),
-        (["harvest", "--out", str(run), "--prompts", str(good), "--model", "good-model", "--base-url", "localhost:8000"], ["base_url", "localhost:8000"]),
-        ([*base, "--prompts", str(write_jsonl(tmp_path / "new.jsonl", arithmetic_rows(3, start=50))), "--model", "nope"], ["HTTP 404", "'nope'", "base URL"]),
+        (
+            [*base, "--prompts", str(good), "--config", str(tmp_path / "unknown.yaml")],
+            ["unknown.yaml", "unknown key 'modle'"],
+        ),
+        (
+            [*base, "--prompts", str(good), "--config", str(tmp_path / "wrongtype.yaml")],
+            ["wrongtype.yaml", "rpm", "lots"],
+        ),
+        (
+            [
+                "harvest",
+                "--out",
+                str(run),
+                "--prompts",
+                str(good),
+                "--model",
+                "good-model",
+                "--base-url",
+                "localhost:8000",
+            ],
+            ["base_url", "localhost:8000"],
+        ),
+        (
+            [
+                *base,
+                "--prompts",
+                str(write_jsonl(tmp_path / "new.jsonl", arithmetic_rows(3, start=50))),
+                "--model",
+                "nope",
+            ],
+            ["HTTP 404", "'nope'", "base URL"],
+        ),
     ]
     for args, needles in cases:
         assert_one_line_error(run_cli(*args), *needles)
         assert store.read_bytes() == snapshot
 
 
-def test_dry_run_sends_nothing_and_max_cost_stops_before_the_cap(server: OpenAIServer, tmp_path: Path) -> None:
+def test_dry_run_sends_nothing_and_max_cost_stops_before_the_cap(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
     p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(20))
-    proc = run_cli("harvest", "--prompts", str(p), "--out", str(tmp_path / "run"), "--base-url", server.url, "--model", "m", "--dry-run", "--json", "--max-tokens", "100")
+    proc = run_cli(
+        "harvest",
+        "--prompts",
+        str(p),
+        "--out",
+        str(tmp_path / "run"),
+        "--base-url",
+        server.url,
+        "--model",
+        "m",
+        "--dry-run",
+        "--json",
+        "--max-tokens",
+        "100",
+    )
     assert proc.returncode == 0 and server.requests == 0
     s = json.loads(proc.stdout)
-    assert s["dry_run"] and s["estimated_tokens"] >= 20 * 100 and "would send 20 requests" in proc.stderr
+    assert (
+        s["dry_run"]
+        and s["estimated_tokens"] >= 20 * 100
+        and "would send 20 requests" in proc.stderr
+    )
     assert not (tmp_path / "run").exists()
     # $1 per million output tokens, 100-token answers -> $0.0001 each; the cap allows 5
     server.responder = lambda body, i: {"content": "x" * 400}
-    c = cfg(server, p, tmp_path / "run", max_tokens=100, price_output=1.0, max_cost=0.0005, concurrency=1)
+    c = cfg(
+        server,
+        p,
+        tmp_path / "run",
+        max_tokens=100,
+        price_output=1.0,
+        max_cost=0.0005,
+        concurrency=1,
+    )
     s2 = harvest(c, pretty=False)
     assert s2.exit_code == 3 and s2.cost_usd <= 0.0005 and s2.completed == 5
     assert "max_cost" in (s2.stopped or "")

@@ -33,13 +33,22 @@ def test_jsonl_json_csv_parquet_txt_and_dataset_folder(tmp_path: Path) -> None:
     (tmp_path / "p.json").write_text(json.dumps(ROWS))
     _check(load_prompts([tmp_path / "p.json"])[0])
 
-    (tmp_path / "p.csv").write_text('id,prompt,reference,level\nx,"What is 1, really?",1,easy\ny,Two?,,hard\n')
+    (tmp_path / "p.csv").write_text(
+        'id,prompt,reference,level\nx,"What is 1, really?",1,easy\ny,Two?,,hard\n'
+    )
     rows, _ = load_prompts([tmp_path / "p.csv"])
     assert [r.id for r in rows] == ["x", "y"]
-    assert rows[0].messages[-1]["content"] == "What is 1, really?" and rows[0].meta == {"level": "easy"}
+    assert rows[0].messages[-1]["content"] == "What is 1, really?" and rows[0].meta == {
+        "level": "easy"
+    }
     assert rows[1].reference is None
 
-    pq.write_table(pa.Table.from_pylist([{"prompt": "P1", "reference": "1"}, {"prompt": "P2", "reference": "2"}]), tmp_path / "p.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"prompt": "P1", "reference": "1"}, {"prompt": "P2", "reference": "2"}]
+        ),
+        tmp_path / "p.parquet",
+    )
     rows, _ = load_prompts([tmp_path / "p.parquet"])
     assert [r.messages[0]["content"] for r in rows] == ["P1", "P2"]
 
@@ -47,13 +56,17 @@ def test_jsonl_json_csv_parquet_txt_and_dataset_folder(tmp_path: Path) -> None:
     rows, _ = load_prompts([tmp_path / "p.txt"])
     assert [r.messages[0]["content"] for r in rows] == ["first prompt", "second prompt"]
 
-    datasets.Dataset.from_list([{"prompt": "D1", "reference": "r"}]).save_to_disk(str(tmp_path / "ds"))
+    datasets.Dataset.from_list([{"prompt": "D1", "reference": "r"}]).save_to_disk(
+        str(tmp_path / "ds")
+    )
     rows, _ = load_prompts([tmp_path / "ds"])
     assert rows[0].messages[0]["content"] == "D1" and rows[0].reference == "r"
 
 
 def test_ids_are_stable_content_hashes_and_duplicates_are_dropped(tmp_path: Path) -> None:
-    f1 = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "same"}, {"prompt": "other"}, {"prompt": "same"}])
+    f1 = write_jsonl(
+        tmp_path / "a.jsonl", [{"prompt": "same"}, {"prompt": "other"}, {"prompt": "same"}]
+    )
     f2 = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "other"}, {"prompt": "new"}])
     rows, dropped = load_prompts([f1, f2])
     assert [r.messages[0]["content"] for r in rows] == ["same", "other", "new"]
@@ -67,17 +80,28 @@ def test_ids_are_stable_content_hashes_and_duplicates_are_dropped(tmp_path: Path
 
 
 def test_system_prompt_template_and_limit(tmp_path: Path) -> None:
-    f = write_jsonl(tmp_path / "p.jsonl", [{"question": "q1", "meta": {"unit": "cm"}}, {"question": "q2", "meta": {"unit": "m"}}])
-    rows, _ = load_prompts([f], system_prompt="SYS", user_template="Solve {question} in {unit}", limit=1)
+    f = write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"question": "q1", "meta": {"unit": "cm"}}, {"question": "q2", "meta": {"unit": "m"}}],
+    )
+    rows, _ = load_prompts(
+        [f], system_prompt="SYS", user_template="Solve {question} in {unit}", limit=1
+    )
     assert len(rows) == 1
-    assert rows[0].messages == [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Solve q1 in cm"}]
+    assert rows[0].messages == [
+        {"role": "system", "content": "SYS"},
+        {"role": "user", "content": "Solve q1 in cm"},
+    ]
 
 
 @pytest.mark.parametrize(
     ("content", "needle"),
     [
         ('{"prompt": "ok"}\n{"prompt": broken}\n', "p.jsonl:2: invalid JSON"),
-        ('{"prompt": "ok"}\n{"text": "no prompt"}\n', "p.jsonl:2: row has neither 'prompt' nor 'messages'"),
+        (
+            '{"prompt": "ok"}\n{"text": "no prompt"}\n',
+            "p.jsonl:2: row has neither 'prompt' nor 'messages'",
+        ),
         ('{"messages": [{"role": "robot", "content": "x"}]}\n', "p.jsonl:1: messages[0]"),
         ("", "no prompts found"),
         ('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n', "prompt id 'a' is also used"),
