@@ -40,6 +40,7 @@ class TeacherConfig(StageConfig):
     )
     base_url: str = Field(
         default_factory=default_base_url,
+        validate_default=True,
         description="OpenAI-compatible API root, e.g. https://api.deepseek.com/v1 or http://127.0.0.1:8000/v1 "
         "(default: $OPENAI_BASE_URL, else OpenAI).",
     )
