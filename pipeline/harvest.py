@@ -139,6 +139,10 @@ class HarvestConfig(TeacherConfig):
 
     @model_validator(mode="after")
     def _check(self) -> HarvestConfig:
+        if self.teachers and self.model_fields_set & {"model", "base_url"}:
+            raise ValueError(
+                "with teachers: listed, set model and base_url inside each entry, not at the top level"
+            )
         names = [t.label for t in self.all_teachers()]
         if len(set(names)) != len(names):
             raise ValueError(f"teachers must have distinct names (got {names}); set name: on each")
@@ -506,6 +510,8 @@ class Harvest:
         try:
             completion, attempts = await self.send(teacher, job, n)
         except TransientError as e:
+            if self.stopping:  # not a failure of the prompt: the run is stopping; rerun resumes
+                return
             self.fail(
                 t,
                 job,
