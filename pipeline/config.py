@@ -112,3 +112,25 @@ def load_config(
 def dump_config(cfg: BaseModel) -> str:
     """YAML of a config as used (for a run's record). Holds no secrets: keys stay in the environment."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if getattr(annotation, "__args__", None) is None else None
+    text = text or str(annotation)
+    for noise in ("typing.", "pathlib.", "pipeline.teacher.", "pipeline.", "<class '", "'>"):
+        text = text.replace(noise, "")
+    return text.replace("NoneType", "None").replace("|", "\\|")
+
+
+def reference_markdown(model: type[BaseModel], section: str) -> str:
+    """The config reference of one stage as a Markdown table (README's reference is generated)."""
+    lines = [f"#### `{section}:`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, f in model.model_fields.items():
+        if f.default_factory is not None:
+            default = "(see meaning)" if name == "base_url" else repr(f.default_factory())  # type: ignore[call-arg]
+        else:
+            default = repr(f.default)
+        default = default.replace("PosixPath(", "Path(").replace("|", "\\|")
+        desc = (f.description or "").replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| `{name}` | {_type_name(f.annotation)} | `{default}` | {desc} |")
+    return "\n".join(lines) + "\n"

@@ -92,7 +92,7 @@ class TeacherConfig(StageConfig):
     )
     extra_body: dict[str, Any] = Field(
         default_factory=dict,
-        description="Extra JSON fields sent in every request to this teacher (provider-specific).",
+        description="Extra JSON fields sent in every request to this teacher: transport options such as OpenRouter's include_reasoning. Not part of the store key (use generation_extra for anything that changes the answer).",
     )
     share: float | None = Field(
         None,

@@ -1,0 +1,901 @@
+"""Build: curate a run's harvested answers into a training dataset you can trust.
+
+    distill build data/runs/demo --to data/datasets/demo
+    distill build --config configs/build.example.yaml --reasoning separate --eval-size 50
+
+Reading top to bottom: the config; the filters, applied to every stored answer in one fixed order
+(FILTERS: a row is counted by the first filter that removes it, so the report adds up); selection
+of the first or best k answers per prompt; the split by prompt id; the training messages; the
+writers (Hugging Face DatasetDict, Parquet, JSONL, ShareGPT, OpenAI) and the dataset card.
+
+The store is opened read-only. Nothing time-dependent is written, so rebuilding from the same
+store with the same config gives byte-identical files (see docs/build.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import math
+import re
+import shutil
+import statistics
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.config import StageConfig
+from pipeline.errors import ConfigError, InputError, StoreError
+from pipeline.store import Store
+from pipeline.verify import extract_answer, verify
+
+# The order filters run in, and the order of every count in the report and the card. Verification
+# and the custom hook come before deduplication, so that of two near-identical answers the one
+# kept is never the wrong one.
+FILTERS = (
+    "failed",  # the request failed: there is no answer (not a switch; always counted)
+    "unfinished",  # finish_reason not in finish_reasons (cut off by max_tokens, content filter)
+    "empty",  # the answer is blank
+    "refusal",  # the answer matches a refusal pattern
+    "length",  # answer or reasoning outside the length bounds
+    "verify",  # the final answer does not match the prompt's reference
+    "custom",  # the custom_filter hook said no
+    "duplicate",  # the same answer as an earlier sample of the prompt
+    "near_duplicate",  # word n-gram Jaccard similarity >= threshold with an earlier sample
+    "not_selected",  # beyond the k answers kept per prompt (select: first|best)
+)
+SWITCHES = ("unfinished", "empty", "refusal", "length", "verify", "duplicate", "near_duplicate")
+
+DEFAULT_REFUSALS = [
+    r"\bI(?:'m| am) sorry,? but I (?:can(?:'|no)?t|won't|am unable|'m unable)",
+    r"\bI (?:can(?:'|no)?t|won't|will not|am unable to|'m unable to) (?:help|assist|comply|provide|do that|answer)",
+    r"\bI(?:'m| am) not able to (?:help|assist|comply|provide)",
+    r"\bAs an AI(?: language)? model\b",
+    r"\bI must decline\b",
+]
+
+Format = Literal["hf", "parquet", "jsonl", "sharegpt", "openai"]
+
+
+class Filters(StageConfig):
+    """Which filters are on (all by default). The order they run in is fixed: see FILTERS."""
+
+    unfinished: bool = Field(
+        True,
+        description="Drop answers whose finish_reason is not in finish_reasons (e.g. 'length': cut off).",
+    )
+    empty: bool = Field(True, description="Drop blank answers.")
+    refusal: bool = Field(True, description="Drop answers matching one of refusal_patterns.")
+    length: bool = Field(
+        True,
+        description="Drop answers or reasoning outside min/max_answer_length and min/max_reasoning_length.",
+    )
+    verify: bool = Field(
+        True,
+        description="Drop answers whose final answer does not match the prompt's reference. Off: keep them, with verified=false.",
+    )
+    duplicate: bool = Field(
+        True,
+        description="Drop an answer identical (up to whitespace) to an earlier sample of the same prompt.",
+    )
+    near_duplicate: bool = Field(
+        True,
+        description="Drop an answer whose word n-gram Jaccard similarity with an earlier kept sample of the prompt is >= near_duplicate_threshold.",
+    )
+
+
+class BuildConfig(StageConfig):
+    """`build:` section."""
+
+    run: Path | None = Field(None, description="Run directory to build from (the harvest's --out).")
+    to: Path | None = Field(
+        None, description="Output folder (replaced if it holds an earlier build)."
+    )
+    format: Format = Field(
+        "hf",
+        description="hf: a DatasetDict for datasets.load_from_disk; parquet/jsonl: train.* and eval.* files with the same columns; sharegpt: {conversations: [{from, value}]} JSONL (LLaMA-Factory, axolotl); openai: {messages} JSONL.",
+    )
+    reasoning: Literal["inline", "separate", "drop"] = Field(
+        "inline",
+        description="inline: assistant content is '<think>\\n...\\n</think>\\n\\n' + answer (rows without reasoning get no think block); separate: a reasoning_content key on every message; drop: the answer only.",
+    )
+    drop_system: bool = Field(
+        False,
+        description="Leave the system prompt out of the training messages (context distillation: the teacher saw it, the student learns without it).",
+    )
+    filters: Filters = Field(
+        default_factory=Filters, description="Switch filters on or off, e.g. {refusal: false}."
+    )
+    finish_reasons: list[str | None] = Field(
+        default_factory=lambda: ["stop"],  # type: ignore[arg-type]
+        description="finish_reason values that count as a finished answer (add null for servers that send none).",
+    )
+    refusal_patterns: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_REFUSALS),
+        description="Regexes (case-insensitive, searched anywhere in the answer) that mark a refusal.",
+    )
+    tokenizer: Path | None = Field(
+        None,
+        description="Local folder of the student's tokenizer: lengths are counted in its tokens (else in characters).",
+    )
+    min_answer_length: int | None = Field(
+        None, ge=0, description="Drop answers shorter than this (tokens or characters)."
+    )
+    max_answer_length: int | None = Field(None, ge=1, description="Drop answers longer than this.")
+    min_reasoning_length: int | None = Field(
+        None,
+        ge=0,
+        description="Drop answers whose reasoning is shorter than this (0 when there is none).",
+    )
+    max_reasoning_length: int | None = Field(
+        None, ge=1, description="Drop answers whose reasoning is longer than this."
+    )
+    answer_patterns: list[str] = Field(
+        default_factory=list,
+        description="Regexes tried first to find the final answer (group 1, else the whole match; the last match wins); then \\boxed{}, 'The answer is', the last number.",
+    )
+    rel_tol: float = Field(
+        1e-6, ge=0, description="Relative tolerance of numeric answer comparison."
+    )
+    abs_tol: float = Field(
+        1e-9, ge=0, description="Absolute tolerance of numeric answer comparison."
+    )
+    custom_filter: str | None = Field(
+        None,
+        description="Your own filter, 'module:function' or 'path/to/file.py:function'. Called with each row (a dict); returns True to keep, False or a reason string to drop.",
+    )
+    near_duplicate_threshold: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Jaccard similarity at or above which two answers of a prompt are near-duplicates.",
+    )
+    near_duplicate_ngram: int = Field(
+        3, ge=1, description="Word n-gram size for near-duplicate similarity."
+    )
+    select: Literal["all", "first", "best"] = Field(
+        "all",
+        description="all: keep every passing answer; first: the first per_prompt samples; best: verified first, then the shortest.",
+    )
+    per_prompt: int = Field(
+        1, ge=1, description="k, the answers kept per prompt when select is first or best."
+    )
+    seed: int = Field(0, description="Seed of the train/eval split (a hash of seed and prompt id).")
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of prompts (not rows) held out for eval."
+    )
+    eval_size: int | None = Field(
+        None, ge=0, description="Number of prompts held out for eval (overrides eval_fraction)."
+    )
+    json_report: bool = Field(False, description="Print build_report.json on stdout (--json).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_filters(cls, data: Any) -> Any:
+        # A friendlier message than "unknown key" for the commonest typo.
+        if isinstance(data, dict) and isinstance(data.get("filters"), dict):
+            for name in data["filters"]:
+                if name not in SWITCHES:
+                    raise ValueError(
+                        f"unknown filter {name!r} in filters; filters are: {', '.join(SWITCHES)}"
+                    )
+        return data
+
+    @field_validator("refusal_patterns", "answer_patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"regex {p!r} does not compile ({e}); fix it") from None
+        return patterns
+
+
+# -- rows --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One stored answer on its way through the filters."""
+
+    store: dict[str, Any]
+    answer_len: int = 0
+    reasoning_len: int = 0
+    verified: bool | None = None
+    removed_by: str | None = None
+    reason: str = ""
+
+    @property
+    def prompt_id(self) -> str:
+        return str(self.store["prompt_id"])
+
+    @property
+    def answer(self) -> str:
+        return (self.store["response"] or "").strip()
+
+    @property
+    def reasoning(self) -> str:
+        return (self.store["reasoning"] or "").strip()
+
+
+@dataclass
+class BuildReport:
+    """What the build did; written as build_report.json and summarised in the card."""
+
+    run: str
+    to: str
+    format: str
+    rows_in: int = 0  # stored answers + failed requests
+    responses: int = 0
+    removed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FILTERS, 0))
+    reasons: dict[str, dict[str, int]] = field(default_factory=dict)
+    kept: int = 0
+    verified: dict[str, int] = field(default_factory=dict)
+    prompts: dict[str, int] = field(default_factory=dict)
+    split: dict[str, Any] = field(default_factory=dict)
+    teachers: list[dict[str, Any]] = field(default_factory=list)
+    harvested: dict[str, str | None] = field(default_factory=dict)
+    lengths: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        d = dict(self.__dict__)
+        d.pop("to")  # the output path is not part of the dataset: a copy elsewhere stays identical
+        return json.dumps(d, indent=2, ensure_ascii=False) + "\n"
+
+    def line(self) -> str:
+        removed = ", ".join(f"{k} {v}" for k, v in self.removed.items() if v) or "nothing"
+        s = self.split
+        return (
+            f"build: {self.kept}/{self.rows_in} rows kept (removed: {removed}); "
+            f"train {s['train_rows']} rows / {s['train_prompts']} prompts, "
+            f"eval {s['eval_rows']} rows / {s['eval_prompts']} prompts -> {self.to}"
+        )
+
+
+# -- filters -----------------------------------------------------------------------------------------
+
+
+def load_custom_filter(spec: str) -> Callable[[dict[str, Any]], Any]:
+    """'module:function' or 'path/to/file.py:function' -> the function; errors are one line."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise ConfigError(
+            f"custom_filter {spec!r}: expected 'module:function' or 'path/to/file.py:function'"
+        )
+    try:
+        if target.endswith(".py") or "/" in target:
+            path = Path(target)
+            if not path.is_file():
+                raise ConfigError(f"custom_filter {spec!r}: file {path} not found; fix the path")
+            mspec = importlib.util.spec_from_file_location(
+                f"distill_custom_filter_{path.stem}", path
+            )
+            if mspec is None or mspec.loader is None:
+                raise ConfigError(f"custom_filter {spec!r}: {path} is not a Python file")
+            module = importlib.util.module_from_spec(mspec)
+            mspec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's module may raise anything while importing
+        raise ConfigError(
+            f"custom_filter {spec!r}: cannot import {target} ({type(e).__name__}: {e}); "
+            "give an importable module or a path to a .py file"
+        ) from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"custom_filter {spec!r}: {target} has no function {name!r}")
+    return fn  # type: ignore[no-any-return]
+
+
+def _lengths(rows: list[Row], tokenizer_dir: Path | None) -> str:
+    """Fill each row's answer and reasoning length; returns the unit."""
+    if tokenizer_dir is None:
+        for r in rows:
+            r.answer_len, r.reasoning_len = len(r.answer), len(r.reasoning)
+        return "characters"
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, ... for a bad folder
+        raise InputError(
+            f"tokenizer {tokenizer_dir}: cannot load it ({type(e).__name__}); give a local model folder with tokenizer files"
+        ) from None
+    answers = tok([r.answer for r in rows], add_special_tokens=False)["input_ids"] if rows else []
+    reasonings = (
+        tok([r.reasoning for r in rows], add_special_tokens=False)["input_ids"] if rows else []
+    )
+    for r, a, b in zip(rows, answers, reasonings):
+        r.answer_len, r.reasoning_len = len(a), (len(b) if r.reasoning else 0)
+    return f"tokens ({tokenizer_dir.name} tokenizer)"
+
+
+def _length_reason(cfg: BuildConfig, r: Row) -> str | None:
+    if cfg.min_answer_length is not None and r.answer_len < cfg.min_answer_length:
+        return f"answer shorter than {cfg.min_answer_length}"
+    if cfg.max_answer_length is not None and r.answer_len > cfg.max_answer_length:
+        return f"answer longer than {cfg.max_answer_length}"
+    if cfg.min_reasoning_length is not None and r.reasoning_len < cfg.min_reasoning_length:
+        return f"reasoning shorter than {cfg.min_reasoning_length}"
+    if cfg.max_reasoning_length is not None and r.reasoning_len > cfg.max_reasoning_length:
+        return f"reasoning longer than {cfg.max_reasoning_length}"
+    return None
+
+
+def _custom_reason(fn: Callable[[dict[str, Any]], Any], spec: str, r: Row) -> str | None:
+    try:
+        got = fn({**r.store, "verified": r.verified})
+    except Exception as e:  # a bug in the user's hook: say which row, and stop
+        raise ConfigError(
+            f"custom_filter {spec!r} raised {type(e).__name__}: {e} on row {r.store['key']} "
+            f"(prompt {r.prompt_id}); fix the function"
+        ) from None
+    if got is True:
+        return None
+    if got is False:
+        return "rejected"
+    if isinstance(got, str):
+        return got or "rejected"
+    raise ConfigError(
+        f"custom_filter {spec!r} returned {got!r} for row {r.store['key']}; "
+        "return True to keep the row, False or a reason string to drop it"
+    )
+
+
+def _dedupe_text(r: Row) -> str:
+    # The whole training target: two samples with the same short final answer but different
+    # reasoning are not duplicates.
+    return " ".join(f"{r.reasoning}\n{r.answer}".split())
+
+
+def _shingles(text: str, n: int) -> frozenset[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    if len(words) < n:
+        return frozenset([tuple(words)])
+    return frozenset(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+
+
+def _jaccard(a: frozenset[Any], b: frozenset[Any]) -> float:
+    union = len(a | b)
+    return len(a & b) / union if union else 1.0
+
+
+def _row_filters(
+    cfg: BuildConfig, r: Row, refusals: list[re.Pattern[str]]
+) -> tuple[str, str] | None:
+    """The first per-row filter that removes `r`, and why; None if it passes them all."""
+    on, s = cfg.filters, r.store
+    if on.unfinished and s["finish_reason"] not in cfg.finish_reasons:
+        return "unfinished", f"finish_reason {s['finish_reason']}"
+    if on.empty and not r.answer:
+        return "empty", "blank answer"
+    hit = next((p for p in refusals if p.search(r.answer)), None) if on.refusal else None
+    if hit is not None:
+        return "refusal", f"matches {hit.pattern!r}"
+    too = _length_reason(cfg, r) if on.length else None
+    if too is not None:
+        return "length", too
+    if on.verify and r.verified is False:
+        found = extract_answer(r.answer, cfg.answer_patterns)
+        return "verify", "no final answer found" if found is None else "wrong answer"
+    return None
+
+
+def apply_filters(
+    cfg: BuildConfig, rows: list[Row], custom: Callable[[dict[str, Any]], Any] | None
+) -> None:
+    """Mark each row with the first filter that removes it (rows come ordered by prompt id)."""
+    refusals = [re.compile(p, re.IGNORECASE) for p in cfg.refusal_patterns]
+    kept_texts: dict[str, list[tuple[str, frozenset[Any]]]] = {}
+    for r in rows:
+        if r.store["reference"] is not None:
+            r.verified = bool(r.answer) and verify(
+                r.answer, r.store["reference"], cfg.answer_patterns
+            )
+        removed = _row_filters(cfg, r, refusals)
+        if removed is None and custom is not None:
+            reason = _custom_reason(custom, cfg.custom_filter or "", r)
+            removed = None if reason is None else ("custom", reason)
+        if removed is not None:
+            r.removed_by, r.reason = removed
+            continue
+        # Deduplicate against the answers of this prompt kept so far (the earlier sample wins).
+        text = _dedupe_text(r)
+        grams = _shingles(text, cfg.near_duplicate_ngram)
+        earlier = kept_texts.setdefault(r.prompt_id, [])
+        if cfg.filters.duplicate and any(text == t for t, _ in earlier):
+            r.removed_by, r.reason = "duplicate", "same answer as an earlier sample"
+        elif cfg.filters.near_duplicate and any(
+            _jaccard(grams, g) >= cfg.near_duplicate_threshold for _, g in earlier
+        ):
+            r.removed_by, r.reason = (
+                "near_duplicate",
+                f"similarity >= {cfg.near_duplicate_threshold:g}",
+            )
+        else:
+            earlier.append((text, grams))
+
+
+def select(cfg: BuildConfig, rows: list[Row]) -> None:
+    """Keep the first or best k passing answers of each prompt; mark the rest not_selected."""
+    if cfg.select == "all":
+        return
+    by_prompt: dict[str, list[Row]] = {}
+    for r in rows:
+        if r.removed_by is None:
+            by_prompt.setdefault(r.prompt_id, []).append(r)
+    rank = {True: 0, None: 1, False: 2}
+    for group in by_prompt.values():
+        if cfg.select == "best":  # verified first, then the shortest target; ties keep store order
+            group = sorted(group, key=lambda r: (rank[r.verified], r.answer_len + r.reasoning_len))
+        for r in group[cfg.per_prompt :]:
+            r.removed_by, r.reason = (
+                "not_selected",
+                f"beyond the {cfg.select} {cfg.per_prompt} per prompt",
+            )
+
+
+def split_prompts(prompt_ids: list[str], cfg: BuildConfig) -> set[str]:
+    """The eval prompt ids: the n lowest by hash(seed, prompt id). Row order plays no part."""
+    ids = sorted(set(prompt_ids))
+    if cfg.eval_size is not None:
+        n = cfg.eval_size
+    else:
+        n = round(cfg.eval_fraction * len(ids))
+        if cfg.eval_fraction > 0 and n == 0:
+            n = 1
+    n = min(n, max(0, len(ids) - 1))  # always leave something to train on
+    ranked = sorted(ids, key=lambda p: hashlib.sha256(f"{cfg.seed}:{p}".encode()).hexdigest())
+    return set(ranked[:n])
+
+
+# -- training messages -------------------------------------------------------------------------------
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)
+
+
+def training_messages(r: Row, reasoning: str, drop_system: bool) -> list[dict[str, Any]]:
+    """The request messages (system as `system`), then the teacher's answer as the assistant turn."""
+    msgs: list[dict[str, Any]] = []
+    for m in r.store["messages"]:
+        role = "system" if m["role"] == "developer" else m["role"]
+        if drop_system and role == "system":
+            continue
+        msgs.append({"role": role, "content": _text(m.get("content"))})
+    answer: dict[str, Any] = {"role": "assistant", "content": r.answer}
+    if reasoning == "inline" and r.reasoning:
+        answer["content"] = f"<think>\n{r.reasoning}\n</think>\n\n{r.answer}"
+    msgs.append(answer)
+    if reasoning == "separate":  # on every message, so the Arrow schema is the same in every row
+        for m in msgs:
+            m["reasoning_content"] = None
+        answer["reasoning_content"] = r.reasoning or None
+    return msgs
+
+
+def output_row(r: Row, cfg: BuildConfig) -> dict[str, Any]:
+    s = r.store
+    return {
+        "messages": training_messages(r, cfg.reasoning, cfg.drop_system),
+        "prompt_id": r.prompt_id,
+        "sample_index": int(s["sample_index"]),
+        "teacher": s["teacher"],
+        "verified": r.verified,
+        "reference": s["reference"],
+        "key": s["key"],
+    }
+
+
+# -- writers -----------------------------------------------------------------------------------------
+
+
+def _features(reasoning: str):  # type: ignore[no-untyped-def]
+    import datasets
+
+    msg = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    if reasoning == "separate":
+        msg["reasoning_content"] = datasets.Value("string")
+    return datasets.Features(
+        {
+            "messages": datasets.List(msg),
+            "prompt_id": datasets.Value("string"),
+            "sample_index": datasets.Value("int64"),
+            "teacher": datasets.Value("string"),
+            "verified": datasets.Value("bool"),
+            "reference": datasets.Value("string"),
+            "key": datasets.Value("string"),
+        }
+    )
+
+
+def _sharegpt(row: dict[str, Any]) -> dict[str, Any]:
+    names = {"system": "system", "user": "human", "assistant": "gpt", "tool": "observation"}
+    return {
+        "conversations": [
+            {"from": names.get(m["role"], m["role"]), "value": m["content"]}
+            for m in row["messages"]
+        ]
+    }
+
+
+def _openai(row: dict[str, Any]) -> dict[str, Any]:
+    msgs = []
+    for m in row["messages"]:
+        m = {k: v for k, v in m.items() if k != "reasoning_content" or v is not None}
+        msgs.append(m)
+    return {"messages": msgs}
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_dataset(
+    splits: dict[str, list[dict[str, Any]]], cfg: BuildConfig, out: Path
+) -> list[str]:
+    """Write the splits in cfg.format under `out` (a fresh folder); returns the files' names."""
+    if cfg.format in ("jsonl", "sharegpt", "openai"):
+        shape = {"jsonl": lambda r: r, "sharegpt": _sharegpt, "openai": _openai}[cfg.format]
+        for name, rows in splits.items():
+            _write_jsonl(out / f"{name}.jsonl", [shape(r) for r in rows])
+        if cfg.format == "sharegpt":  # LLaMA-Factory reads this file to learn the format
+            info = {
+                f"distill_{name}": {
+                    "file_name": f"{name}.jsonl",
+                    "formatting": "sharegpt",
+                    "columns": {"messages": "conversations"},
+                }
+                for name in splits
+            }
+            (out / "dataset_info.json").write_text(
+                json.dumps(info, indent=2) + "\n", encoding="utf-8"
+            )
+        return sorted(p.name for p in out.iterdir())
+    import datasets
+
+    datasets.disable_progress_bars()
+    feats = _features(cfg.reasoning)
+    dss = {
+        name: datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in feats}, features=feats)
+        for name, rows in splits.items()
+    }
+    if cfg.format == "parquet":
+        for name, ds in dss.items():
+            ds.to_parquet(str(out / f"{name}.parquet"))
+    else:
+        # An empty split still gets one (empty) Arrow file: without it load_from_disk fails.
+        shards = {name: 1 for name, ds in dss.items() if len(ds) == 0}
+        datasets.DatasetDict(dss).save_to_disk(str(out), num_shards=shards)
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+
+# -- statistics and the card -------------------------------------------------------------------------
+
+
+def _stats(values: list[int]) -> dict[str, float | int]:
+    if not values:
+        return {"n": 0}
+    v = sorted(values)
+    return {
+        "n": len(v),
+        "min": v[0],
+        "mean": round(statistics.fmean(v), 1),
+        "median": statistics.median(v),
+        "p90": v[max(0, math.ceil(0.9 * len(v)) - 1)],
+        "max": v[-1],
+    }
+
+
+def _teachers(rows: list[Row]) -> list[dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        s = r.store
+        t = out.setdefault(
+            s["teacher"],
+            {
+                "teacher": s["teacher"],
+                "model": s["model"],
+                "base_url": s["base_url"],
+                "response_models": set(),
+                "params": {},
+                "rows": 0,
+                "kept": 0,
+            },
+        )
+        t["rows"] += 1
+        t["kept"] += r.removed_by is None
+        if s["response_model"]:
+            t["response_models"].add(s["response_model"])
+        t["params"][json.dumps(s["params"], sort_keys=True)] = s["params"]
+    result = []
+    for name in sorted(out):
+        t = out[name]
+        t["response_models"] = sorted(t["response_models"])
+        t["params"] = [t["params"][k] for k in sorted(t["params"])]
+        result.append(t)
+    return result
+
+
+EXPLAIN = {
+    "failed": "the request failed (the store's `failures` table); no answer",
+    "unfinished": "finish_reason not in {finish_reasons} (cut off or filtered)",
+    "empty": "blank answer",
+    "refusal": "matches a refusal pattern",
+    "length": "answer or reasoning outside the length bounds",
+    "verify": "final answer does not match the reference",
+    "custom": "rejected by custom_filter {custom_filter}",
+    "duplicate": "same answer as an earlier sample of the prompt",
+    "near_duplicate": "word {near_duplicate_ngram}-gram Jaccard >= {near_duplicate_threshold} with an earlier sample",
+    "not_selected": "beyond {per_prompt} per prompt (select: {select})",
+}
+
+
+def dataset_card(rep: BuildReport, cfg: BuildConfig) -> str:
+    """README.md for the output folder. Nothing in it depends on when or where it was built."""
+    lines = [
+        "---",
+        "tags:",
+        "- distillation",
+        "- synthetic",
+        "task_categories:",
+        "- text-generation",
+        "---",
+        "",
+        f"# Distilled dataset from `{Path(rep.run).name}`",
+        "",
+        f"Built by `distill build` from the harvest in `{rep.run}`: {rep.kept} of {rep.rows_in} rows kept "
+        f"({rep.prompts['kept']} of {rep.prompts['in_store']} prompts).",
+        "",
+        "## Terms of use",
+        "",
+        "These answers were generated by the teacher model(s) below. **The teacher's terms of use govern "
+        "what this data may be used to train**: many API providers forbid using outputs to develop "
+        "competing models. Check them before training on, sharing or publishing this dataset.",
+        "",
+        "## Teachers",
+        "",
+        "| teacher | model | reported as | API | parameters | rows | kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in rep.teachers:
+        params = "; ".join(f"`{json.dumps(p, sort_keys=True)}`" for p in t["params"])
+        lines.append(
+            f"| {t['teacher']} | {t['model']} | {', '.join(t['response_models']) or '-'} | {t['base_url']} "
+            f"| {params} | {t['rows']} | {t['kept']} |"
+        )
+    h = rep.harvested
+    lines += [
+        "",
+        f"Harvested between {h.get('first') or '-'} and {h.get('last') or '-'} (UTC).",
+        "",
+    ]
+    lines += [
+        "## Curation",
+        "",
+        "Each row is counted by the first step that removes it, in this order.",
+        "",
+    ]
+    lines += [
+        "| step | removed | why |",
+        "|---|---|---|",
+        f"| rows in | {rep.rows_in} | stored answers + failed requests |",
+    ]
+    fmt = cfg.model_dump()
+    fmt["custom_filter"] = f"`{cfg.custom_filter}`"
+    for name in FILTERS:
+        on = (
+            name == "failed"
+            or (name == "not_selected" and cfg.select != "all")
+            or (name == "custom" and cfg.custom_filter)
+            or getattr(cfg.filters, name, False)
+        )
+        why = EXPLAIN[name].format(**fmt) if on else "off"
+        detail = rep.reasons.get(name)
+        if detail:
+            why += " (" + ", ".join(f"{k}: {v}" for k, v in detail.items()) + ")"
+        lines.append(f"| {name} | {rep.removed[name]} | {why} |")
+    lines.append(f"| **kept** | **{rep.kept}** | |")
+    v = rep.verified
+    lines += [
+        "",
+        f"Of the rows kept, {v['true']} match their reference answer, {v['false']} do not "
+        f"(kept only when the verify filter is off) and {v['none']} have no reference.",
+        "",
+    ]
+    sp = rep.split
+    lines += [
+        "## Split",
+        "",
+        f"By prompt id, so no sample of an eval prompt is trained on: the {sp['eval_prompts']} prompts with the "
+        f'lowest sha256("{sp["seed"]}:<prompt id>") are eval.',
+        "",
+        "| split | rows | prompts |",
+        "|---|---|---|",
+        f"| train | {sp['train_rows']} | {sp['train_prompts']} |",
+        f"| eval | {sp['eval_rows']} | {sp['eval_prompts']} |",
+        "",
+        f"## Lengths ({rep.lengths['unit']}, kept rows)",
+        "",
+        "| | n | min | mean | median | p90 | max |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in ("answer", "reasoning", "teacher_completion_tokens"):
+        st = rep.lengths[name]
+        cells = " | ".join(
+            str(st.get(k, "-")) for k in ("n", "min", "mean", "median", "p90", "max")
+        )
+        lines.append(f"| {name.replace('_', ' ')} | {cells} |")
+    lines += ["", "## Format", ""]
+    if cfg.format in ("hf", "parquet", "jsonl"):
+        load = {
+            "hf": 'datasets.load_from_disk("<this folder>")',
+            "parquet": 'datasets.load_dataset("parquet", data_files={"train": "train.parquet", "eval": "eval.parquet"})',
+            "jsonl": 'datasets.load_dataset("json", data_files={"train": "train.jsonl", "eval": "eval.jsonl"})',
+        }[cfg.format]
+        lines += [
+            f"Load with `{load}`. Conversational format (TRL `SFTTrainer` takes it as is):",
+            "",
+            "- `messages`: "
+            + ("system, " if not cfg.drop_system else "")
+            + "user, assistant"
+            + {
+                "inline": "; reasoning inline as `<think>\\n...\\n</think>\\n\\n` before the answer (rows without reasoning have no think block)",
+                "separate": "; reasoning in the assistant message's `reasoning_content` (null elsewhere)",
+                "drop": "; reasoning dropped",
+            }[cfg.reasoning],
+            "- `prompt_id`, `sample_index`, `teacher`, `key` (the store key of the answer)",
+            "- `verified`: the final answer matched `reference` (null: no reference)",
+            "- `reference`: the prompt's reference answer, or null",
+        ]
+    elif cfg.format == "sharegpt":
+        lines.append(
+            'ShareGPT JSONL (`train.jsonl`, `eval.jsonl`): `{"conversations": [{"from": "system|human|gpt", "value": ...}]}`; `dataset_info.json` describes them for LLaMA-Factory.'
+        )
+    else:
+        lines.append(
+            'OpenAI chat fine-tuning JSONL (`train.jsonl`, `eval.jsonl`): `{"messages": [{"role", "content"}]}`.'
+        )
+    lines += ["", "The full counts and the config used are in `build_report.json`.", ""]
+    return "\n".join(lines)
+
+
+# -- the stage ---------------------------------------------------------------------------------------
+
+
+def _prepare_out(to: Path) -> Path:
+    """A fresh temporary sibling of `to`; refuse to replace a folder that is not an earlier build."""
+    if to.exists() and (
+        not to.is_dir() or (any(to.iterdir()) and not (to / "build_report.json").exists())
+    ):
+        raise InputError(
+            f"{to}: exists and is not an earlier `distill build` output; choose an empty or new --to"
+        )
+    tmp = to.parent / f".{to.name}.building"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise InputError(
+            f"{to.parent}: cannot write the output here ({e.strerror}); choose another --to"
+        ) from None
+    return tmp
+
+
+def build(cfg: BuildConfig) -> BuildReport:
+    """Curate the run's answers and write the dataset, its card and its report to cfg.to."""
+    if cfg.run is None:
+        raise ConfigError(
+            "no run directory: pass RUN (the harvest's --out) or set run: in the build config"
+        )
+    if cfg.to is None:
+        raise ConfigError("no output folder: pass --to DIR or set to: in the build config")
+    if cfg.format == "sharegpt" and cfg.reasoning == "separate":
+        raise ConfigError(
+            "--format sharegpt has no field for separate reasoning; use --reasoning inline or drop"
+        )
+    run, to = Path(cfg.run), Path(cfg.to)
+    if not run.is_dir():
+        raise StoreError(
+            f"{run}: run directory not found; pass the folder given to `distill harvest --out`"
+        )
+    custom = load_custom_filter(cfg.custom_filter) if cfg.custom_filter else None
+    with Store(run, readonly=True) as store:
+        rows = [Row(s) for s in store.iter_responses()]
+        failures = store.failures()
+    if not rows and not failures:
+        raise StoreError(f"{run}: the store holds no responses yet; run `distill harvest` first")
+
+    unit = _lengths(rows, cfg.tokenizer)
+    apply_filters(cfg, rows, custom)
+    select(cfg, rows)
+    kept = [r for r in rows if r.removed_by is None]
+
+    rep = BuildReport(run=str(cfg.run), to=str(to), format=cfg.format)
+    rep.responses = len(rows)
+    rep.rows_in = len(rows) + len(failures)
+    rep.removed["failed"] = len(failures)
+    reasons: dict[str, Counter[str]] = {}
+    for f in failures:
+        reasons.setdefault("failed", Counter())[
+            f"HTTP {f['status']}" if f["status"] else "no response"
+        ] += 1
+    for r in rows:
+        if r.removed_by is not None:
+            rep.removed[r.removed_by] += 1
+            reasons.setdefault(r.removed_by, Counter())[r.reason] += 1
+    rep.reasons = {k: dict(sorted(reasons[k].items())) for k in FILTERS if k in reasons}
+    rep.kept = len(kept)
+    if not kept:
+        removed = ", ".join(f"{k} {v}" for k, v in rep.removed.items() if v)
+        raise InputError(
+            f"{run}: every one of {rep.rows_in} rows was removed ({removed}); relax the filters in the build config"
+        )
+    rep.verified = {
+        "true": sum(r.verified is True for r in kept),
+        "false": sum(r.verified is False for r in kept),
+        "none": sum(r.verified is None for r in kept),
+    }
+    all_prompts = {r.prompt_id for r in rows} | {str(f["prompt_id"]) for f in failures}
+    kept_prompts = sorted({r.prompt_id for r in kept})
+    rep.prompts = {
+        "in_store": len(all_prompts),
+        "kept": len(kept_prompts),
+        "lost": len(all_prompts) - len(kept_prompts),
+    }
+
+    eval_ids = split_prompts(kept_prompts, cfg)
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
+    for r in kept:
+        splits["eval" if r.prompt_id in eval_ids else "train"].append(output_row(r, cfg))
+    rep.split = {
+        "by": "prompt_id",
+        "seed": cfg.seed,
+        "train_rows": len(splits["train"]),
+        "eval_rows": len(splits["eval"]),
+        "train_prompts": len(kept_prompts) - len(eval_ids),
+        "eval_prompts": len(eval_ids),
+    }
+    rep.teachers = _teachers(rows)
+    dates = sorted(r.store["created_at"] for r in rows)
+    rep.harvested = {"first": dates[0] if dates else None, "last": dates[-1] if dates else None}
+    rep.lengths = {
+        "unit": unit,
+        "answer": _stats([r.answer_len for r in kept]),
+        "reasoning": _stats([r.reasoning_len for r in kept if r.reasoning]),
+        "teacher_completion_tokens": _stats(
+            [r.store["completion_tokens"] for r in kept if r.store["completion_tokens"] is not None]
+        ),
+    }
+    rep.config = cfg.model_dump(mode="json", exclude={"to", "json_report"})
+
+    tmp = _prepare_out(to)
+    try:
+        write_dataset(splits, cfg, tmp)
+        (tmp / "README.md").write_text(dataset_card(rep, cfg), encoding="utf-8")
+        (tmp / "build_report.json").write_text(rep.to_json(), encoding="utf-8")
+        if to.exists():
+            shutil.rmtree(to)
+        tmp.rename(to)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return rep
