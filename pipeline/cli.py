@@ -88,5 +88,279 @@ def export(run_dir: Path, to: Path, fmt: str) -> None:
     click.echo(f"exported {run_dir} -> {path}", err=True)
 
 
+@cli.command("eval")
+@click.option("--data", type=click.Path(path_type=Path), help="Dataset folder from `distill build` (its eval split).")
+@click.option("--base", type=click.Path(path_type=Path), help="Base student model folder (default: the fine-tune run's student).")
+@click.option("--finetuned", type=click.Path(path_type=Path), help="Fine-tune OUT folder, adapter folder or merged model folder.")
+@click.option("--out", type=click.Path(path_type=Path), help="Report folder (report.md, report.json, PNGs).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config; its eval: section. Flags override it.")
+@click.option("--split", help="Dataset split to evaluate (default eval).")
+@click.option("--max-new-tokens", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--greedy/--sample", "greedy", default=None, help="Greedy decoding (default) or sampling.")
+@click.option("--temperature", type=float)
+@click.option("--top-p", type=float)
+@click.option("--limit", type=int, help="Only the first N prompts.")
+@click.option("--answer-patterns", "answer_patterns", multiple=True, help="Answer-extraction regex (repeatable).")
+@click.option("--format-regex", help="Declared answer format (re.search on each answer).")
+@click.option("--system-prompt", help="System prompt the students see (default: none).")
+@click.option("--keep-system", is_flag=True, default=None, help="Keep the dataset's system message.")
+@click.option("--nll/--no-nll", default=None, help="Compute NLL/perplexity of the teacher's answers.")
+@click.option("--examples", type=int, help="Side-by-side examples in report.md.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option("--seed", type=int)
+@click.option("--judge/--no-judge", default=None, help="LLM judge through the teacher client (costs money).")
+@click.option("--judge-model")
+@click.option("--judge-base-url")
+@click.option("--judge-api-key-env")
+@click.option("--judge-concurrency", type=int)
+def eval_cmd(config_path: Path | None, **flags: Any) -> None:
+    """Score the base and fine-tuned students on held-out prompts; write report.md, JSON and PNGs."""
+    from pipeline.config import load_config
+    from pipeline.evaluate import EvalConfig, evaluate, headline, read_report
+
+    flags["answer_patterns"] = list(flags["answer_patterns"]) or None
+    cfg = run_stage(load_config, EvalConfig, config_path, "eval", flags)
+    out = run_stage(evaluate, cfg)
+    click.echo(headline(read_report(out)))
+    click.echo(f"report: {out / 'report.md'}", err=True)
+
+
+@cli.command()
+@click.option("--data", help="Dataset folder from `distill build` (splits train, eval).")
+@click.option("--student", help="Student model: a local folder (or a hub id where reachable).")
+@click.option("--out", help="Output folder: adapter/, train_report.json, loss.png, checkpoints/.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config; its finetune: section. Flags override it.")
+@click.option("--max-steps", type=int, help="Stop after N optimizer steps (overrides --epochs).")
+@click.option("--epochs", type=float)
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--lora-r", type=int)
+@click.option("--lora-alpha", type=int)
+@click.option("--lora-target-modules", "lora_target_modules", multiple=True, help="Module name to adapt (repeatable; default all-linear).")
+@click.option("--use-dora/--no-dora", "use_dora", default=None)
+@click.option("--batch-size", type=int, help="Per-device batch (default: auto-fit to memory).")
+@click.option("--grad-accum", type=int, help="Gradient accumulation (default: auto).")
+@click.option("--effective-batch-size", type=int, help="Target sequences per optimizer step.")
+@click.option("--max-length", type=int, help="Longest row in tokens (packed row length).")
+@click.option("--quantize", type=click.Choice(["auto", "4bit", "none"]))
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", "gradient_checkpointing", default=None)
+@click.option("--packing/--no-packing", "packing", default=None)
+@click.option("--eval-steps", type=int)
+@click.option("--save-steps", type=int)
+@click.option("--logging-steps", type=int)
+@click.option("--report-to", help="tensorboard, wandb, none, ... (default tensorboard if installed).")
+@click.option("--resume", is_flag=True, default=None, help="Continue from the last checkpoint in OUT.")
+@click.option("--seed", type=int)
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Run model code shipped with the student.")
+def finetune(config_path: Path | None, **flags: Any) -> None:
+    """Fine-tune a student with LoRA/QLoRA on the built dataset, sized to this machine."""
+    from pipeline.config import load_config
+    from pipeline.finetune import FinetuneConfig
+    from pipeline.finetune import finetune as run_finetune
+
+    flags["lora_target_modules"] = list(flags["lora_target_modules"]) or None
+    cfg = run_stage(load_config, FinetuneConfig, config_path, "finetune", flags)
+    out = run_stage(run_finetune, cfg)
+    click.echo(f"report: {out / 'train_report.json'}", err=True)
+
+
+@cli.command()
+@click.argument("out", required=False)
+@click.option("--to", help="Folder for the merged model.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config; its merge: section.")
+@click.option("--student", help="Base model (default: the run's student).")
+@click.option("--gguf", type=click.Choice(["auto", "yes", "no"]), help="Also write GGUF (needs llama.cpp).")
+@click.option("--gguf-type", help="GGUF tensor type (f16, q8_0, ...).")
+@click.option("--gguf-converter", help="Path to llama.cpp's convert_hf_to_gguf.py.")
+@click.option("--trust-remote-code", is_flag=True, default=None)
+def merge(config_path: Path | None, **flags: Any) -> None:
+    """Merge a fine-tune run's adapter into its student (safetensors; GGUF when possible)."""
+    from pipeline.config import load_config
+    from pipeline.merge import MergeConfig
+    from pipeline.merge import merge as run_merge
+
+    cfg = run_stage(load_config, MergeConfig, config_path, "merge", flags)
+    run_stage(run_merge, cfg)
+
+
+@cli.command()
+@click.argument("run", required=False, type=click.Path(path_type=Path))
+@click.option("--to", type=click.Path(path_type=Path), help="Output folder (an earlier build there is replaced).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config; its build: section. Flags override it.")
+@click.option("--format", type=click.Choice(["hf", "parquet", "jsonl", "sharegpt", "openai"]), help="Output format (default hf: datasets.load_from_disk).")
+@click.option("--reasoning", type=click.Choice(["inline", "separate", "drop"]), help="Reasoning as <think> in the answer (default), a reasoning_content field, or dropped.")
+@click.option("--drop-system/--keep-system", default=None, help="Leave the system prompt out of the training messages.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="Student tokenizer folder: length bounds in its tokens.")
+@click.option("--select", type=click.Choice(["all", "first", "best"]), help="Keep all passing answers, or the first/best --per-prompt.")
+@click.option("--per-prompt", type=int, help="k answers kept per prompt with --select first|best.")
+@click.option("--seed", type=int, help="Seed of the split by prompt id.")
+@click.option("--eval-fraction", type=float, help="Share of prompts held out for eval (default 0.1).")
+@click.option("--eval-size", type=int, help="Number of prompts held out for eval (overrides --eval-fraction).")
+@click.option("--custom-filter", help="Your filter: module:function or file.py:function.")
+@click.option("--json", "json_report", is_flag=True, default=None, help="Print build_report.json on stdout.")
+def build(config_path: Path | None, **flags: Any) -> None:
+    """Curate a run's answers into a train/eval dataset; every removed row counted and explained."""
+    from pipeline.build import BuildConfig
+    from pipeline.build import build as do_build
+    from pipeline.config import load_config
+
+    cfg = run_stage(load_config, BuildConfig, config_path, "build", flags)
+    report = run_stage(do_build, cfg)
+    click.echo(report.line(), err=True)
+    if cfg.json_report:
+        click.echo(report.to_json(), nl=False)
+
+
+@cli.group()
+def batch() -> None:
+    """Harvest through a Batch API (OpenAI's: half price, answers within 24 h); cron-safe.
+
+    Same keys and store as `distill harvest`; `run` = collect what has ended, then submit what is
+    pending. Exit 0 done, 3 batches still open or requests left (rerun later), 1 failed.
+    """
+
+
+def _batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.argument("run_dir", type=click.Path(path_type=Path)),
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(path_type=Path),
+            help="YAML config: harvest: says what to ask, batch: how. Default: RUN/config.yaml of an earlier submit.",
+        ),
+        click.option(
+            "--prompts",
+            "prompts",
+            multiple=True,
+            type=click.Path(path_type=Path),
+            help="Prompt file (repeatable).",
+        ),
+        click.option("--base-url", help="OpenAI-compatible API root."),
+        click.option("--model", help="Teacher model name."),
+        click.option("--api-key-env", help="Environment variable holding the API key."),
+        click.option("--samples", type=int, help="Answers per prompt."),
+        click.option("--temperature", type=float),
+        click.option("--max-tokens", type=int),
+        click.option("--limit", type=int, help="Only the first N unique prompts."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _wait_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--max-duration", type=float, help="With --wait: stop after this many seconds (exit 3)."
+    )(f)
+    f = click.option(
+        "--poll-interval", type=float, help="Seconds between polls with --wait (default 60)."
+    )(f)
+    return click.option("--wait/--no-wait", default=None, help="Poll until every batch has ended.")(
+        f
+    )
+
+
+def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--json",
+        "json_summary",
+        is_flag=True,
+        default=None,
+        help="Print the summary as JSON on stdout.",
+    )(f)
+
+
+def _run_batch(
+    command: str, run_dir: Path, config_path: Path | None, flags: dict[str, Any]
+) -> None:
+    from pipeline.batch import BatchConfig, harvest_config, run_batch, summary_json
+    from pipeline.config import load_config
+
+    keys = ("discount", "json_summary", "wait", "poll_interval", "max_duration")
+    bflags = {k: flags.pop(k, None) for k in keys}
+    bcfg = run_stage(load_config, BatchConfig, config_path, "batch", bflags)
+    hcfg = None
+    if command in ("submit", "run"):
+        flags["prompts"] = list(flags.get("prompts") or []) or None
+        hcfg = run_stage(harvest_config, run_dir, config_path, flags)
+    summary = run_stage(run_batch, command, run_dir, bcfg, hcfg)
+    click.echo(summary.line(), err=True)
+    if bcfg.json_summary:
+        click.echo(summary_json(summary))
+    sys.exit(summary.exit_code)
+
+
+@batch.command("submit")
+@_batch_options
+@click.option(
+    "--discount", type=float, help="Batch price as a fraction of the teacher's (default 0.5)."
+)
+@_json_option
+def batch_submit(run_dir: Path, config_path: Path | None, **flags: Any) -> None:
+    """Upload the run's pending requests as batches (split at 50,000 requests / 200 MB)."""
+    _run_batch("submit", run_dir, config_path, flags)
+
+
+@batch.command("run")
+@_batch_options
+@click.option(
+    "--discount", type=float, help="Batch price as a fraction of the teacher's (default 0.5)."
+)
+@_wait_options
+@_json_option
+def batch_run(run_dir: Path, config_path: Path | None, **flags: Any) -> None:
+    """Collect ended batches, then submit what is pending (expired requests too): one cron step."""
+    _run_batch("run", run_dir, config_path, flags)
+
+
+@batch.command("collect")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="YAML config; its batch: section.",
+)
+@_wait_options
+@_json_option
+def batch_collect(run_dir: Path, config_path: Path | None, **flags: Any) -> None:
+    """Download the answers of ended batches into the store."""
+    _run_batch("collect", run_dir, config_path, flags)
+
+
+@batch.command("cancel")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@_json_option
+def batch_cancel(run_dir: Path, **flags: Any) -> None:
+    """Cancel the run's open batches (answers already made are kept by the next collect)."""
+    _run_batch("cancel", run_dir, None, flags)
+
+
+@batch.command("status")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@_json_option
+def batch_status(run_dir: Path, json_summary: bool | None) -> None:
+    """Each batch of a run and what the server says of it (changes nothing; no lock)."""
+    from pipeline.batch import status, summary_json
+
+    summary = run_stage(status, run_dir)
+    for b in summary.batches:
+        counts = b.get("request_counts") or {}
+        done = (
+            f" {counts.get('completed', 0)}+{counts.get('failed', 0)}/{counts.get('total', 0)}"
+            if counts
+            else ""
+        )
+        click.echo(
+            f"{b['id']}  {b['teacher']}  {b['state']}  {b['batch_id'] or '-'}  {b['remote_status'] or '-'}{done}  ({b['request_count']} requests)",
+            err=True,
+        )
+    click.echo(summary.line(), err=True)
+    if json_summary:
+        click.echo(summary_json(summary))
+
 def main() -> None:
     cli(prog_name="distill")

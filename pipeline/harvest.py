@@ -613,6 +613,11 @@ class Harvest:
                 await asyncio.wait(tasks, timeout=0.2)
                 if self.fatal:
                     break
+                # Checked here too, not only when a job starts: workers stuck on a hanging
+                # teacher or in retry backoff must not hold a cron window open.
+                limit = self.cfg.max_duration
+                if limit is not None and time.monotonic() - self.started > limit:
+                    self.stop(f"max_duration of {limit:g}s reached")
                 if self.stopping:
                     # Let requests in flight finish for up to the grace period, then cut them.
                     _, still = await asyncio.wait(tasks, timeout=self.cfg.grace_period)

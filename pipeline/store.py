@@ -14,6 +14,7 @@ for the key removes its failure row. Schema changes are ordered migrations (PRAG
       lock              flock held by the harvest writing this run
       harvest.log       one line per event, appended by every run
       config.yaml       the last harvest config used (no secrets)
+      batches/          Batch API files in transit (pipeline/batch.py); empty between runs
 """
 
 from __future__ import annotations
