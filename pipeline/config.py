@@ -109,13 +109,17 @@ def load_config(
         raise ConfigError(format_validation_error(e, where)) from None
 
 
-def dump_config(cfg: BaseModel) -> str:
+def dump_config(cfg: BaseModel, exclude: set[str] | None = None) -> str:
     """YAML of a config as used (for a run's record). Holds no secrets: keys stay in the environment."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False)
 
 
 def _type_name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) if getattr(annotation, "__args__", None) is None else None
+    text = (
+        getattr(annotation, "__name__", None)
+        if getattr(annotation, "__args__", None) is None
+        else None
+    )
     text = text or str(annotation)
     for noise in ("typing.", "pathlib.", "pipeline.teacher.", "pipeline.", "<class '", "'>"):
         text = text.replace(noise, "")

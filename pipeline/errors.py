@@ -15,6 +15,7 @@ EXIT_OK = 0  # the job is done
 EXIT_FAILED = 1  # the job failed: fix the cause (the message says what) and rerun
 EXIT_USAGE = 2  # bad flags, config or input: nothing was done
 EXIT_PARTIAL = 3  # partly done (a cap was reached, a signal stopped it, some prompts failed): rerun to continue
+EXIT_LOCKED = 75  # another run holds the run directory (EX_TEMPFAIL): try again later
 
 
 class DistillError(Exception):
@@ -40,7 +41,9 @@ class StoreError(DistillError):
 
 
 class RunLockedError(StoreError):
-    """Another process holds the run directory."""
+    """Another process holds the run directory: not a failure, cron can just try again later."""
+
+    exit_code = EXIT_LOCKED
 
 
 class TeacherError(DistillError):

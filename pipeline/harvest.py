@@ -225,6 +225,7 @@ class Summary:
     stopped: str | None = None
     exit_code: int = EXIT_OK
     dry_run: bool = False
+    in_open_batches: int = 0  # keys left to a Batch API batch still open: not sent online
     estimated_tokens: int = 0
     estimated_cost_usd: float = 0.0
 
@@ -244,6 +245,8 @@ class Summary:
         )
         if self.stopped:
             text += f"; stopped: {self.stopped}"
+        if self.in_open_batches:
+            text += f"; {self.in_open_batches} wait in open batches (distill batch collect)"
         if todo > 0:
             text += f"; {todo} left: rerun the same command to continue"
         return text
@@ -363,7 +366,10 @@ class Harvest:
     def key(self, t: TeacherConfig, row: PromptRow, sample: int) -> str:
         return request_key(t.base_url, t.model or "", row.messages, self.params, sample)
 
-    def plan(self, t: TeacherConfig, done: set[str]) -> list[Job]:
+    def plan(
+        self, t: TeacherConfig, done: set[str], in_batch: frozenset[str] = frozenset()
+    ) -> list[Job]:
+        """Jobs for what is missing; keys waiting in an open Batch API batch are not paid twice."""
         jobs = []
         teachers = self.cfg.all_teachers()
         for row in self.rows:
@@ -372,6 +378,9 @@ class Harvest:
             missing = [i for i in range(self.cfg.samples) if self.key(t, row, i) not in done]
             self.summary.total += self.cfg.samples
             self.summary.already_done += self.cfg.samples - len(missing)
+            waiting = [i for i in missing if self.key(t, row, i) in in_batch]
+            self.summary.in_open_batches += len(waiting)
+            missing = [i for i in missing if i not in waiting]
             if missing:
                 jobs.append(Job(row, missing))
         return jobs
@@ -597,11 +606,12 @@ class Harvest:
 
     async def run(self) -> None:
         done = self.store.done_keys()
+        in_batch = frozenset(self.store.keys_in_open_batches())
         plans = []
         for tc in self.cfg.all_teachers():
             teacher = Teacher(tc)
             self.teachers.append(teacher)
-            plans.append((teacher, self.plan(tc, done)))
+            plans.append((teacher, self.plan(tc, done, in_batch)))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -737,7 +747,9 @@ def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
         store = Store(out)
         try:
             handler = _setup_log(out)
-            (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+            # reloadable as it is: with teachers listed, the top-level teacher fields are not used
+            unused = set(TeacherConfig.model_fields) if cfg.teachers else None
+            (out / "config.yaml").write_text(dump_config(cfg, exclude=unused), encoding="utf-8")
         except OSError as e:
             raise StoreError(f"{out}: cannot write to the run directory ({e.strerror})") from None
         log.info(

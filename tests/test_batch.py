@@ -308,3 +308,17 @@ def test_one_waiting_run_resubmits_expired_requests_but_not_refused_ones(
     # the expired half goes out again in the same command and is answered.
     assert s.exit_code == 3 and s.stored == 5 and s.left == 1 and bserver.creates == 2
     assert len(list(bserver.lines.values())[1]) == 3
+
+
+def test_online_harvest_does_not_pay_again_for_keys_in_an_open_batch(
+    bserver: BatchServer, tmp_path: Path
+) -> None:
+    bserver.outcomes = ["stall"]
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(4))
+    run_batch("submit", tmp_path / "run", fast(), hcfg(bserver, p, tmp_path / "run"))
+    write_jsonl(p, arithmetic_rows(6))  # two new prompts since the batch went out
+    before = bserver.requests
+    s = harvest(hcfg(bserver, p, tmp_path / "run"), pretty=False)
+    assert bserver.requests - before == 2  # only the new prompts went online
+    assert s.completed == 2 and s.in_open_batches == 4 and s.exit_code == 3
+    assert "wait in open batches" in s.line()

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.errors import EXIT_OK, EXIT_PARTIAL, RunLockedError
+from pipeline.errors import EXIT_OK, EXIT_PARTIAL, RunLockedError, StoreError
 from pipeline.harvest import HarvestConfig, harvest
 from pipeline.store import RunLock, Store, wait_for_store
 from tests.conftest import arithmetic_rows, assert_one_line_error, run_cli, write_jsonl
@@ -79,9 +79,12 @@ def test_a_lock_left_by_a_killed_run_does_not_block(server: OpenAIServer, tmp_pa
         wait_for_store(run, timeout=30)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            with Store(run, readonly=True) as st:
-                if st.count() >= 2:
-                    break
+            try:
+                with Store(run, readonly=True) as st:
+                    if st.count() >= 2:
+                        break
+            except StoreError:  # created, schema not committed yet
+                pass
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(10) == -signal.SIGKILL
