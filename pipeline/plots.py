@@ -1,0 +1,248 @@
+"""The eval stage's pictures: base vs fine-tuned per metric, and the fine-tune run's loss curves.
+
+Each figure must be readable on its own: a title that says what is compared, axis labels with
+units, the value on every bar, which way is better, and the teacher as a dashed line where it
+has the same score. matplotlib with the Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+BASE_COLOR = "#9e9e9e"
+FINETUNED_COLOR = "#1f77b4"
+TEACHER_COLOR = "#d62728"
+
+# (metric key, title, y label, percent?, which way is better); perplexity is left to the table
+# since it is exp(NLL) and would only repeat that panel.
+PANELS: list[tuple[str, str, str, bool, str]] = [
+    ("accuracy", "Accuracy vs reference", "% of prompts correct", True, "higher is better"),
+    ("teacher_match", "Final answer = teacher's", "% of prompts", True, "higher is better"),
+    (
+        "rouge_l",
+        "Text overlap with teacher (ROUGE-L F1)",
+        "F1 (0 = none, 1 = same)",
+        False,
+        "higher is better",
+    ),
+    ("nll", "NLL of the teacher's answers", "nats per token", False, "lower is better"),
+    (
+        "format_compliance",
+        "Format compliance",
+        "% of answers matching format_regex",
+        True,
+        "higher is better",
+    ),
+    ("judge_score", "LLM judge score", "score (0-1)", False, "higher is better"),
+    (
+        "answer_tokens",
+        "Answer length",
+        "mean tokens per answer",
+        False,
+        "closer to teacher is better",
+    ),
+    (
+        "hit_max_tokens",
+        "Answers cut at max_new_tokens",
+        "% of answers (never stopped)",
+        True,
+        "lower is better",
+    ),
+]
+
+# Names short enough for the verdict panel.
+SHORT = {
+    "accuracy": "accuracy",
+    "teacher_match": "= teacher's",
+    "rouge_l": "ROUGE-L",
+    "nll": "NLL",
+    "format_compliance": "format",
+    "judge_score": "judge",
+    "answer_tokens": "length",
+    "hit_max_tokens": "cut at max",
+}
+
+
+def _pyplot():  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(report: dict[str, Any], path: Path) -> None:
+    """One small bar chart per metric that has a value: base vs fine-tuned, teacher dashed."""
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    m = report["metrics"]
+    panels = [
+        p for p in PANELS if m["base"].get(p[0]) is not None or m["finetuned"].get(p[0]) is not None
+    ]
+    cells = len(panels) + 1  # the last cell holds the verdict in words
+    cols = min(4, cells)
+    rows = (cells + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows + 1.2), squeeze=False)
+    for ax, (key, title, ylabel, percent, better) in zip(axes.flat, panels, strict=False):
+        scale = 100.0 if percent else 1.0
+        values = [m[s].get(key) for s in ("base", "finetuned")]
+        heights = [0.0 if v is None else v * scale for v in values]
+        bars = ax.bar(
+            ["base", "fine-tuned"], heights, color=[BASE_COLOR, FINETUNED_COLOR], width=0.6
+        )
+        top = max(heights + [1e-9])
+        teacher = m.get("teacher", {}).get(key)
+        if teacher is not None:
+            y = teacher * scale
+            ax.axhline(y, color=TEACHER_COLOR, linestyle="--", linewidth=1.5)
+            ax.annotate(
+                f"teacher {y:.1f}%" if percent else f"teacher {teacher:.3g}",
+                (1.0, y),
+                xycoords=("axes fraction", "data"),
+                ha="right",
+                va="bottom",
+                color=TEACHER_COLOR,
+                fontsize=8,
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
+            )
+            top = max(top, y)
+        for bar, v in zip(bars, values, strict=True):
+            text = "n/a" if v is None else f"{v * scale:.1f}%" if percent else f"{v:.3g}"
+            ax.annotate(
+                text,
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                xytext=(0, 2),
+                textcoords="offset points",
+                fontsize=10,
+                fontweight="bold",
+            )
+        ax.set_ylim(0, 110 if percent else top * 1.25)
+        if key == "answer_tokens":
+            title = f"{title} (max_new_tokens {report['config']['max_new_tokens']})"
+        ax.set_title(f"{title}\n({better})", fontsize=10)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    axes.flat[len(panels)].text(
+        0.0,
+        1.0,
+        verdict(m, panels),
+        va="top",
+        ha="left",
+        fontsize=10,
+        family="monospace",
+        transform=axes.flat[len(panels)].transAxes,
+    )
+    students = report["students"]
+    fig.suptitle(
+        f"Base vs fine-tuned student on {report['prompts']} held-out prompts"
+        f" ({'greedy' if report['config']['greedy'] else 'sampled'} decoding)\n"
+        f"base: {Path(students['base']).name}    fine-tuned: {_name(students['finetuned'])}",
+        fontsize=12,
+    )
+    handles = [
+        Patch(color=BASE_COLOR, label="base student"),
+        Patch(color=FINETUNED_COLOR, label="fine-tuned student"),
+        Line2D(
+            [],
+            [],
+            color=TEACHER_COLOR,
+            linestyle="--",
+            label="teacher (same score on its own answers)",
+        ),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def verdict(m: dict[str, Any], panels: list[tuple[str, str, str, bool, str]]) -> str:
+    """Each metric's change from base to fine-tuned in words, and the count of wins."""
+    lines, better, worse = ["base -> fine-tuned", ""], 0, 0
+    for key, _, _, percent, way in panels:
+        b, f = m["base"].get(key), m["finetuned"].get(key)
+        if b is None or f is None:
+            continue
+        show = (lambda v: f"{100 * v:.1f}%") if percent else (lambda v: f"{v:.3g}")
+        if way.startswith("closer"):
+            t = m.get("teacher", {}).get(key)
+            gain = abs(b - t) - abs(f - t) if t is not None else 0.0
+        else:
+            gain = (f - b) if way.startswith("higher") else (b - f)
+        word = "better" if gain > 1e-9 else "worse" if gain < -1e-9 else "same"
+        better += word == "better"
+        worse += word == "worse"
+        lines.append(f"{SHORT[key]:<14}{show(b):>7} -> {show(f):>7}  {word}")
+    lines += [
+        "",
+        f"fine-tuned is better on {better}, worse on {worse}",
+        f"of {len(lines) - 2} metrics",
+    ]
+    return "\n".join(lines)
+
+
+def _name(path: str) -> str:
+    """A fine-tuned student's short name: 'run/adapter' rather than just 'adapter'."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.name == "adapter" else p.name
+
+
+def plot_loss_curves(log_history: Path, path: Path) -> bool:
+    """Train and eval loss vs optimizer step from a Trainer's log_history; False if it has none."""
+    try:
+        history = json.loads(log_history.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(history, list):
+        return False
+    train = [
+        (h["step"], h["loss"])
+        for h in history
+        if isinstance(h, dict) and "loss" in h and "step" in h
+    ]
+    evals = [
+        (h["step"], h["eval_loss"])
+        for h in history
+        if isinstance(h, dict) and "eval_loss" in h and "step" in h
+    ]
+    if not train and not evals:
+        return False
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    # The last values go in the legend: annotations at the last step would overlap.
+    if train:
+        ax.plot(
+            *zip(*train, strict=True),
+            color=FINETUNED_COLOR,
+            marker="." if len(train) < 30 else None,
+            label=f"train loss (last {train[-1][1]:.3f})",
+        )
+    if evals:
+        ax.plot(
+            *zip(*evals, strict=True),
+            color=TEACHER_COLOR,
+            marker="o",
+            label=f"eval loss, held-out prompts (last {evals[-1][1]:.3f})",
+        )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("Fine-tuning: loss on the teacher's answers (lower is better)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats per assistant token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

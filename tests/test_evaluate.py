@@ -1,0 +1,362 @@
+"""`distill eval` on a tiny random model, a LoRA variant of it and a five-row dataset.
+
+The fine-tuned student is a real PEFT adapter with random (non-zero) LoRA weights, saved in the
+layout `distill finetune` writes (OUT/adapter, train_report.json, log_history.json), so the two
+students differ without training anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.errors import ConfigError, InputError
+from pipeline.evaluate import EvalConfig, evaluate, headline, load_prompts, read_report, rouge_l
+from tests.tinymodels import make_tiny_model
+
+SYSTEM = "You are a tiny test model. Answer with the number only."
+# (prompt id, question, teacher answers, reference); p0 has two samples, p3 no reference.
+ROWS = [
+    ("p0", "What is 12 + 7?", ["The answer is 19.", "The answer is 19."], "19"),
+    ("p1", "What is 3 * 4?", ["The answer is 12."], "12"),
+    ("p2", "What is 100 + 1000?", ["The answer is 1100."], "1100"),
+    ("p3", "Name a number.", ["The answer is 7."], None),
+]
+# A reference no random model can hit: every student's accuracy must be exactly 0.
+UNREACHABLE = "987654321.125"
+# The teacher's answers all have this shape; a random student's never do.
+FORMAT = r"^The answer is \d+\.$"
+
+
+def _rows(split_rows: list[tuple[str, str, list[str], str | None]]) -> list[dict[str, Any]]:
+    out = []
+    for pid, question, answers, ref in split_rows:
+        for k, answer in enumerate(answers):
+            out.append(
+                {
+                    "messages": [
+                        {"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": question},
+                        {"role": "assistant", "content": answer},
+                    ],
+                    "prompt_id": pid,
+                    "teacher": "tiny-teacher",
+                    "verified": True,
+                    "key": f"{pid}-{k}",
+                    "reference": ref,
+                    "sample_index": k,
+                }
+            )
+    return out
+
+
+def write_dataset(
+    path: Path, eval_rows: list[dict[str, Any]], splits: tuple[str, ...] = ("train", "eval")
+) -> Path:
+    import datasets
+
+    parts = {s: datasets.Dataset.from_list(eval_rows) for s in splits}
+    datasets.DatasetDict(parts).save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny base model, a fine-tune OUT folder with a random LoRA adapter, a dataset."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("eval")
+    tiny = make_tiny_model(root / "tiny", arch="qwen2", template="known")
+    # Scaled-up weights: a freshly initialised model predicts nearly uniformly, so a wrong mask or
+    # a padding bug would move its NLL by only ~1e-5; ten times larger weights make it visible.
+    model = AutoModelForCausalLM.from_pretrained(str(tiny))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(10)
+    base = root / "base"
+    model.save_pretrained(str(base))
+    AutoTokenizer.from_pretrained(str(tiny)).save_pretrained(str(base))
+    run = root / "finetune"
+    torch.manual_seed(1)
+    # init_lora_weights=False: B is random too, so the adapter changes the model's outputs.
+    lora = LoraConfig(
+        r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(model, lora)
+    peft_model.save_pretrained(str(run / "adapter"))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(run / "adapter"))
+    (run / "train_report.json").write_text(json.dumps({"student": str(base), "steps": 4}))
+    history = [
+        {"loss": 5.0, "step": 1},
+        {"loss": 4.0, "step": 2},
+        {"eval_loss": 4.2, "step": 2},
+        {"loss": 3.5, "step": 3},
+        {"loss": 3.0, "step": 4},
+        {"eval_loss": 3.4, "step": 4},
+    ]
+    (run / "log_history.json").write_text(json.dumps(history))
+    merged = root / "merged"
+    peft_model.merge_and_unload().save_pretrained(str(merged))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(merged))
+
+    rows = _rows(ROWS)
+    rows[2]["reference"] = UNREACHABLE  # p1 (its only sample)
+    data = write_dataset(root / "dataset", rows)
+    return {"root": root, "base": base, "run": run, "merged": merged, "data": data}
+
+
+def _cfg(setup: dict[str, Path], out: str, **kw: Any) -> EvalConfig:
+    values: dict[str, Any] = {
+        "data": setup["data"],
+        "finetuned": setup["run"],
+        "out": setup["root"] / out,
+        "max_new_tokens": 8,
+        "batch_size": 2,
+        "device": "cpu",
+        "format_regex": FORMAT,
+        "examples": 3,
+    }
+    values.update(kw)
+    return EvalConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def report(setup: dict[str, Path]) -> dict[str, Any]:
+    out = evaluate(_cfg(setup, "report"))
+    return read_report(out)
+
+
+def test_report_files_written(setup: dict[str, Path], report: dict[str, Any]) -> None:
+    from PIL import Image
+
+    out = setup["root"] / "report"
+    for name in ("report.md", "report.json", "metrics.png", "loss_curves.png"):
+        assert (out / name).is_file(), name
+    for name in ("metrics.png", "loss_curves.png"):
+        with Image.open(out / name) as img:
+            img.verify()
+            assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 200
+    md = (out / "report.md").read_text()
+    assert "| metric | base | fine-tuned | teacher | better |" in md
+    assert "fine-tuned student" in md and "base student" in md
+    assert md.count("| teacher | The answer is") == 3  # three side-by-side examples, as configured
+
+
+def test_both_students_scored_each_prompt_once(
+    setup: dict[str, Path], report: dict[str, Any]
+) -> None:
+    assert report["prompts"] == 4  # five rows, p0 twice
+    assert report["prompts_with_reference"] == 3
+    assert report["students"]["base"] == str(setup["base"])
+    assert report["students"]["finetuned"] == str(setup["run"] / "adapter")
+    assert report["students"]["adapter"] is True
+    assert [ex["prompt_id"] for ex in report["examples"]] == ["p0", "p1", "p2", "p3"]
+    assert report["examples"][0]["teacher"] == ["The answer is 19.", "The answer is 19."]
+    for ex in report["examples"]:
+        # Context distillation: the students never see the teacher's system prompt.
+        assert [m["role"] for m in ex["messages"]] == ["user"]
+        for s in ("base", "finetuned"):
+            assert isinstance(ex[s]["answer"], str)
+            assert 0 <= ex[s]["tokens"] <= 8
+
+
+def test_metrics_in_range(report: dict[str, Any]) -> None:
+    for s in ("base", "finetuned"):
+        m = report["metrics"][s]
+        for key in ("accuracy", "teacher_match", "rouge_l", "format_compliance", "hit_max_tokens"):
+            assert 0.0 <= m[key] <= 1.0, (s, key)
+        assert m["n_reference"] == 3
+        assert m["n_teacher_answers"] == 4
+        assert 0 < m["nll"] < 20 and math.isclose(m["perplexity"], math.exp(m["nll"]), rel_tol=1e-9)
+        assert 0 <= m["answer_tokens"] <= 8
+        assert m["judge_score"] is None  # the judge is off by default
+        # By construction: a random student never writes the teacher's format.
+        assert m["format_compliance"] == 0.0
+    t = report["metrics"]["teacher"]
+    # Per teacher sample: p0's two and p2's are right, p1's reference is unreachable.
+    assert t["accuracy"] == pytest.approx(3 / 4)
+    assert t["format_compliance"] == 1.0
+    assert t["samples"] == 5
+
+
+def test_unreachable_reference_is_never_correct(report: dict[str, Any]) -> None:
+    p1 = report["examples"][1]
+    assert p1["reference"] == UNREACHABLE
+    assert p1["base"]["correct"] is False and p1["finetuned"]["correct"] is False
+    assert report["examples"][3]["base"]["correct"] is None  # no reference, not scored
+
+
+def test_finetuned_differs_from_base(report: dict[str, Any]) -> None:
+    b, f = report["metrics"]["base"], report["metrics"]["finetuned"]
+    assert b["nll_tokens"] == f["nll_tokens"] > 0
+    assert abs(b["nll"] - f["nll"]) > 1e-3
+
+
+def test_nll_matches_an_unbatched_forward_pass(
+    setup: dict[str, Path], report: dict[str, Any]
+) -> None:
+    """The batched, left-padded NLL equals the plain loss of each unpadded sequence."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(setup["base"]))
+    model = AutoModelForCausalLM.from_pretrained(str(setup["base"])).eval()
+    for i, (_, question, answers, _) in enumerate(ROWS):
+        user = [{"role": "user", "content": question}]
+        prompt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        # Qwen's ChatML: the answer, then <|im_end|> (trained); the newline after it is not.
+        full = prompt + answers[0] + "<|im_end|>"
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = tok(full, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        n = len(ids) - len(p_ids)
+        expected = F.cross_entropy(logits[-n - 1 : -1], torch.tensor(ids[-n:])).item()
+        got = report["examples"][i]["base"]
+        assert got["nll_tokens"] == n * len(answers)  # p0's two samples both count
+        assert got["nll"] == pytest.approx(expected, abs=1e-4), ROWS[i][0]
+
+
+def test_merged_model_scores_like_its_adapter(
+    setup: dict[str, Path], report: dict[str, Any]
+) -> None:
+    out = evaluate(_cfg(setup, "merged", finetuned=setup["merged"], base=setup["base"], limit=2))
+    merged = read_report(out)
+    assert merged["students"]["adapter"] is False
+    assert merged["prompts"] == 2
+    assert not (out / "loss_curves.png").exists()  # no fine-tune run next to a bare merged folder
+    for i in range(2):
+        assert merged["examples"][i]["finetuned"]["nll"] == pytest.approx(
+            report["examples"][i]["finetuned"]["nll"], abs=1e-4
+        )
+        assert (
+            merged["examples"][i]["finetuned"]["answer"]
+            == report["examples"][i]["finetuned"]["answer"]
+        )
+
+
+def test_headline_lists_both_students(report: dict[str, Any]) -> None:
+    text = headline(report)
+    assert "base" in text and "fine-tuned" in text and "teacher" in text
+    assert "4 held-out prompts" in text
+    assert "NLL of teacher answers" in text and "format compliance" in text
+    assert "LLM judge" not in text  # no judge numbers: no judge row
+
+
+def test_rouge_l() -> None:
+    assert rouge_l("The answer is 19.", "the answer is 19 .") == 1.0
+    assert rouge_l("the cat sat", "the cat sat on the mat") == pytest.approx(2 / 3)
+    assert rouge_l("alpha", "beta") == 0.0
+    assert rouge_l("", "beta") == 0.0
+
+
+def test_system_prompt_handling(setup: dict[str, Path]) -> None:
+    keep = load_prompts(_cfg(setup, "x", keep_system=True))
+    assert keep[0].messages[0] == {"role": "system", "content": SYSTEM}
+    own = load_prompts(_cfg(setup, "x", system_prompt="Be brief."))
+    assert [m["content"] for m in own[0].messages] == ["Be brief.", ROWS[0][1]]
+    assert len(load_prompts(_cfg(setup, "x", limit=3))) == 3
+
+
+def test_cli_eval_prints_headline(setup: dict[str, Path]) -> None:
+    out = setup["root"] / "cli"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            "--data",
+            str(setup["data"]),
+            "--finetuned",
+            str(setup["run"]),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "4",
+            "--limit",
+            "2",
+            "--no-nll",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 held-out prompts" in result.stdout and "fine-tuned" in result.stdout
+    assert read_report(out)["metrics"]["base"]["nll"] is None
+
+
+def _bad(setup: dict[str, Path], *args: str) -> str:
+    argv = [
+        "eval",
+        "--data",
+        str(setup["data"]),
+        "--finetuned",
+        str(setup["run"]),
+        "--out",
+        str(setup["root"] / "bad"),
+        "--device",
+        "cpu",
+        *args,
+    ]
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_bad_inputs_give_one_line(setup: dict[str, Path]) -> None:
+    root = setup["root"]
+    no_eval = write_dataset(root / "no_eval", _rows(ROWS), splits=("train",))
+    assert "no `eval` split" in _bad(setup, "--data", str(no_eval))
+    import datasets
+
+    datasets.DatasetDict({"eval": datasets.Dataset.from_list([{"text": "hi"}])}).save_to_disk(
+        str(root / "no_msgs")
+    )
+    assert "no `messages` column" in _bad(setup, "--data", str(root / "no_msgs"))
+    assert "dataset folder not found" in _bad(setup, "--data", str(root / "nope"))
+    msg = _bad(setup, "--base", str(root / "no_such_model"))
+    assert "no_such_model" in msg and "--base" in msg
+    msg = _bad(setup, "--finetuned", str(root / "no_such_run"))
+    assert "no_such_run" in msg and "finetuned" in msg
+    msg = _bad(setup, "--format-regex", "(unclosed")
+    assert "format_regex" in msg and "(unclosed" in msg
+    assert "answer_patterns" in _bad(setup, "--answer-patterns", "[a-")
+
+
+def test_bad_inputs_raise_typed_errors(setup: dict[str, Path]) -> None:
+    with pytest.raises(InputError, match="not a fine-tune OUT folder|neither"):
+        evaluate(_cfg(setup, "x", finetuned=setup["root"]))  # a folder with no model in it
+    with pytest.raises(ConfigError, match="judge_model"):
+        evaluate(_cfg(setup, "x", judge=True, limit=1, nll=False))
+
+
+def test_judge_through_the_teacher_client(setup: dict[str, Path], server: Any) -> None:
+    """The judge (off by default) grades every answer through the real HTTP client."""
+    seen: list[str] = []
+
+    def grade(body: dict[str, Any], index: int) -> dict[str, Any]:
+        seen.append(body["messages"][0]["content"])
+        return {"content": "7"}
+
+    server.responder = grade
+    cfg = _cfg(setup, "judged", limit=2, nll=False, max_new_tokens=2)
+    cfg.judge, cfg.judge_model, cfg.judge_base_url = True, "judge-model", server.url
+    got = read_report(evaluate(cfg))
+    assert len(seen) == 4  # two prompts x two students
+    assert all("Reference answer:\nThe answer is" in s for s in seen)
+    assert (
+        got["metrics"]["base"]["judge_score"] == got["metrics"]["finetuned"]["judge_score"] == 0.7
+    )
+    assert "LLM judge score" in headline(got)
