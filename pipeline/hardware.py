@@ -132,9 +132,14 @@ def detect_hardware() -> Hardware:
         )
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
-        return Hardware(device="mps", name="Apple GPU (MPS)", cpu_memory_bytes=cpu_mem)
+        return Hardware(
+            device="mps", name="Apple GPU (MPS)", cpu_memory_bytes=cpu_mem, world_size=world
+        )
     return Hardware(
-        device="cpu", name=platform.processor() or platform.machine(), cpu_memory_bytes=cpu_mem
+        device="cpu",
+        name=platform.processor() or platform.machine(),
+        cpu_memory_bytes=cpu_mem,
+        world_size=world,
     )
 
 
@@ -324,7 +329,11 @@ def plan_training(
             dtype = "bf16" if hw.bf16 else "fp16"
             reasons.append(
                 f"{dtype}: compute capability {hw.compute_capability} "
-                + ("supports bf16" if hw.bf16 else "has no bf16 (pre-Ampere), so fp16 with loss scaling")
+                + (
+                    "supports bf16"
+                    if hw.bf16
+                    else "has no bf16 (pre-Ampere), so fp16 with loss scaling"
+                )
             )
         else:
             dtype = "fp32"
@@ -385,7 +394,9 @@ def plan_training(
                 f"over the {budget / GiB:.1f} GiB budget"
             )
         elif device == "cuda":
-            reasons.append(f"no 4-bit: {dtype} fits ({smallest_16bit.total / GiB:.1f} GiB at batch 1)")
+            reasons.append(
+                f"no 4-bit: {dtype} fits ({smallest_16bit.total / GiB:.1f} GiB at batch 1)"
+            )
 
     def largest_batch(gc: bool) -> int:
         """Largest power of two <= target (and the cap) whose estimate fits; 0 if none."""

@@ -16,7 +16,8 @@ of chat template matter to the fine-tune stage:
   assistant spans by itself.
 
 The builders are plain functions (bench/ calls them too); `tiny_model` is a pytest fixture that builds
-each (arch, template) pair once per test session.
+each (arch, template) pair once per test session. `make_chat_dataset` writes a DatasetDict shaped like
+`distill build`'s output (arithmetic Q/A, with and without reasoning).
 """
 
 from __future__ import annotations
@@ -180,3 +181,50 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return make_tiny_model(root / f"{arch}-{template}", arch=arch, template=template)
 
     return build
+
+
+def make_chat_dataset(
+    path: Path, n_train: int = 32, n_eval: int = 8, reasoning: str = "mixed", seed: int = 0
+) -> Path:
+    """Write a DatasetDict like `distill build`'s (splits train/eval) of arithmetic Q/A rows.
+
+    reasoning: "none" (plain answers), "separate" (`reasoning_content` on some assistant turns),
+    "inline" (`<think>...</think>` leading some answers), "mixed" (rows of all three kinds).
+    Lengths vary (short answers, longer worked reasoning) as real distillation data does.
+    """
+    import random
+
+    from datasets import Dataset, DatasetDict
+
+    rng = random.Random(seed)
+
+    def row(i: int) -> dict:
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        answer = f"The answer is {a + b}."
+        steps = " ".join(
+            f"Step {k}: {a} plus {b}, carry and add." for k in range(rng.randint(1, 6))
+        )
+        kind = reasoning if reasoning != "mixed" else ("none", "separate", "inline")[i % 3]
+        assistant: dict = {"role": "assistant", "content": answer}
+        if kind == "separate":
+            assistant["reasoning_content"] = steps
+        elif kind == "inline":
+            assistant["content"] = f"<think>\n{steps}\n</think>\n\n{answer}"
+        messages = [{"role": "user", "content": f"What is {a} + {b}?"}, assistant]
+        if i % 4 == 0:
+            messages.insert(0, {"role": "system", "content": "Answer with the number."})
+        return {
+            "messages": messages,
+            "prompt_id": f"p{i:04d}",
+            "teacher": "tiny-teacher",
+            "verified": (i % 5 != 0) if i % 2 else None,
+            "key": f"k{i:04d}",
+            "reference": str(a + b) if i % 2 else None,
+        }
+
+    rows = [row(i) for i in range(n_train + n_eval)]
+    dd = DatasetDict(
+        {"train": Dataset.from_list(rows[:n_train]), "eval": Dataset.from_list(rows[n_train:])}
+    )
+    dd.save_to_disk(str(path))
+    return Path(path)
