@@ -34,12 +34,29 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--prompts", "prompts", multiple=True, type=click.Path(path_type=Path), help="Prompt file (repeatable): .jsonl .json .csv .parquet .txt or a dataset folder.")
-@click.option("--out", type=click.Path(path_type=Path), help="Run directory (store.sqlite lives here).")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config; its harvest: section. Flags override it.")
-@click.option("--base-url", help="OpenAI-compatible API root (default $OPENAI_BASE_URL, else OpenAI).")
+@click.option(
+    "--prompts",
+    "prompts",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Prompt file (repeatable): .jsonl .json .csv .parquet .txt or a dataset folder.",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Run directory (store.sqlite lives here)."
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="YAML config; its harvest: section. Flags override it.",
+)
+@click.option(
+    "--base-url", help="OpenAI-compatible API root (default $OPENAI_BASE_URL, else OpenAI)."
+)
 @click.option("--model", help="Teacher model name.")
-@click.option("--api-key-env", help="Environment variable holding the API key (default OPENAI_API_KEY).")
+@click.option(
+    "--api-key-env", help="Environment variable holding the API key (default OPENAI_API_KEY)."
+)
 @click.option("--samples", type=int, help="Answers per prompt.")
 @click.option("--temperature", type=float)
 @click.option("--top-p", type=float)
@@ -59,8 +76,16 @@ def cli() -> None:
 @click.option("--limit", type=int, help="Only the first N unique prompts.")
 @click.option("--max-cost", type=float, help="Stop before this run's spend (USD) would pass this.")
 @click.option("--max-duration", type=float, help="Stop sending after this many seconds.")
-@click.option("--dry-run", is_flag=True, default=None, help="Count requests, tokens and cost; send nothing.")
-@click.option("--json", "json_summary", is_flag=True, default=None, help="Print the summary as JSON on stdout.")
+@click.option(
+    "--dry-run", is_flag=True, default=None, help="Count requests, tokens and cost; send nothing."
+)
+@click.option(
+    "--json",
+    "json_summary",
+    is_flag=True,
+    default=None,
+    help="Print the summary as JSON on stdout.",
+)
 def harvest(config_path: Path | None, **flags: Any) -> None:
     """Send prompts to a teacher API; store every answer once (rerun = resume)."""
     from pipeline.config import load_config
@@ -79,7 +104,13 @@ def harvest(config_path: Path | None, **flags: Any) -> None:
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--to", "to", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--format", "fmt", type=click.Choice(["hf", "parquet", "jsonl"]), default="hf", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["hf", "parquet", "jsonl"]),
+    default="hf",
+    show_default=True,
+)
 def export(run_dir: Path, to: Path, fmt: str) -> None:
     """Write a run's stored answers as a dataset (hf), Parquet or JSONL."""
     from pipeline.export import export as do_export
@@ -89,27 +120,59 @@ def export(run_dir: Path, to: Path, fmt: str) -> None:
 
 
 @cli.command("eval")
-@click.option("--data", type=click.Path(path_type=Path), help="Dataset folder from `distill build` (its eval split).")
-@click.option("--base", type=click.Path(path_type=Path), help="Base student model folder (default: the fine-tune run's student).")
-@click.option("--finetuned", type=click.Path(path_type=Path), help="Fine-tune OUT folder, adapter folder or merged model folder.")
-@click.option("--out", type=click.Path(path_type=Path), help="Report folder (report.md, report.json, PNGs).")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config; its eval: section. Flags override it.")
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    help="Dataset folder from `distill build` (its eval split).",
+)
+@click.option(
+    "--base",
+    type=click.Path(path_type=Path),
+    help="Base student model folder (default: the fine-tune run's student).",
+)
+@click.option(
+    "--finetuned",
+    type=click.Path(path_type=Path),
+    help="Fine-tune OUT folder, adapter folder or merged model folder.",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Report folder (report.md, report.json, PNGs)."
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="YAML config; its eval: section. Flags override it.",
+)
 @click.option("--split", help="Dataset split to evaluate (default eval).")
 @click.option("--max-new-tokens", type=int)
 @click.option("--batch-size", type=int)
-@click.option("--greedy/--sample", "greedy", default=None, help="Greedy decoding (default) or sampling.")
+@click.option(
+    "--greedy/--sample", "greedy", default=None, help="Greedy decoding (default) or sampling."
+)
 @click.option("--temperature", type=float)
 @click.option("--top-p", type=float)
 @click.option("--limit", type=int, help="Only the first N prompts.")
-@click.option("--answer-patterns", "answer_patterns", multiple=True, help="Answer-extraction regex (repeatable).")
+@click.option(
+    "--answer-patterns",
+    "answer_patterns",
+    multiple=True,
+    help="Answer-extraction regex (repeatable).",
+)
 @click.option("--format-regex", help="Declared answer format (re.search on each answer).")
 @click.option("--system-prompt", help="System prompt the students see (default: none).")
-@click.option("--keep-system", is_flag=True, default=None, help="Keep the dataset's system message.")
-@click.option("--nll/--no-nll", default=None, help="Compute NLL/perplexity of the teacher's answers.")
+@click.option(
+    "--keep-system", is_flag=True, default=None, help="Keep the dataset's system message."
+)
+@click.option(
+    "--nll/--no-nll", default=None, help="Compute NLL/perplexity of the teacher's answers."
+)
 @click.option("--examples", type=int, help="Side-by-side examples in report.md.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
 @click.option("--seed", type=int)
-@click.option("--judge/--no-judge", default=None, help="LLM judge through the teacher client (costs money).")
+@click.option(
+    "--judge/--no-judge", default=None, help="LLM judge through the teacher client (costs money)."
+)
 @click.option("--judge-model")
 @click.option("--judge-base-url")
 @click.option("--judge-api-key-env")
@@ -130,13 +193,23 @@ def eval_cmd(config_path: Path | None, **flags: Any) -> None:
 @click.option("--data", help="Dataset folder from `distill build` (splits train, eval).")
 @click.option("--student", help="Student model: a local folder (or a hub id where reachable).")
 @click.option("--out", help="Output folder: adapter/, train_report.json, loss.png, checkpoints/.")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config; its finetune: section. Flags override it.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="YAML config; its finetune: section. Flags override it.",
+)
 @click.option("--max-steps", type=int, help="Stop after N optimizer steps (overrides --epochs).")
 @click.option("--epochs", type=float)
 @click.option("--lr", type=float, help="Peak learning rate.")
 @click.option("--lora-r", type=int)
 @click.option("--lora-alpha", type=int)
-@click.option("--lora-target-modules", "lora_target_modules", multiple=True, help="Module name to adapt (repeatable; default all-linear).")
+@click.option(
+    "--lora-target-modules",
+    "lora_target_modules",
+    multiple=True,
+    help="Module name to adapt (repeatable; default all-linear).",
+)
 @click.option("--use-dora/--no-dora", "use_dora", default=None)
 @click.option("--batch-size", type=int, help="Per-device batch (default: auto-fit to memory).")
 @click.option("--grad-accum", type=int, help="Gradient accumulation (default: auto).")
@@ -145,15 +218,26 @@ def eval_cmd(config_path: Path | None, **flags: Any) -> None:
 @click.option("--quantize", type=click.Choice(["auto", "4bit", "none"]))
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--gradient-checkpointing/--no-gradient-checkpointing", "gradient_checkpointing", default=None)
+@click.option(
+    "--gradient-checkpointing/--no-gradient-checkpointing", "gradient_checkpointing", default=None
+)
 @click.option("--packing/--no-packing", "packing", default=None)
 @click.option("--eval-steps", type=int)
 @click.option("--save-steps", type=int)
 @click.option("--logging-steps", type=int)
-@click.option("--report-to", help="tensorboard, wandb, none, ... (default tensorboard if installed).")
-@click.option("--resume", is_flag=True, default=None, help="Continue from the last checkpoint in OUT.")
+@click.option(
+    "--report-to", help="tensorboard, wandb, none, ... (default tensorboard if installed)."
+)
+@click.option(
+    "--resume", is_flag=True, default=None, help="Continue from the last checkpoint in OUT."
+)
 @click.option("--seed", type=int)
-@click.option("--trust-remote-code", is_flag=True, default=None, help="Run model code shipped with the student.")
+@click.option(
+    "--trust-remote-code",
+    is_flag=True,
+    default=None,
+    help="Run model code shipped with the student.",
+)
 def finetune(config_path: Path | None, **flags: Any) -> None:
     """Fine-tune a student with LoRA/QLoRA on the built dataset, sized to this machine."""
     from pipeline.config import load_config
@@ -169,9 +253,16 @@ def finetune(config_path: Path | None, **flags: Any) -> None:
 @cli.command()
 @click.argument("out", required=False)
 @click.option("--to", help="Folder for the merged model.")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config; its merge: section.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="YAML config; its merge: section.",
+)
 @click.option("--student", help="Base model (default: the run's student).")
-@click.option("--gguf", type=click.Choice(["auto", "yes", "no"]), help="Also write GGUF (needs llama.cpp).")
+@click.option(
+    "--gguf", type=click.Choice(["auto", "yes", "no"]), help="Also write GGUF (needs llama.cpp)."
+)
 @click.option("--gguf-type", help="GGUF tensor type (f16, q8_0, ...).")
 @click.option("--gguf-converter", help="Path to llama.cpp's convert_hf_to_gguf.py.")
 @click.option("--trust-remote-code", is_flag=True, default=None)
@@ -187,19 +278,54 @@ def merge(config_path: Path | None, **flags: Any) -> None:
 
 @cli.command()
 @click.argument("run", required=False, type=click.Path(path_type=Path))
-@click.option("--to", type=click.Path(path_type=Path), help="Output folder (an earlier build there is replaced).")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="YAML config; its build: section. Flags override it.")
-@click.option("--format", type=click.Choice(["hf", "parquet", "jsonl", "sharegpt", "openai"]), help="Output format (default hf: datasets.load_from_disk).")
-@click.option("--reasoning", type=click.Choice(["inline", "separate", "drop"]), help="Reasoning as <think> in the answer (default), a reasoning_content field, or dropped.")
-@click.option("--drop-system/--keep-system", default=None, help="Leave the system prompt out of the training messages.")
-@click.option("--tokenizer", type=click.Path(path_type=Path), help="Student tokenizer folder: length bounds in its tokens.")
-@click.option("--select", type=click.Choice(["all", "first", "best"]), help="Keep all passing answers, or the first/best --per-prompt.")
+@click.option(
+    "--to",
+    type=click.Path(path_type=Path),
+    help="Output folder (an earlier build there is replaced).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="YAML config; its build: section. Flags override it.",
+)
+@click.option(
+    "--format",
+    type=click.Choice(["hf", "parquet", "jsonl", "sharegpt", "openai"]),
+    help="Output format (default hf: datasets.load_from_disk).",
+)
+@click.option(
+    "--reasoning",
+    type=click.Choice(["inline", "separate", "drop"]),
+    help="Reasoning as <think> in the answer (default), a reasoning_content field, or dropped.",
+)
+@click.option(
+    "--drop-system/--keep-system",
+    default=None,
+    help="Leave the system prompt out of the training messages.",
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(path_type=Path),
+    help="Student tokenizer folder: length bounds in its tokens.",
+)
+@click.option(
+    "--select",
+    type=click.Choice(["all", "first", "best"]),
+    help="Keep all passing answers, or the first/best --per-prompt.",
+)
 @click.option("--per-prompt", type=int, help="k answers kept per prompt with --select first|best.")
 @click.option("--seed", type=int, help="Seed of the split by prompt id.")
-@click.option("--eval-fraction", type=float, help="Share of prompts held out for eval (default 0.1).")
-@click.option("--eval-size", type=int, help="Number of prompts held out for eval (overrides --eval-fraction).")
+@click.option(
+    "--eval-fraction", type=float, help="Share of prompts held out for eval (default 0.1)."
+)
+@click.option(
+    "--eval-size", type=int, help="Number of prompts held out for eval (overrides --eval-fraction)."
+)
 @click.option("--custom-filter", help="Your filter: module:function or file.py:function.")
-@click.option("--json", "json_report", is_flag=True, default=None, help="Print build_report.json on stdout.")
+@click.option(
+    "--json", "json_report", is_flag=True, default=None, help="Print build_report.json on stdout."
+)
 def build(config_path: Path | None, **flags: Any) -> None:
     """Curate a run's answers into a train/eval dataset; every removed row counted and explained."""
     from pipeline.build import BuildConfig
@@ -361,6 +487,7 @@ def batch_status(run_dir: Path, json_summary: bool | None) -> None:
     click.echo(summary.line(), err=True)
     if json_summary:
         click.echo(summary_json(summary))
+
 
 def main() -> None:
     cli(prog_name="distill")
