@@ -32,7 +32,9 @@ async def plain_openai(url: str, n: int, concurrency: int) -> tuple[float, int]:
         nonlocal failed
         async with sem:
             try:
-                await client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"q{i}"}])
+                await client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": f"q{i}"}]
+                )
             except openai.APIError:
                 failed += 1
 
@@ -46,7 +48,18 @@ async def plain_openai(url: str, n: int, concurrency: int) -> tuple[float, int]:
 def run_ours(url: str, prompts: Path, out: Path, **kw: object) -> tuple[float, int]:
     from pipeline.harvest import HarvestConfig, harvest
 
-    s = harvest(HarvestConfig(prompts=[prompts], out=out, base_url=url, model="m", concurrency=64, progress_every=3600, **kw), pretty=False)  # type: ignore[arg-type]
+    s = harvest(
+        HarvestConfig(
+            prompts=[prompts],
+            out=out,
+            base_url=url,
+            model="m",
+            concurrency=64,
+            progress_every=3600,
+            **kw,
+        ),
+        pretty=False,
+    )  # type: ignore[arg-type]
     return s.completed / s.elapsed_s, s.failed
 
 
@@ -63,7 +76,9 @@ def main(n: int = 600) -> dict:
         ]
         for i, (name, server_args, kw) in enumerate(cases):
             stats = tmp / f"stats{i}.json"
-            with server_process("--rps", str(LIMIT), "--burst", str(LIMIT), *server_args, stats=stats) as url:
+            with server_process(
+                "--rps", str(LIMIT), "--burst", str(LIMIT), *server_args, stats=stats
+            ) as url:
                 if kw is None:
                     rate, failed = asyncio.run(plain_openai(url, n, 64))
                 else:
@@ -71,8 +86,15 @@ def main(n: int = 600) -> dict:
             time.sleep(0.3)
             st = json.loads(stats.read_text())
             share = st["status"].get("429", 0) / max(1, st["requests"])
-            results[name] = {"completions_per_s": round(rate, 2), "ratio_to_limit": round(rate / LIMIT, 3), "share_429": round(share, 4), "failed": failed}
-            print(f"rate limit: {name}: {rate:.2f}/s = {rate / LIMIT:.3f} x limit, 429 share {share:.1%}, failed {failed}/{n}")
+            results[name] = {
+                "completions_per_s": round(rate, 2),
+                "ratio_to_limit": round(rate / LIMIT, 3),
+                "share_429": round(share, 4),
+                "failed": failed,
+            }
+            print(
+                f"rate limit: {name}: {rate:.2f}/s = {rate / LIMIT:.3f} x limit, 429 share {share:.1%}, failed {failed}/{n}"
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("rate limit goal: >= 0.95 x limit, <= 2% 429s, 0 failed")

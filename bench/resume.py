@@ -38,11 +38,28 @@ def main(n: int = 400, kills: int = 6, concurrency: int = 16) -> dict:
         prompts = prompt_file(tmp / "p.jsonl", n)
         run = tmp / "run"
         with server_process("--latency", "0.1", stats=stats) as url:
-            cmd = [sys.executable, "-m", "pipeline", "harvest", "--prompts", str(prompts), "--out", str(run), "--base-url", url, "--model", "m", "--concurrency", str(concurrency)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "harvest",
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(run),
+                "--base-url",
+                url,
+                "--model",
+                "m",
+                "--concurrency",
+                str(concurrency),
+            ]
             done_kills = 0
             for _ in range(kills):
                 before = rows(run)
-                proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                proc = subprocess.Popen(
+                    cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
                 while rows(run) <= before and proc.poll() is None:
                     time.sleep(0.02)
                 time.sleep(rng.uniform(0.1, 0.6))
@@ -50,7 +67,9 @@ def main(n: int = 400, kills: int = 6, concurrency: int = 16) -> dict:
                     proc.kill()
                     done_kills += 1
                 proc.wait()
-            subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
         time.sleep(0.3)
         answered = json.loads(stats.read_text())["completed"]
         stored = rows(run)
@@ -58,8 +77,16 @@ def main(n: int = 400, kills: int = 6, concurrency: int = 16) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     twice = answered - stored
     per_kill = twice / max(1, done_kills)
-    print(f"resume: {done_kills} kill -9s, {stored}/{n} stored once each, {twice} answers paid twice = {per_kill:.1f} per kill (bound: {concurrency} in flight)")
-    return {"kills": done_kills, "stored": stored, "paid_twice": twice, "paid_twice_per_kill": round(per_kill, 2), "in_flight_bound": concurrency}
+    print(
+        f"resume: {done_kills} kill -9s, {stored}/{n} stored once each, {twice} answers paid twice = {per_kill:.1f} per kill (bound: {concurrency} in flight)"
+    )
+    return {
+        "kills": done_kills,
+        "stored": stored,
+        "paid_twice": twice,
+        "paid_twice_per_kill": round(per_kill, 2),
+        "in_flight_bound": concurrency,
+    }
 
 
 if __name__ == "__main__":

@@ -252,7 +252,9 @@ def test_second_harvest_on_the_same_run_refuses_and_a_dead_lock_does_not_stick(
     second = start_harvest(p, run, server.url)
     _, err = second.communicate(timeout=30)
     assert (
-        second.returncode == 75 and "another harvest is running" in err and f"pid {first.pid}" in err
+        second.returncode == 75
+        and "another harvest is running" in err
+        and f"pid {first.pid}" in err
     )
     first.kill()
     first.wait()

@@ -10,13 +10,15 @@ import psutil
 import pytest
 
 from pipeline.errors import InputError, TeacherError
-from pipeline.serve import served_model_name, serve_teacher
+from pipeline.serve import serve_teacher, served_model_name
 from tests.tinymodels import make_tiny_model
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("serve") / "tiny", arch="qwen2", template="known")
+    return make_tiny_model(
+        tmp_path_factory.mktemp("serve") / "tiny", arch="qwen2", template="known"
+    )
 
 
 def _server_pids(url: str) -> list[int]:
@@ -31,7 +33,9 @@ def _server_pids(url: str) -> list[int]:
 
 
 def _gone(pids: list[int]) -> bool:
-    return not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids)
+    return not any(
+        psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids
+    )
 
 
 def test_chat_completion_has_openai_shape_and_server_stops(tiny: Path, tmp_path: Path) -> None:
