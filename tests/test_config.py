@@ -52,6 +52,8 @@ STAGES = {
     "build": ("pipeline.build", "BuildConfig"),
     "finetune": ("pipeline.finetune", "FinetuneConfig"),
     "eval": ("pipeline.evaluate", "EvalConfig"),
+    "batch": ("pipeline.batch", "BatchConfig"),
+    "merge": ("pipeline.merge", "MergeConfig"),
 }
 
 
