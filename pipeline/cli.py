@@ -489,5 +489,43 @@ def batch_status(run_dir: Path, json_summary: bool | None) -> None:
         click.echo(summary_json(summary))
 
 
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=Path("configs/demo.yaml"),
+    show_default=True,
+    help="The demo's config: one section per stage.",
+)
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help="Train and evaluate again even if done before (the harvest is always reused).",
+)
+def demo(config_path: Path, fresh: bool) -> None:
+    """The whole pipeline offline on SmolLM2-135M: serve teacher, harvest, build, finetune, eval."""
+    from pipeline.demo import demo as run_demo
+
+    run_stage(run_demo, config_path, fresh=fresh)
+
+
+@cli.command()
+@click.option(
+    "--write",
+    "readme",
+    type=click.Path(path_type=Path),
+    help="Rewrite this README's reference section instead of printing.",
+)
+def reference(readme: Path | None) -> None:
+    """Print the config reference (Markdown) of every stage, as in README.md."""
+    from pipeline.config import full_reference, write_reference
+
+    if readme is not None:
+        write_reference(readme)
+    else:
+        click.echo(full_reference(), nl=False)
+
+
 def main() -> None:
     cli(prog_name="distill")

@@ -138,3 +138,39 @@ def reference_markdown(model: type[BaseModel], section: str) -> str:
         desc = (f.description or "").replace("|", "\\|").replace("\n", " ")
         lines.append(f"| `{name}` | {_type_name(f.annotation)} | `{default}` | {desc} |")
     return "\n".join(lines) + "\n"
+
+
+def full_reference() -> str:
+    """Every stage's reference, in pipeline order (`distill reference`)."""
+    from pipeline.batch import BatchConfig
+    from pipeline.build import BuildConfig, Filters
+    from pipeline.evaluate import EvalConfig
+    from pipeline.finetune import FinetuneConfig
+    from pipeline.harvest import HarvestConfig
+    from pipeline.merge import MergeConfig
+    from pipeline.teacher import TeacherConfig
+
+    parts = [
+        reference_markdown(HarvestConfig, "harvest"),
+        reference_markdown(TeacherConfig, "harvest.teachers[]"),
+        reference_markdown(BatchConfig, "batch"),
+        reference_markdown(BuildConfig, "build"),
+        reference_markdown(Filters, "build.filters"),
+        reference_markdown(FinetuneConfig, "finetune"),
+        reference_markdown(MergeConfig, "merge"),
+        reference_markdown(EvalConfig, "eval"),
+    ]
+    return "\n".join(parts)
+
+
+REFERENCE_START, REFERENCE_END = "<!-- reference:start -->", "<!-- reference:end -->"
+
+
+def write_reference(readme: Path) -> None:
+    """Replace the README's generated reference section with the current one."""
+    text = Path(readme).read_text(encoding="utf-8")
+    head, _, rest = text.partition(REFERENCE_START)
+    _, _, tail = rest.partition(REFERENCE_END)
+    Path(readme).write_text(
+        f"{head}{REFERENCE_START}\n{full_reference()}{REFERENCE_END}{tail}", encoding="utf-8"
+    )

