@@ -166,6 +166,10 @@ class BuildConfig(StageConfig):
     per_prompt: int = Field(
         1, ge=1, description="k, the answers kept per prompt when select is first or best."
     )
+    prefer_teachers: list[str] | None = Field(
+        None,
+        description="Several teachers: keep one teacher's answers per prompt, the first in this list with a verified answer, else the first with any passing answer (teachers not listed come after, in name order).",
+    )
     seed: int = Field(0, description="Seed of the train/eval split (a hash of seed and prompt id).")
     eval_fraction: float = Field(
         0.1, ge=0, lt=1, description="Share of prompts (not rows) held out for eval."
@@ -427,14 +431,28 @@ def apply_filters(
 
 
 def select(cfg: BuildConfig, rows: list[Row]) -> None:
-    """Keep the first or best k passing answers of each prompt; mark the rest not_selected."""
-    if cfg.select == "all":
-        return
+    """Keep one teacher per prompt (prefer_teachers), then the first or best k passing answers of
+    each prompt; mark the rest not_selected."""
     by_prompt: dict[str, list[Row]] = {}
     for r in rows:
         if r.removed_by is None:
             by_prompt.setdefault(r.prompt_id, []).append(r)
     rank = {True: 0, None: 1, False: 2}
+    if cfg.prefer_teachers:
+        order = {name: i for i, name in enumerate(cfg.prefer_teachers)}
+
+        def teacher_rank(r: Row) -> tuple[int, int, str]:
+            name = str(r.store["teacher"])
+            return (rank[r.verified], order.get(name, len(order)), name)
+
+        for pid, group in by_prompt.items():
+            chosen = str(min(group, key=teacher_rank).store["teacher"])
+            for r in group:
+                if r.store["teacher"] != chosen:
+                    r.removed_by, r.reason = "not_selected", f"another teacher preferred ({chosen})"
+            by_prompt[pid] = [r for r in group if r.removed_by is None]
+    if cfg.select == "all":
+        return
     for group in by_prompt.values():
         if cfg.select == "best":  # verified first, then the shortest target; ties keep store order
             group = sorted(group, key=lambda r: (rank[r.verified], r.answer_len + r.reasoning_len))

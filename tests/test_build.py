@@ -586,3 +586,38 @@ def test_two_teachers_deduplicated_across_teachers(tmp_path: Path, server: OpenA
     assert sorted(r["prompt_id"] for r in all_rows(ds)) == ["p0", "p1", "p2", "p3"]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| big | big |" in card and "| small | small |" in card
+
+
+def test_prefer_teachers_keeps_one_teacher_per_prompt_verified_first(
+    tmp_path: Path, server: OpenAIServer
+) -> None:
+    """'big' answers p0 and p1 wrong; 'small' answers everything right. With big preferred, big's
+    answer is kept where it is verified (p2, p3), small's where only small's is (p0, p1)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"id": f"p{i}", "prompt": f"What is {i} + 1?", "reference": str(i + 1)})
+            + "\n"
+            for i in range(4)
+        )
+    )
+
+    def answer(body: dict, i: int) -> dict:
+        n = int(body["messages"][-1]["content"].split()[2])
+        wrong = body["model"] == "big" and n < 2
+        return {"content": f"{body['model']} says the answer is {n + 1 + (7 if wrong else 0)}."}
+
+    server.responder = answer
+    teachers = [{"name": name, "base_url": server.url, "model": name} for name in ("big", "small")]
+    harvest(HarvestConfig(prompts=[prompts], out=tmp_path / "run", teachers=teachers), pretty=False)
+    report, ds = do_build(
+        tmp_path / "run",
+        tmp_path / "out",
+        eval_size=1,
+        prefer_teachers=["big", "small"],
+        filters={"verify": False},
+    )
+    kept = {r["prompt_id"]: r["teacher"] for r in all_rows(ds)}
+    assert kept == {"p0": "small", "p1": "small", "p2": "big", "p3": "big"}
+    assert report["removed"]["not_selected"] == 4
+    assert report["rows_in"] == sum(report["removed"].values()) + report["kept"]
