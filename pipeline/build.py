@@ -177,6 +177,14 @@ class BuildConfig(StageConfig):
     eval_size: int | None = Field(
         None, ge=0, description="Number of prompts held out for eval (overrides eval_fraction)."
     )
+    split_field: str | None = Field(
+        None,
+        description="A prompt field (from the prompt row or its meta) that fixes the split: 'eval'/'test'/'validation' or 'train'. Prompts without it are split by hash (eval_fraction/eval_size count only those).",
+    )
+    filter_eval: bool = Field(
+        True,
+        description="Apply the filters to the eval split too. false: every answered eval prompt is kept as answered (verified still marks it), so eval measures on all held-out prompts, not only those the teacher got right; the split is then made over every prompt in the store.",
+    )
     json_report: bool = Field(False, description="Print build_report.json on stdout (--json).")
 
     @model_validator(mode="before")
@@ -463,9 +471,37 @@ def select(cfg: BuildConfig, rows: list[Row]) -> None:
             )
 
 
-def split_prompts(prompt_ids: list[str], cfg: BuildConfig) -> set[str]:
-    """The eval prompt ids: the n lowest by hash(seed, prompt id). Row order plays no part."""
-    ids = sorted(set(prompt_ids))
+EVAL_NAMES = {"eval", "test", "validation", "valid", "dev"}
+
+
+def fixed_splits(rows: list[Row], cfg: BuildConfig) -> dict[str, bool]:
+    """prompt id -> True (eval) / False (train) for prompts whose split_field names a split."""
+    if not cfg.split_field:
+        return {}
+    out: dict[str, bool] = {}
+    for r in rows:
+        value = (r.store["meta"] or {}).get(cfg.split_field)
+        if value is None:
+            continue
+        name = str(value).strip().lower()
+        if name not in EVAL_NAMES | {"train"}:
+            raise InputError(
+                f"prompt {r.prompt_id}: split_field {cfg.split_field!r} is {value!r}; use train or eval"
+            )
+        out[r.prompt_id] = name in EVAL_NAMES
+    return out
+
+
+def split_prompts(
+    prompt_ids: list[str], cfg: BuildConfig, fixed: dict[str, bool] | None = None
+) -> set[str]:
+    """The eval prompt ids: those fixed by split_field, then the n lowest by hash(seed, prompt id)
+    of the rest. Row order plays no part."""
+    fixed = fixed or {}
+    forced = {p for p in prompt_ids if fixed.get(p)}
+    ids = sorted({p for p in prompt_ids if p not in fixed})
+    if fixed and not ids:
+        return forced
     if cfg.eval_size is not None:
         n = cfg.eval_size
     else:
@@ -473,8 +509,10 @@ def split_prompts(prompt_ids: list[str], cfg: BuildConfig) -> set[str]:
         if cfg.eval_fraction > 0 and n == 0:
             n = 1
     n = min(n, max(0, len(ids) - 1))  # always leave something to train on
+    if forced:
+        n = min(n, len(ids))  # the fixed eval prompts already leave the rest to train on
     ranked = sorted(ids, key=lambda p: hashlib.sha256(f"{cfg.seed}:{p}".encode()).hexdigest())
-    return set(ranked[:n])
+    return forced | set(ranked[:n])
 
 
 # -- training messages -------------------------------------------------------------------------------
@@ -843,8 +881,16 @@ def build(cfg: BuildConfig) -> BuildReport:
         raise StoreError(f"{run}: the store holds no responses yet; run `distill harvest` first")
 
     unit = _lengths(rows, cfg.tokenizer)
+    fixed = fixed_splits(rows, cfg)
     apply_filters(cfg, rows, custom)
     select(cfg, rows)
+    unfiltered_eval: set[str] = set()
+    if not cfg.filter_eval:
+        # Held-out prompts as the teacher answered them: the split is made before filtering.
+        unfiltered_eval = split_prompts(sorted({r.prompt_id for r in rows}), cfg, fixed)
+        for r in rows:
+            if r.prompt_id in unfiltered_eval:
+                r.removed_by, r.reason = None, ""
     kept = [r for r in rows if r.removed_by is None]
 
     rep = BuildReport(run=str(cfg.run), to=str(to), format=cfg.format)
@@ -880,12 +926,13 @@ def build(cfg: BuildConfig) -> BuildReport:
         "lost": len(all_prompts) - len(kept_prompts),
     }
 
-    eval_ids = split_prompts(kept_prompts, cfg)
+    eval_ids = unfiltered_eval if not cfg.filter_eval else split_prompts(kept_prompts, cfg, fixed)
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
     for r in kept:
         splits["eval" if r.prompt_id in eval_ids else "train"].append(output_row(r, cfg))
     rep.split = {
-        "by": "prompt_id",
+        "by": f"{cfg.split_field}, then prompt_id" if cfg.split_field else "prompt_id",
+        "eval_filtered": cfg.filter_eval,
         "seed": cfg.seed,
         "train_rows": len(splits["train"]),
         "eval_rows": len(splits["eval"]),

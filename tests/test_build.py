@@ -621,3 +621,46 @@ def test_prefer_teachers_keeps_one_teacher_per_prompt_verified_first(
     assert kept == {"p0": "small", "p1": "small", "p2": "big", "p3": "big"}
     assert report["removed"]["not_selected"] == 4
     assert report["rows_in"] == sum(report["removed"].values()) + report["kept"]
+
+
+def test_split_field_fixes_the_eval_set_and_filter_eval_false_keeps_it_whole(
+    tmp_path: Path, server: OpenAIServer
+) -> None:
+    """A predefined held-out set (meta split: eval), measured on every prompt the teacher
+    answered, right or wrong, while train keeps only verified answers."""
+    rows = [
+        {"id": f"p{i}", "prompt": f"What is {i} + 1?", "reference": str(i + 1)}
+        | ({"meta": {"split": "eval"}} if i < 3 else {})
+        for i in range(10)
+    ]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # every even prompt is answered wrong
+    server.responder = lambda body, i: {
+        "content": "The answer is "
+        + str(
+            int(body["messages"][-1]["content"].split()[2])
+            + 1
+            + (body["messages"][-1]["content"].split()[2] in "02468") * 5
+        )
+        + "."
+    }
+    harvest(
+        HarvestConfig(prompts=[prompts], out=tmp_path / "run", base_url=server.url, model="t"),
+        pretty=False,
+    )
+    report, ds = do_build(
+        tmp_path / "run", tmp_path / "out", split_field="split", eval_size=0, filter_eval=False
+    )
+    assert sorted(ds["eval"]["prompt_id"]) == ["p0", "p1", "p2"]
+    assert sorted(zip(ds["eval"]["prompt_id"], ds["eval"]["verified"])) == [
+        ("p0", False),
+        ("p1", True),
+        ("p2", False),
+    ]
+    assert sorted(ds["train"]["prompt_id"]) == ["p3", "p5", "p7", "p9"]  # wrong answers dropped
+    assert report["split"]["eval_filtered"] is False
+    # the default filters eval too, and the hash split applies to prompts without the field
+    report2, ds2 = do_build(tmp_path / "run", tmp_path / "out2", split_field="split", eval_size=1)
+    assert set(ds2["eval"]["prompt_id"]) >= {"p1"} and "p0" not in ds2["eval"]["prompt_id"]
+    assert len(set(ds2["eval"]["prompt_id"]) - {"p1"}) == 1
