@@ -724,7 +724,14 @@ def finetune(cfg: FinetuneConfig) -> Path:
         if tb_dir_set:
             del os.environ["TENSORBOARD_LOGGING_DIR"]
     train_time = time.time() - train_started
-    final_eval = trainer.evaluate() if eval_ds is not None else {}
+    # The held-out loss at the last step: reuse it when the schedule already evaluated there.
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if eval_ds is None:
+        final_eval: dict[str, Any] = {}
+    elif evals and evals[-1].get("step") == trainer.state.global_step:
+        final_eval = evals[-1]
+    else:
+        final_eval = trainer.evaluate()
 
     # 6. Save: adapter + tokenizer (the student's own template) + generation config, report, plots.
     trainer.save_model(str(out / "adapter"))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 SEED = 20261129
 N_TRAIN = 400
-N_EVAL = 100
+N_EVAL = 64
 HERE = Path(__file__).parent
 
 ITEMS = ["blender", "jacket", "phone case", "backpack", "desk lamp", "kettle", "pair of headphones"]
