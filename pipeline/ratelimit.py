@@ -168,11 +168,14 @@ class Limiter:
             if self.tokens is not None:
                 self.tokens.level -= est_tokens
             self.in_flight += 1
+            # Pass the baton: the next waiter checks whether it may go too. Waking one at a time
+            # (not notify_all) keeps a release O(1) with many workers waiting.
+            self._cond.notify(1)
 
     async def release(self) -> None:
         async with self._cond:
             self.in_flight -= 1
-            self._cond.notify_all()
+            self._cond.notify(1)
 
     # -- feedback ----------------------------------------------------------------------------------
 

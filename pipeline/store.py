@@ -281,6 +281,7 @@ class Store:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / STORE_FILE
         self.readonly = readonly
+        self.failed_keys: set[str] = set()
         if readonly:
             if not self.path.is_file():
                 raise StoreError(
@@ -312,6 +313,8 @@ class Store:
                 self._migrate()
             except (sqlite3.Error, OSError) as e:
                 raise _friendly(e, self.path) from None
+            # Keys with a recorded failure: a success for one of them removes that record.
+            self.failed_keys = {r[0] for r in self.db.execute("SELECT key FROM failures")}
         self.db.row_factory = sqlite3.Row
 
     @staticmethod
@@ -358,12 +361,14 @@ class Store:
         try:
             self.db.execute("BEGIN IMMEDIATE")
             cur = self.db.execute(sql, values)
-            self.db.execute("DELETE FROM failures WHERE key = ?", (row["key"],))
+            if row["key"] in self.failed_keys:
+                self.db.execute("DELETE FROM failures WHERE key = ?", (row["key"],))
             self.db.execute("COMMIT")
         except sqlite3.Error as e:
             with contextlib.suppress(sqlite3.Error):
                 self.db.execute("ROLLBACK")
             raise _friendly(e, self.path) from None
+        self.failed_keys.discard(row["key"])
         return cur.rowcount == 1
 
     def add_failure(
@@ -385,6 +390,7 @@ class Store:
             )
         except sqlite3.Error as e:
             raise _friendly(e, self.path) from None
+        self.failed_keys.add(key)
 
     def set_meta(self, key: str, value: str) -> None:
         try:
