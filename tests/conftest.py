@@ -71,3 +71,19 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str)
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for n in needles:
         assert n in lines[0], (n, lines[0])
+
+
+def harvest_args(srv: OpenAIServer, prompts: Path, run: Path, *more: str) -> list[str]:
+    """`distill harvest` arguments for the test server, model "m"."""
+    return [
+        "harvest",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(run),
+        "--base-url",
+        srv.url,
+        "--model",
+        "m",
+        *more,
+    ]

@@ -14,23 +14,14 @@ from pathlib import Path
 from pipeline.errors import EXIT_OK, EXIT_PARTIAL, RunLockedError, StoreError
 from pipeline.harvest import HarvestConfig, harvest
 from pipeline.store import RunLock, Store, wait_for_store
-from tests.conftest import arithmetic_rows, assert_one_line_error, run_cli, write_jsonl
+from tests.conftest import (
+    arithmetic_rows,
+    assert_one_line_error,
+    harvest_args,
+    run_cli,
+    write_jsonl,
+)
 from tests.openai_server import OpenAIServer
-
-
-def harvest_args(srv: OpenAIServer, prompts: Path, run: Path, *more: str) -> list[str]:
-    return [
-        "harvest",
-        "--prompts",
-        str(prompts),
-        "--out",
-        str(run),
-        "--base-url",
-        srv.url,
-        "--model",
-        "m",
-        *more,
-    ]
 
 
 def test_a_second_run_on_a_locked_directory_refuses(server: OpenAIServer, tmp_path: Path) -> None:

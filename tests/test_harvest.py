@@ -12,7 +12,13 @@ import pytest
 from pipeline.export import EXPORT_COLUMNS, export
 from pipeline.harvest import HarvestConfig, harvest
 from pipeline.store import Store, unpack_logprobs
-from tests.conftest import arithmetic_rows, assert_one_line_error, run_cli, write_jsonl
+from tests.conftest import (
+    arithmetic_rows,
+    assert_one_line_error,
+    harvest_args,
+    run_cli,
+    write_jsonl,
+)
 from tests.openai_server import OpenAIServer
 
 
@@ -102,29 +108,13 @@ def test_rerun_sends_nothing_new_prompts_only_and_new_params_new_keys(
     p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(10))
     run = tmp_path / "run"
     first = run_cli(
-        "harvest",
-        "--prompts",
-        str(p),
-        "--out",
-        str(run),
-        "--base-url",
-        server.url,
-        "--model",
-        "m",
+        *harvest_args(server, p, run),
         "--json",
     )
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout)["completed"] == 10 and server.requests == 10
     again = run_cli(
-        "harvest",
-        "--prompts",
-        str(p),
-        "--out",
-        str(run),
-        "--base-url",
-        server.url,
-        "--model",
-        "m",
+        *harvest_args(server, p, run),
         "--json",
     )
     assert again.returncode == 0 and server.requests == 10
@@ -138,15 +128,7 @@ def test_rerun_sends_nothing_new_prompts_only_and_new_params_new_keys(
     # another temperature is another question: new keys, old rows untouched
     before = {r["key"]: r for r in rows_of(run)}
     t = run_cli(
-        "harvest",
-        "--prompts",
-        str(p),
-        "--out",
-        str(run),
-        "--base-url",
-        server.url,
-        "--model",
-        "m",
+        *harvest_args(server, p, run),
         "--temperature",
         "0.5",
     )
@@ -230,15 +212,7 @@ def test_api_key_is_sent_but_never_written(server: OpenAIServer, tmp_path: Path)
     p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(3))
     run = tmp_path / "run"
     proc = run_cli(
-        "harvest",
-        "--prompts",
-        str(p),
-        "--out",
-        str(run),
-        "--base-url",
-        server.url,
-        "--model",
-        "m",
+        *harvest_args(server, p, run),
         "--json",
         env={"OPENAI_API_KEY": secret},
     )
@@ -255,15 +229,7 @@ def test_api_key_is_sent_but_never_written(server: OpenAIServer, tmp_path: Path)
         assert secret.encode() not in f.read_bytes(), f
     # a wrong key stops the run with what to do, and names the variable, not the key
     bad = run_cli(
-        "harvest",
-        "--prompts",
-        str(p),
-        "--out",
-        str(tmp_path / "run2"),
-        "--base-url",
-        server.url,
-        "--model",
-        "m",
+        *harvest_args(server, p, tmp_path / "run2"),
         env={"OPENAI_API_KEY": "sk-wrong-123"},
     )
     assert_one_line_error(bad, "HTTP 401", "OPENAI_API_KEY")
@@ -343,15 +309,7 @@ def test_dry_run_sends_nothing_and_max_cost_stops_before_the_cap(
 ) -> None:
     p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(20))
     proc = run_cli(
-        "harvest",
-        "--prompts",
-        str(p),
-        "--out",
-        str(tmp_path / "run"),
-        "--base-url",
-        server.url,
-        "--model",
-        "m",
+        *harvest_args(server, p, tmp_path / "run"),
         "--dry-run",
         "--json",
         "--max-tokens",
