@@ -375,10 +375,11 @@ class Harvest:
         for row in self.rows:
             if self.cfg.routing != "all" and t.label not in routes_to(self.cfg, teachers, row):
                 continue
-            missing = [i for i in range(self.cfg.samples) if self.key(t, row, i) not in done]
+            keys = [self.key(t, row, i) for i in range(self.cfg.samples)]
+            missing = [i for i, k in enumerate(keys) if k not in done]
             self.summary.total += self.cfg.samples
             self.summary.already_done += self.cfg.samples - len(missing)
-            waiting = [i for i in missing if self.key(t, row, i) in in_batch]
+            waiting = [i for i in missing if keys[i] in in_batch]
             self.summary.in_open_batches += len(waiting)
             missing = [i for i in missing if i not in waiting]
             if missing:
@@ -515,7 +516,6 @@ class Harvest:
             self.stop(f"max_cost ${self.cfg.max_cost:g} would be passed")
             return
         self.reserved_cost += worst
-        key0 = self.key(t, job.row, job.samples[0])
         try:
             completion, attempts = await self.send(teacher, job, n)
         except TransientError as e:
@@ -548,7 +548,11 @@ class Harvest:
         ):
             spent = _cost(t, completion.prompt_tokens or 0, completion.completion_tokens or 0)
             self.summary.cost_usd += spent
-            log.info("key %s: finish_reason length; retrying with max_tokens=%d", key0, retry_len)
+            log.info(
+                "prompt %s: finish_reason length; retrying with max_tokens=%d",
+                job.row.id,
+                retry_len,
+            )
             pending[0] += 1
             queue.put_nowait(Job(job.row, job.samples, retry_len, job.cost_so_far + spent))
             return

@@ -24,7 +24,6 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
-from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_exponential_jitter
@@ -101,11 +100,9 @@ class Limiter:
         tpm: float | None = None,
         concurrency: int = 16,
         adaptive: bool = True,
-        learn_from_headers: bool = True,
     ):
         self.max_concurrency = max(1, concurrency)
         self.adaptive = adaptive
-        self.learn = learn_from_headers
         self.in_flight = 0
         self.requests: Bucket | None = None
         self.tokens: Bucket | None = None
@@ -186,8 +183,6 @@ class Limiter:
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:
         """Learn limits and steer the pace from x-ratelimit-* headers (any response)."""
-        if not self.learn:
-            return
         for kind in ("requests", "tokens"):
             given = self.rpm_given if kind == "requests" else self.tpm_given
             raw = headers.get(f"x-ratelimit-limit-{kind}")
@@ -282,15 +277,6 @@ class Limiter:
             self.limit = max(1.0, math.floor(self.limit * 0.5))
             self.successes_since_change = 0
             self.last_decrease = now
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "concurrency_limit": int(self.limit),
-            "rpm": None if self.requests is None else round(self.requests.rate * 60, 1),
-            "tpm": None if self.tokens is None else round(self.tokens.rate * 60, 1),
-            "pace_factor": round(self.factor, 3),
-            "throttled": self.throttled,
-        }
 
 
 def _wait(base: wait_exponential_jitter):

@@ -392,28 +392,13 @@ class Store:
             raise _friendly(e, self.path) from None
         self.failed_keys.add(key)
 
-    def set_meta(self, key: str, value: str) -> None:
-        try:
-            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
-        except sqlite3.Error as e:
-            raise _friendly(e, self.path) from None
-
     # -- reads ----------------------------------------------------------------------------------
-
-    def get_meta(self, key: str) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
 
     def done_keys(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT key FROM responses")}
 
     def count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
-
-    def spent_usd(self) -> float:
-        return float(
-            self.db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM responses").fetchone()[0]
-        )
 
     def iter_responses(self, *, decode: bool = True) -> Iterator[dict[str, Any]]:
         """Every stored response, in a stable order (prompt id, sample index, key)."""
