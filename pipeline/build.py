@@ -14,6 +14,7 @@ store with the same config gives byte-identical files (see docs/build.md).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -32,6 +33,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import StageConfig
 from pipeline.errors import ConfigError, InputError, StoreError
+from pipeline.record import Response
 from pipeline.store import Store
 from pipeline.verify import extract_answer, verify
 
@@ -217,7 +219,7 @@ class BuildConfig(StageConfig):
 class Row:
     """One stored answer on its way through the filters."""
 
-    store: dict[str, Any]
+    store: Response
     answer_len: int = 0
     reasoning_len: int = 0
     verified: bool | None = None
@@ -226,15 +228,15 @@ class Row:
 
     @property
     def prompt_id(self) -> str:
-        return str(self.store["prompt_id"])
+        return str(self.store.prompt_id)
 
     @property
     def answer(self) -> str:
-        return (self.store["response"] or "").strip()
+        return (self.store.response or "").strip()
 
     @property
     def reasoning(self) -> str:
-        return (self.store["reasoning"] or "").strip()
+        return (self.store.reasoning or "").strip()
 
 
 @dataclass
@@ -346,10 +348,10 @@ def _length_reason(cfg: BuildConfig, r: Row) -> str | None:
 
 def _custom_reason(fn: Callable[[dict[str, Any]], Any], spec: str, r: Row) -> str | None:
     try:
-        got = fn({**r.store, "verified": r.verified})
+        got = fn({**dataclasses.asdict(r.store), "verified": r.verified})
     except Exception as e:  # a bug in the user's hook: say which row, and stop
         raise ConfigError(
-            f"custom_filter {spec!r} raised {type(e).__name__}: {e} on row {r.store['key']} "
+            f"custom_filter {spec!r} raised {type(e).__name__}: {e} on row {r.store.key} "
             f"(prompt {r.prompt_id}); fix the function"
         ) from None
     if got is True:
@@ -359,7 +361,7 @@ def _custom_reason(fn: Callable[[dict[str, Any]], Any], spec: str, r: Row) -> st
     if isinstance(got, str):
         return got or "rejected"
     raise ConfigError(
-        f"custom_filter {spec!r} returned {got!r} for row {r.store['key']}; "
+        f"custom_filter {spec!r} returned {got!r} for row {r.store.key}; "
         "return True to keep the row, False or a reason string to drop it"
     )
 
@@ -387,8 +389,8 @@ def _row_filters(
 ) -> tuple[str, str] | None:
     """The first per-row filter that removes `r`, and why; None if it passes them all."""
     on, s = cfg.filters, r.store
-    if on.unfinished and s["finish_reason"] not in cfg.finish_reasons:
-        return "unfinished", f"finish_reason {s['finish_reason']}"
+    if on.unfinished and s.finish_reason not in cfg.finish_reasons:
+        return "unfinished", f"finish_reason {s.finish_reason}"
     if on.empty and not r.answer:
         return "empty", "blank answer"
     hit = next((p for p in refusals if p.search(r.answer)), None) if on.refusal else None
@@ -410,10 +412,8 @@ def apply_filters(
     refusals = [re.compile(p, re.IGNORECASE) for p in cfg.refusal_patterns]
     kept_texts: dict[str, list[tuple[str, frozenset[Any]]]] = {}
     for r in rows:
-        if r.store["reference"] is not None:
-            r.verified = bool(r.answer) and verify(
-                r.answer, r.store["reference"], cfg.answer_patterns
-            )
+        if r.store.reference is not None:
+            r.verified = bool(r.answer) and verify(r.answer, r.store.reference, cfg.answer_patterns)
         removed = _row_filters(cfg, r, refusals)
         if removed is None and custom is not None:
             reason = _custom_reason(custom, cfg.custom_filter or "", r)
@@ -450,13 +450,13 @@ def select(cfg: BuildConfig, rows: list[Row]) -> None:
         order = {name: i for i, name in enumerate(cfg.prefer_teachers)}
 
         def teacher_rank(r: Row) -> tuple[int, int, str]:
-            name = str(r.store["teacher"])
+            name = str(r.store.teacher)
             return (rank[r.verified], order.get(name, len(order)), name)
 
         for pid, group in by_prompt.items():
-            chosen = str(min(group, key=teacher_rank).store["teacher"])
+            chosen = str(min(group, key=teacher_rank).store.teacher)
             for r in group:
-                if r.store["teacher"] != chosen:
+                if r.store.teacher != chosen:
                     r.removed_by, r.reason = "not_selected", f"another teacher preferred ({chosen})"
             by_prompt[pid] = [r for r in group if r.removed_by is None]
     if cfg.select == "all":
@@ -480,7 +480,7 @@ def fixed_splits(rows: list[Row], cfg: BuildConfig) -> dict[str, bool]:
         return {}
     out: dict[str, bool] = {}
     for r in rows:
-        value = (r.store["meta"] or {}).get(cfg.split_field)
+        value = (r.store.meta or {}).get(cfg.split_field)
         if value is None:
             continue
         name = str(value).strip().lower()
@@ -529,7 +529,7 @@ def _text(content: Any) -> str:
 def training_messages(r: Row, reasoning: str, drop_system: bool) -> list[dict[str, Any]]:
     """The request messages (system as `system`), then the teacher's answer as the assistant turn."""
     msgs: list[dict[str, Any]] = []
-    for m in r.store["messages"]:
+    for m in r.store.messages:
         role = "system" if m["role"] == "developer" else m["role"]
         if drop_system and role == "system":
             continue
@@ -550,11 +550,11 @@ def output_row(r: Row, cfg: BuildConfig) -> dict[str, Any]:
     return {
         "messages": training_messages(r, cfg.reasoning, cfg.drop_system),
         "prompt_id": r.prompt_id,
-        "sample_index": int(s["sample_index"]),
-        "teacher": s["teacher"],
+        "sample_index": int(s.sample_index),
+        "teacher": s.teacher,
         "verified": r.verified,
-        "reference": s["reference"],
-        "key": s["key"],
+        "reference": s.reference,
+        "key": s.key,
     }
 
 
@@ -665,11 +665,11 @@ def _teachers(rows: list[Row]) -> list[dict[str, Any]]:
     for r in rows:
         s = r.store
         t = out.setdefault(
-            s["teacher"],
+            s.teacher,
             {
-                "teacher": s["teacher"],
-                "model": s["model"],
-                "base_url": s["base_url"],
+                "teacher": s.teacher,
+                "model": s.model,
+                "base_url": s.base_url,
                 "response_models": set(),
                 "params": {},
                 "rows": 0,
@@ -678,9 +678,9 @@ def _teachers(rows: list[Row]) -> list[dict[str, Any]]:
         )
         t["rows"] += 1
         t["kept"] += r.removed_by is None
-        if s["response_model"]:
-            t["response_models"].add(s["response_model"])
-        t["params"][json.dumps(s["params"], sort_keys=True)] = s["params"]
+        if s.response_model:
+            t["response_models"].add(s.response_model)
+        t["params"][json.dumps(s.params, sort_keys=True)] = s.params
     result = []
     for name in sorted(out):
         t = out[name]
@@ -940,14 +940,14 @@ def build(cfg: BuildConfig) -> BuildReport:
         "eval_prompts": len(eval_ids),
     }
     rep.teachers = _teachers(rows)
-    dates = sorted(r.store["created_at"] for r in rows)
+    dates = sorted(r.store.created_at for r in rows)
     rep.harvested = {"first": dates[0] if dates else None, "last": dates[-1] if dates else None}
     rep.lengths = {
         "unit": unit,
         "answer": _stats([r.answer_len for r in kept]),
         "reasoning": _stats([r.reasoning_len for r in kept if r.reasoning]),
         "teacher_completion_tokens": _stats(
-            [r.store["completion_tokens"] for r in kept if r.store["completion_tokens"] is not None]
+            [r.store.completion_tokens for r in kept if r.store.completion_tokens is not None]
         ),
     }
     rep.config = cfg.model_dump(mode="json", exclude={"to", "json_report"})

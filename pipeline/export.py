@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import StoreError
-from pipeline.store import Store, unpack_logprobs
+from pipeline.store import Store
 
 ExportFormat = Literal["hf", "parquet", "jsonl"]
 
@@ -70,39 +70,39 @@ def _text(content: Any) -> str:
 def export_rows(store: Store) -> list[dict[str, Any]]:
     rows = []
     for r in store.iter_responses():
-        msgs = [{"role": m["role"], "content": _text(m.get("content"))} for m in r["messages"]]
-        msgs.append({"role": "assistant", "content": r["response"]})
-        lp = unpack_logprobs(r["logprobs"])
+        msgs = [{"role": m["role"], "content": _text(m.get("content"))} for m in r.messages]
+        msgs.append({"role": "assistant", "content": r.response})
+        lp = r.token_logprobs()
         rows.append(
             {
-                "prompt_id": r["prompt_id"],
-                "sample_index": r["sample_index"],
+                "prompt_id": r.prompt_id,
+                "sample_index": r.sample_index,
                 "messages": msgs,
-                "response": r["response"],
-                "reasoning": r["reasoning"],
-                "finish_reason": r["finish_reason"],
-                "model": r["response_model"] or r["model"],
-                "requested_model": r["model"],
-                "teacher": r["teacher"],
-                "base_url": r["base_url"],
-                "prompt_tokens": r["prompt_tokens"],
-                "completion_tokens": r["completion_tokens"],
-                "reasoning_tokens": r["reasoning_tokens"],
-                "cost_usd": r["cost_usd"],
-                "latency_s": r["latency_s"],
-                "attempts": r["attempts"],
-                "created_at": r["created_at"],
-                "reference": r["reference"],
+                "response": r.response,
+                "reasoning": r.reasoning,
+                "finish_reason": r.finish_reason,
+                "model": r.response_model or r.model,
+                "requested_model": r.model,
+                "teacher": r.teacher,
+                "base_url": r.base_url,
+                "prompt_tokens": r.prompt_tokens,
+                "completion_tokens": r.completion_tokens,
+                "reasoning_tokens": r.reasoning_tokens,
+                "cost_usd": r.cost_usd,
+                "latency_s": r.latency_s,
+                "attempts": r.attempts,
+                "created_at": r.created_at,
+                "reference": r.reference,
                 "meta": None
-                if r["meta"] is None
-                else json.dumps(r["meta"], ensure_ascii=False, sort_keys=True),
-                "params": json.dumps(r["params"], sort_keys=True),
-                "params_hash": r["params_hash"],
-                "system_fingerprint": r["system_fingerprint"],
-                "response_id": r["response_id"],
+                if r.meta is None
+                else json.dumps(r.meta, ensure_ascii=False, sort_keys=True),
+                "params": json.dumps(r.params, sort_keys=True),
+                "params_hash": r.params_hash,
+                "system_fingerprint": r.system_fingerprint,
+                "response_id": r.response_id,
                 "logprobs": None if lp is None else json.dumps(lp, ensure_ascii=False),
-                "source": r["source"],
-                "key": r["key"],
+                "source": r.source,
+                "key": r.key,
             }
         )
     return rows

@@ -39,7 +39,8 @@ from pipeline.errors import (
 )
 from pipeline.prompts import PromptRow, load_prompts, read_text_arg
 from pipeline.ratelimit import retrying
-from pipeline.store import RunLock, Store, content_hash, pack_logprobs, request_key, utcnow
+from pipeline.record import Response, pack_logprobs
+from pipeline.store import RunLock, Store, content_hash, request_key, utcnow
 from pipeline.teacher import Choice, Completion, Teacher, TeacherConfig
 
 log = logging.getLogger("distill.harvest")
@@ -302,39 +303,39 @@ def response_row(
     cost: float,
     attempts: int,
     source: str,
-) -> dict[str, Any]:
+) -> Response:
     """One stored row, online and batch alike: what was asked, of whom, and what came back.
     `split` is how many answers shared the request (n > 1): its token counts are divided."""
     ct = completion.completion_tokens
     rt = completion.reasoning_tokens
-    return {
-        "key": key,
-        "prompt_id": row.id,
-        "sample_index": sample,
-        "teacher": t.label,
-        "base_url": t.base_url,
-        "model": t.model,
-        "params_hash": content_hash(params, length=16),
-        "params": params,
-        "messages": row.messages,
-        "reference": row.reference,
-        "meta": row.meta or None,
-        "response": choice.content,
-        "reasoning": choice.reasoning,
-        "finish_reason": choice.finish_reason,
-        "response_model": completion.model,
-        "system_fingerprint": completion.system_fingerprint,
-        "response_id": completion.response_id,
-        "prompt_tokens": completion.prompt_tokens,
-        "completion_tokens": None if ct is None else round(ct / split),
-        "reasoning_tokens": None if rt is None else round(rt / split),
-        "cost_usd": cost,
-        "latency_s": None if completion.latency_s is None else round(completion.latency_s, 4),
-        "attempts": attempts,
-        "created_at": utcnow(),
-        "logprobs": pack_logprobs(choice.logprobs),
-        "source": source,
-    }
+    return Response(
+        key=key,
+        prompt_id=row.id,
+        sample_index=sample,
+        teacher=t.label,
+        base_url=t.base_url,
+        model=t.model or "",
+        params_hash=content_hash(params, length=16),
+        params=params,
+        messages=row.messages,
+        reference=row.reference,
+        meta=row.meta or None,
+        response=choice.content,
+        reasoning=choice.reasoning,
+        finish_reason=choice.finish_reason,
+        response_model=completion.model,
+        system_fingerprint=completion.system_fingerprint,
+        response_id=completion.response_id,
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=None if ct is None else round(ct / split),
+        reasoning_tokens=None if rt is None else round(rt / split),
+        cost_usd=cost,
+        latency_s=None if completion.latency_s is None else round(completion.latency_s, 4),
+        attempts=attempts,
+        created_at=utcnow(),
+        logprobs=pack_logprobs(choice.logprobs),
+        source=source,
+    )
 
 
 class Harvest:

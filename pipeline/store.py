@@ -27,13 +27,13 @@ import json
 import os
 import sqlite3
 import time
-import zlib
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import RunLockedError, StoreError
+from pipeline.record import Response, canonical_json
 
 STORE_FILE = "store.sqlite"
 
@@ -134,43 +134,12 @@ BATCH_COLUMNS = (
     "updated_at",
 )
 
-RESPONSE_COLUMNS = (
-    "key",
-    "prompt_id",
-    "sample_index",
-    "teacher",
-    "base_url",
-    "model",
-    "params_hash",
-    "params",
-    "messages",
-    "reference",
-    "meta",
-    "response",
-    "reasoning",
-    "finish_reason",
-    "response_model",
-    "system_fingerprint",
-    "response_id",
-    "prompt_tokens",
-    "completion_tokens",
-    "reasoning_tokens",
-    "cost_usd",
-    "latency_s",
-    "attempts",
-    "created_at",
-    "logprobs",
-    "source",
-)
+RESPONSE_COLUMNS = Response.columns()  # the `responses` table has exactly these (tests check)
 _JSON_COLUMNS = ("params", "messages", "meta")
 
 
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 def content_hash(obj: Any, length: int = 32) -> str:
@@ -192,30 +161,6 @@ def request_key(
         },
         length=40,
     )
-
-
-def pack_logprobs(logprobs: Any) -> bytes | None:
-    """OpenAI `choice.logprobs` -> zlib-compressed JSON of [token, logprob, [[alt, logprob], ...]]."""
-    if not logprobs:
-        return None
-    content = logprobs.get("content") if isinstance(logprobs, dict) else None
-    if not content:
-        return None
-    rows = [
-        [
-            t.get("token"),
-            t.get("logprob"),
-            [[a.get("token"), a.get("logprob")] for a in t.get("top_logprobs") or []],
-        ]
-        for t in content
-    ]
-    return zlib.compress(canonical_json(rows).encode("utf-8"), 6)
-
-
-def unpack_logprobs(blob: bytes | None) -> list | None:
-    if blob is None:
-        return None
-    return json.loads(zlib.decompress(blob))
 
 
 def _friendly(e: sqlite3.Error | OSError, path: Path) -> StoreError:
@@ -349,11 +294,11 @@ class Store:
 
     # -- writes (harvest) ---------------------------------------------------------------------
 
-    def add_response(self, row: dict[str, Any]) -> bool:
+    def add_response(self, resp: Response) -> bool:
         """Commit one response. Returns False if its key was already stored (nothing changes)."""
         values = []
         for col in RESPONSE_COLUMNS:
-            v = row.get(col)
+            v = getattr(resp, col)
             if col in _JSON_COLUMNS and v is not None and not isinstance(v, str):
                 v = canonical_json(v)
             values.append(v)
@@ -361,14 +306,14 @@ class Store:
         try:
             self.db.execute("BEGIN IMMEDIATE")
             cur = self.db.execute(sql, values)
-            if row["key"] in self.failed_keys:
-                self.db.execute("DELETE FROM failures WHERE key = ?", (row["key"],))
+            if resp.key in self.failed_keys:
+                self.db.execute("DELETE FROM failures WHERE key = ?", (resp.key,))
             self.db.execute("COMMIT")
         except sqlite3.Error as e:
             with contextlib.suppress(sqlite3.Error):
                 self.db.execute("ROLLBACK")
             raise _friendly(e, self.path) from None
-        self.failed_keys.discard(row["key"])
+        self.failed_keys.discard(resp.key)
         return cur.rowcount == 1
 
     def add_failure(
@@ -400,18 +345,17 @@ class Store:
     def count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
 
-    def iter_responses(self, *, decode: bool = True) -> Iterator[dict[str, Any]]:
+    def iter_responses(self) -> Iterator[Response]:
         """Every stored response, in a stable order (prompt id, sample index, key)."""
         cur = self.db.execute(
             f"SELECT {', '.join(RESPONSE_COLUMNS)} FROM responses ORDER BY prompt_id, sample_index, key"
         )
         for r in cur:
             row = dict(zip(RESPONSE_COLUMNS, r))
-            if decode:
-                for col in _JSON_COLUMNS:
-                    if row[col] is not None:
-                        row[col] = json.loads(row[col])
-            yield row
+            for col in _JSON_COLUMNS:
+                if row[col] is not None:
+                    row[col] = json.loads(row[col])
+            yield Response(**row)
 
     def failures(self) -> list[dict[str, Any]]:
         cur = self.db.execute("SELECT * FROM failures ORDER BY prompt_id, sample_index, key")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def fast(**kw: object) -> BatchConfig:
 
 def rows_of(run: Path) -> list[dict]:
     with Store(run, readonly=True) as s:
-        return list(s.iter_responses())
+        return [asdict(r) for r in s.iter_responses()]
 
 
 def write_config(path: Path, srv: BatchServer, prompts: Path, **batch: object) -> Path:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,7 @@ def test_report_accounts_for_every_row(run_dir: Path, tmp_path: Path) -> None:
     assert ("q09", 0) in got  # "1,234" style thousands separators verified
     assert ("q10", 2) in got  # trailing unit verified
     with Store(run_dir, readonly=True) as store:
-        keys = {s["key"]: s for s in store.iter_responses()}
+        keys = {s.key: asdict(s) for s in store.iter_responses()}
     for r in rows:
         s = keys[r["key"]]
         assert (s["prompt_id"], s["sample_index"], s["teacher"]) == (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import datasets
@@ -11,7 +12,8 @@ import pytest
 
 from pipeline.export import EXPORT_COLUMNS, export
 from pipeline.harvest import HarvestConfig, harvest
-from pipeline.store import Store, unpack_logprobs
+from pipeline.record import unpack_logprobs
+from pipeline.store import Store
 from tests.conftest import (
     arithmetic_rows,
     assert_one_line_error,
@@ -28,7 +30,7 @@ def cfg(srv: OpenAIServer, prompts: Path, out: Path, **kw: object) -> HarvestCon
 
 def rows_of(run: Path) -> list[dict]:
     with Store(run, readonly=True) as s:
-        return list(s.iter_responses())
+        return [asdict(r) for r in s.iter_responses()]
 
 
 @pytest.mark.parametrize("shape", ["reasoning_content", "reasoning", "think"])

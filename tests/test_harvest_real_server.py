@@ -4,6 +4,7 @@ model (offline). The harvester talks to it over HTTP exactly as it would to a pr
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ def test_harvest_collects_every_prompt_and_a_rerun_sends_nothing(
         s2 = json.loads(second.stdout)
         assert s2["requests_sent"] == 0 and s2["already_done"] == 6
     with Store(run, readonly=True) as st:
-        rows = list(st.iter_responses())
+        rows = [asdict(r) for r in st.iter_responses()]
     assert sorted(r["prompt_id"] for r in rows) == [f"q{i}" for i in range(6)]
     for r in rows:
         assert r["finish_reason"] in ("stop", "length")

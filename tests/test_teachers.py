@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def two(a: OpenAIServer, b: OpenAIServer, prompts: Path, out: Path, **kw: object
 
 def rows_of(run: Path) -> list[dict]:
     with Store(run, readonly=True) as s:
-        return list(s.iter_responses())
+        return [asdict(r) for r in s.iter_responses()]
 
 
 def test_every_prompt_to_each_teacher_and_each_row_says_who(
