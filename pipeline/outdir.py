@@ -1,0 +1,122 @@
+"""Each stage owns its output folder: a marker names the stage and the files it wrote.
+
+A stage calls `claim(out, stage)` before writing. It refuses, with a one-line error, a folder that
+another stage owns (a run directory as a fine-tune's --out, say) or one holding files no stage of
+distill wrote; it accepts a new or empty folder, or its own earlier output. When a stage replaces
+its earlier output, `replace_own` removes only the files its marker lists: what a user put beside
+them stays. Folders written before markers existed are recognised by their signature files.
+
+    out/.distill.json   {"stage": "build", "files": ["dataset_dict.json", "train", ...]}
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from pipeline.errors import InputError
+
+MARKER = ".distill.json"
+
+# Files that identify a stage's output written before markers existed.
+SIGNATURES: dict[str, tuple[str, ...]] = {
+    "harvest": ("store.sqlite", "harvest.log"),
+    "build": ("build_report.json",),
+    "export": ("responses.jsonl", "responses.parquet", "dataset_info.json"),
+    "finetune": ("train_report.json",),
+    "merge": ("merge_report.json",),
+    "eval": ("report.json", "report.md"),
+    "onpolicy": ("onpolicy_report.json",),
+}
+
+
+def owner(out: Path) -> str | None:
+    """The stage that wrote `out` (from its marker, else its signature files), or None."""
+    marker = out / MARKER
+    if marker.is_file():
+        try:
+            return str(json.loads(marker.read_text(encoding="utf-8"))["stage"])
+        except (ValueError, KeyError, TypeError, OSError):
+            return None
+    for stage, names in SIGNATURES.items():
+        if any((out / n).exists() for n in names):
+            return stage
+    return None
+
+
+def own_files(out: Path) -> list[str]:
+    """The entries of `out` that its stage wrote (marker list; every entry for a pre-marker folder)."""
+    try:
+        data = json.loads((out / MARKER).read_text(encoding="utf-8"))
+        return [str(f) for f in data.get("files", [])]
+    except (OSError, ValueError, AttributeError):
+        return [p.name for p in out.iterdir() if p.name != MARKER]
+
+
+def claim(out: Path, stage: str, flag: str = "--out") -> Path:
+    """Make `out` this stage's folder, or refuse with what to do. Returns `out`, created."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file, not a folder; choose a folder for {flag}")
+    if out.is_dir() and any(out.iterdir()):
+        found = owner(out)
+        if found is None:
+            raise InputError(
+                f"{out}: holds files that distill did not write; choose an empty or new {flag}"
+            )
+        if found != stage:
+            raise InputError(
+                f"{out}: is the output of `distill {found}`; writing `distill {stage}` there "
+                f"would mix them: choose another {flag}"
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / MARKER).exists():
+            _write(out, stage, [])
+    except OSError as e:
+        raise InputError(
+            f"{out}: cannot write here ({e.strerror}); choose another {flag}"
+        ) from None
+    return out
+
+
+def record(out: Path, stage: str, names: list[str]) -> None:
+    """Add `names` (entries directly in `out`) to the files this stage owns there."""
+    try:
+        have = set(json.loads((out / MARKER).read_text(encoding="utf-8")).get("files", []))
+    except (OSError, ValueError, AttributeError):
+        have = set()
+    _write(out, stage, sorted(have | set(names)))
+
+
+def replace_own(out: Path, stage: str, new: Path) -> None:
+    """Replace this stage's earlier files in `out` by the entries of folder `new` (then removed),
+    keeping anything else a user put in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    if owner(out) == stage and (out / MARKER).exists():
+        for name in own_files(out):
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    names = []
+    for entry in sorted(new.iterdir()):
+        if entry.name == MARKER:
+            continue
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        entry.replace(target)
+        names.append(entry.name)
+    shutil.rmtree(new)
+    _write(out, stage, names)
+
+
+def _write(out: Path, stage: str, files: list[str]) -> None:
+    tmp = out / f"{MARKER}.tmp"
+    tmp.write_text(json.dumps({"stage": stage, "files": files}, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(out / MARKER)
