@@ -68,6 +68,51 @@ def qwen05b_shaped(path: Path) -> Path:
     return path
 
 
+def run_arm(
+    out: Path,
+    data: Path,
+    student: str,
+    steps: int,
+    batch_size: int,
+    max_length: int,
+    dtype: str,
+    qlora: bool,
+) -> dict:
+    """One fine-tune of `steps` steps; its speed, peak memory, estimate and final loss."""
+    import torch
+
+    from pipeline.finetune import FinetuneConfig, finetune
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cfg = FinetuneConfig(
+        data=str(data),
+        student=student,
+        out=str(out),
+        max_steps=steps,
+        batch_size=batch_size,
+        grad_accum=1,
+        max_length=max_length,
+        dtype=dtype,  # type: ignore[arg-type]
+        quantize="4bit" if qlora else "none",
+        gradient_checkpointing=False,
+        eval_steps=10**6,
+        save_steps=10**6,
+        logging_steps=5,
+        report_to="none",
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        finetune(cfg)
+    report = json.loads((out / "train_report.json").read_text())
+    return {
+        "train_tokens_per_s": report["train_tokens_per_s"],
+        "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "estimated_gib": round(report["estimated_memory_bytes"] / 2**30, 3),
+        "packing": report["settings"]["packing"],
+        "final_train_loss": report["final_train_loss"],
+    }
+
+
 def main(
     student: str | None = None,
     steps: int = 20,
@@ -80,7 +125,6 @@ def main(
     if not torch.cuda.is_available():
         print("bench.gpu_finetune: no CUDA GPU on this machine; nothing measured")
         return {"skipped": "no CUDA GPU"}
-    from pipeline.finetune import FinetuneConfig, finetune
     from tests.tinymodels import make_chat_dataset
 
     try:
@@ -110,34 +154,9 @@ def main(
                 if method == "qlora" and not has_bnb:
                     results["arms"][arm] = {"skipped": "bitsandbytes not installed"}
                     continue
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                cfg = FinetuneConfig(
-                    data=str(data),
-                    student=path,
-                    out=str(tmp / arm),
-                    max_steps=steps,
-                    batch_size=batch_size,
-                    grad_accum=1,
-                    max_length=max_length,
-                    dtype=dtype,  # type: ignore[arg-type]
-                    quantize="4bit" if method == "qlora" else "none",
-                    gradient_checkpointing=False,
-                    eval_steps=10**6,
-                    save_steps=10**6,
-                    logging_steps=5,
-                    report_to="none",
+                results["arms"][arm] = run_arm(
+                    tmp / arm, data, path, steps, batch_size, max_length, dtype, method == "qlora"
                 )
-                with contextlib.redirect_stdout(io.StringIO()):
-                    finetune(cfg)
-                report = json.loads((tmp / arm / "train_report.json").read_text())
-                results["arms"][arm] = {
-                    "train_tokens_per_s": report["train_tokens_per_s"],
-                    "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-                    "estimated_gib": round(report["estimated_memory_bytes"] / 2**30, 3),
-                    "packing": report["settings"]["packing"],
-                    "final_train_loss": report["final_train_loss"],
-                }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{results['gpu']}: {results['student']}, {steps} steps of {batch_size} x {max_length}")

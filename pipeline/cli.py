@@ -519,7 +519,7 @@ def demo(config_path: Path, fresh: bool) -> None:
 )
 def reference(readme: Path | None) -> None:
     """Print the config reference (Markdown) of every stage, as in README.md."""
-    from pipeline.config import full_reference, write_reference
+    from pipeline.reference import full_reference, write_reference
 
     if readme is not None:
         write_reference(readme)

@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import ConfigError
 
+SECTIONS = ("harvest", "batch", "build", "finetune", "merge", "eval")
+"""The sections a config file may hold, in pipeline order; reference.py maps each to its model."""
+
 
 class StageConfig(BaseModel):
     """Base of every stage config: unknown keys are an error, values are checked on assignment."""
@@ -92,11 +95,10 @@ def load_config(
     where = "flags"
     if path is not None:
         full = read_yaml(path)
-        known = {"harvest", "build", "finetune", "eval", "batch", "merge"}
-        unknown = set(full) - known
+        unknown = set(full) - set(SECTIONS)
         if unknown:
             raise ConfigError(
-                f"{path}: unknown section '{sorted(unknown)[0]}'; sections are {', '.join(sorted(known))}"
+                f"{path}: unknown section '{sorted(unknown)[0]}'; sections are {', '.join(sorted(SECTIONS))}"
             )
         data = full.get(section) or {}
         if not isinstance(data, dict):
@@ -112,65 +114,3 @@ def load_config(
 def dump_config(cfg: BaseModel, exclude: set[str] | None = None) -> str:
     """YAML of a config as used (for a run's record). Holds no secrets: keys stay in the environment."""
     return yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False)
-
-
-def _type_name(annotation: Any) -> str:
-    text = (
-        getattr(annotation, "__name__", None)
-        if getattr(annotation, "__args__", None) is None
-        else None
-    )
-    text = text or str(annotation)
-    for noise in ("typing.", "pathlib.", "pipeline.teacher.", "pipeline.", "<class '", "'>"):
-        text = text.replace(noise, "")
-    return text.replace("NoneType", "None").replace("|", "\\|")
-
-
-def reference_markdown(model: type[BaseModel], section: str) -> str:
-    """The config reference of one stage as a Markdown table (README's reference is generated)."""
-    lines = [f"#### `{section}:`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-    for name, f in model.model_fields.items():
-        if f.default_factory is not None:
-            default = "(see meaning)" if name == "base_url" else repr(f.default_factory())  # type: ignore[call-arg]
-        else:
-            default = repr(f.default)
-        default = default.replace("PosixPath(", "Path(").replace("|", "\\|")
-        desc = (f.description or "").replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| `{name}` | {_type_name(f.annotation)} | `{default}` | {desc} |")
-    return "\n".join(lines) + "\n"
-
-
-def full_reference() -> str:
-    """Every stage's reference, in pipeline order (`distill reference`)."""
-    from pipeline.batch import BatchConfig
-    from pipeline.build import BuildConfig, Filters
-    from pipeline.evaluate import EvalConfig
-    from pipeline.finetune import FinetuneConfig
-    from pipeline.harvest import HarvestConfig
-    from pipeline.merge import MergeConfig
-    from pipeline.teacher import TeacherConfig
-
-    parts = [
-        reference_markdown(HarvestConfig, "harvest"),
-        reference_markdown(TeacherConfig, "harvest.teachers[]"),
-        reference_markdown(BatchConfig, "batch"),
-        reference_markdown(BuildConfig, "build"),
-        reference_markdown(Filters, "build.filters"),
-        reference_markdown(FinetuneConfig, "finetune"),
-        reference_markdown(MergeConfig, "merge"),
-        reference_markdown(EvalConfig, "eval"),
-    ]
-    return "\n".join(parts)
-
-
-REFERENCE_START, REFERENCE_END = "<!-- reference:start -->", "<!-- reference:end -->"
-
-
-def write_reference(readme: Path) -> None:
-    """Replace the README's generated reference section with the current one."""
-    text = Path(readme).read_text(encoding="utf-8")
-    head, _, rest = text.partition(REFERENCE_START)
-    _, _, tail = rest.partition(REFERENCE_END)
-    Path(readme).write_text(
-        f"{head}{REFERENCE_START}\n{full_reference()}{REFERENCE_END}{tail}", encoding="utf-8"
-    )

@@ -35,13 +35,19 @@ import math
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
+from trl import SFTConfig, SFTTrainer
 
+from pipeline import hardware
+from pipeline.artifacts import read_dataset, student_path
 from pipeline.config import StageConfig, dump_config
 from pipeline.errors import ConfigError, InputError, TrainingError
+from pipeline.plots import plot_loss_curves
+from pipeline.reasoning import EMPTY_THINK, content_text, has_think, join_think
 
 
 class FinetuneConfig(StageConfig):
@@ -120,35 +126,6 @@ class FinetuneConfig(StageConfig):
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
-
-
-def load_dataset_dir(path: str) -> Any:
-    """The DatasetDict from `distill build`, checked for what training needs."""
-    from datasets import DatasetDict, load_from_disk
-
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: dataset folder not found; run `distill build` first or fix --data")
-    try:
-        ds = load_from_disk(str(p))
-    except Exception as e:  # datasets raises FileNotFoundError/ValueError for foreign folders
-        raise InputError(
-            f"{p}: not a dataset saved by `distill build` ({type(e).__name__}); point --data at "
-            "the build output"
-        ) from None
-    if not isinstance(ds, DatasetDict) or "train" not in ds:
-        raise InputError(
-            f"{p}: expected splits 'train' and 'eval'; rebuild it with `distill build`"
-        )
-    if "messages" not in ds["train"].column_names:
-        cols = ", ".join(ds["train"].column_names)
-        raise InputError(
-            f"{p}: the train split has no 'messages' column (it has: {cols}); "
-            "point --data at the output of `distill build`"
-        )
-    if len(ds["train"]) == 0:
-        raise InputError(f"{p}: the train split is empty; harvest and build more rows")
-    return ds
 
 
 def resolve_student(student: str, trust_remote_code: bool) -> Any:
@@ -240,16 +217,13 @@ def prepare_messages(messages: list[dict], native_reasoning: bool) -> tuple[list
         m = {k: v for k, v in m.items() if v is not None}
         reasoning = m.pop("reasoning_content", "") or ""
         if m.get("role") == "assistant":
-            if "<think>" in (m.get("content") or ""):
-                has_reasoning = True
+            has_reasoning = has_reasoning or has_think(content_text(m.get("content")))
             if reasoning.strip():
                 has_reasoning = True
                 if native_reasoning:
                     m["reasoning_content"] = reasoning
                 else:
-                    m["content"] = (
-                        f"<think>\n{reasoning.strip()}\n</think>\n\n{m.get('content', '')}"
-                    )
+                    m["content"] = join_think(reasoning.strip(), m.get("content", ""))
         out.append(m)
     return out, has_reasoning
 
@@ -272,9 +246,6 @@ def _spans_by_rendering(tokenizer, template: str, messages: list[dict], full: st
         if through.startswith(before) and full.startswith(through):
             spans.append((len(before), len(through)))
     return spans
-
-
-EMPTY_THINK = re.compile(r"<think>\s*</think>\s*")
 
 
 def tokenize_row(
@@ -454,48 +425,88 @@ def load_student(
 
 
 # ---------------------------------------------------------------------------------------------
-# Outputs
+# The trainer: where the loss is computed
 
 
-def plot_loss(log_history: list[dict], path: Path) -> None:
-    import matplotlib
+class DistillTrainer(SFTTrainer):
+    """TRL's SFTTrainer with its loss as a named seam.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Today the loss is SFTTrainer's own: cross-entropy on the tokens whose label is not -100 (the
+    assistant turns, see tokenize_row). This is where a distillation loss goes (a later issue:
+    top-k KL against the teacher's logprobs, carried in the batch next to `labels`): compute it
+    here from the student's logits and mix it with, or return it instead of, the cross-entropy.
+    The rest of the training loop stays TRL's.
+    """
 
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    ev = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if ev:
-        ax.plot(*zip(*ev), marker="o", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (assistant tokens)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def peak_memory() -> tuple[int, str]:
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return int(torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
+    def compute_loss(  # type: ignore[override]
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
 
 
 # ---------------------------------------------------------------------------------------------
-# The stage
+# The stage: plan, prepare data, load the student, build the trainer, train, report
+
+
+@dataclass
+class Setup:
+    """What step 1 decides before anything heavy loads."""
+
+    out: Path
+    student: str  # a local student as an absolute path, so the run's record works from any cwd
+    ds: Any  # the DatasetDict from `distill build`
+    hw: hardware.Hardware
+    plan: hardware.Plan
+    last_ckpt: str | None
+    started: float
+
+
+@dataclass
+class Tokenized:
+    """Step 2's output: every row tokenized with its loss mask, and how the mask was found."""
+
+    tokenizer: Any
+    how: str  # "markers" | "rendering" (training_template)
+    native_reasoning: bool  # the template renders reasoning_content
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    eot_id: int  # the end-of-turn token every trained span ends on
+    label_tokens: int  # trained tokens in one pass over the train split
 
 
 def finetune(cfg: FinetuneConfig) -> Path:
     """Train a LoRA adapter on `cfg.data` for `cfg.student`; returns the output folder."""
-    from pipeline import hardware
+    setup = plan_run(cfg)
+    data = prepare_data(cfg, setup)
+    model, packing = load_model(cfg, setup, data)
+    trainer = build_trainer(cfg, setup, data, model, packing[0])
+    result, train_time, final_eval = train(cfg, setup, trainer)
+    trainer.save_model(str(setup.out / "adapter"))
+    if trainer.is_world_process_zero():
+        model.generation_config.save_pretrained(str(setup.out / "adapter"))
+        write_report(cfg, setup, data, packing, trainer, result, train_time, final_eval)
+    return setup.out
+
+
+def main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(msg: str) -> None:
+    if main_process():
+        print(msg, flush=True)
+
+
+def plan_run(cfg: FinetuneConfig) -> Setup:
+    """Step 1: check every input before loading anything heavy, and fit the settings to this
+    machine (hardware.plan_training); prints the plan."""
+    from transformers.trainer_utils import get_last_checkpoint
 
     if not cfg.data:
         raise ConfigError("no dataset: pass --data DIR (from `distill build`) or set finetune.data")
@@ -505,18 +516,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
         )
     if not cfg.out:
         raise ConfigError("no output folder: pass --out DIR or set finetune.out")
-    out = Path(cfg.out)
+    out, started = Path(cfg.out), time.time()
     ckpt_dir = out / "checkpoints"
-    started = time.time()
-    main_process = int(os.environ.get("RANK", "0")) == 0
-
-    def say(msg: str) -> None:
-        if main_process:
-            print(msg, flush=True)
-
-    # 1. Check every input before loading anything heavy.
-    from transformers.trainer_utils import get_last_checkpoint
-
     last_ckpt = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     if cfg.resume and last_ckpt is None:
         raise ConfigError(f"--resume: no checkpoint under {ckpt_dir}; run without --resume")
@@ -524,29 +525,16 @@ def finetune(cfg: FinetuneConfig) -> Path:
         raise ConfigError(
             f"{out} already holds a training run; pass --resume to continue it, or another --out"
         )
-    ds = load_dataset_dir(cfg.data)
-    model_config = resolve_student(cfg.student, cfg.trust_remote_code)
-    shape = hardware.model_shape(model_config, cfg.lora_target_modules)
+    ds = read_dataset(cfg.data)
+    shape = hardware.model_shape(
+        resolve_student(cfg.student, cfg.trust_remote_code), cfg.lora_target_modules
+    )
     if not shape.lora_shapes:
         raise ConfigError(
             f"lora_target_modules {cfg.lora_target_modules!r} matches no linear layer of "
             f"{cfg.student}; use 'all-linear' or names such as q_proj, v_proj"
         )
-
-    # 2. Hardware and the settings that fit it.
-    hw = hardware.detect_hardware()
-    if cfg.device == "cpu" and hw.device != "cpu":
-        hw = hardware.Hardware(
-            device="cpu", name="CPU", cpu_memory_bytes=hw.cpu_memory_bytes, world_size=hw.world_size
-        )
-    elif cfg.device == "cuda" and hw.device != "cuda":
-        raise ConfigError("device cuda asked, but no CUDA GPU is visible; use --device auto or cpu")
-    if hw.device == "cuda" and hw.gpu_count > 1 and hw.world_size == 1:
-        raise ConfigError(
-            f"{hw.gpu_count} GPUs visible to one process; launch with `accelerate launch "
-            "--config_file configs/accelerate/ddp.yaml -m pipeline finetune ...` or set "
-            "CUDA_VISIBLE_DEVICES=0"
-        )
+    hw = detect_device(cfg)
     try:
         plan = hardware.plan_training(
             hw,
@@ -565,13 +553,34 @@ def finetune(cfg: FinetuneConfig) -> Path:
     say(f"distill finetune: {cfg.student} on {cfg.data} -> {out}")
     say(f"hardware: {hw.describe()}")
     say(plan.describe())
+    return Setup(out, student_path(cfg.student), ds, hw, plan, last_ckpt, started)
 
-    # 3. Tokenize with the loss mask, and check it on every row before training.
+
+def detect_device(cfg: FinetuneConfig) -> hardware.Hardware:
+    """This machine, limited to the device the config asks for."""
+    hw = hardware.detect_hardware()
+    if cfg.device == "cpu" and hw.device != "cpu":
+        hw = hardware.Hardware(
+            device="cpu", name="CPU", cpu_memory_bytes=hw.cpu_memory_bytes, world_size=hw.world_size
+        )
+    elif cfg.device == "cuda" and hw.device != "cuda":
+        raise ConfigError("device cuda asked, but no CUDA GPU is visible; use --device auto or cpu")
+    if hw.device == "cuda" and hw.gpu_count > 1 and hw.world_size == 1:
+        raise ConfigError(
+            f"{hw.gpu_count} GPUs visible to one process; launch with `accelerate launch "
+            "--config_file configs/accelerate/ddp.yaml -m pipeline finetune ...` or set "
+            "CUDA_VISIBLE_DEVICES=0"
+        )
+    return hw
+
+
+def prepare_data(cfg: FinetuneConfig, setup: Setup) -> Tokenized:
+    """Step 2: tokenize every row with its loss mask, and check the mask on every row."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            cfg.student, trust_remote_code=cfg.trust_remote_code
+            setup.student, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as e:
         raise InputError(
@@ -580,89 +589,74 @@ def finetune(cfg: FinetuneConfig) -> Path:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding carries no loss (labels -100)
     template, how = training_template(tokenizer)
-    native_reasoning = renders_reasoning(tokenizer, template)
-    train_rows, train_pids = tokenize_split(ds["train"], tokenizer, template, how, native_reasoning)
-    eot_id = check_masks(train_rows, tokenizer, train_pids, cfg.student)
+    native = renders_reasoning(tokenizer, template)
+    ds = setup.ds
+    train_rows, train_pids = tokenize_split(ds["train"], tokenizer, template, how, native)
+    eot_id = check_masks(train_rows, tokenizer, train_pids, str(cfg.student))
     eval_rows: list[dict] = []
     if "eval" in ds and len(ds["eval"]) > 0:
-        eval_rows, eval_pids = tokenize_split(
-            ds["eval"], tokenizer, template, how, native_reasoning
-        )
-        check_masks(eval_rows, tokenizer, eval_pids, cfg.student)
-    too_long = sum(len(r["input_ids"]) > cfg.max_length for r in train_rows)
+        eval_rows, eval_pids = tokenize_split(ds["eval"], tokenizer, template, how, native)
+        check_masks(eval_rows, tokenizer, eval_pids, str(cfg.student))
     label_tokens = sum(sum(t != -100 for t in r["labels"]) for r in train_rows)
+    return Tokenized(tokenizer, how, native, train_rows, eval_rows, eot_id, label_tokens)
 
-    # 4. The student, and whether packing is safe with its attention.
-    model = load_student(cfg.student, cfg, plan.dtype, plan.quantize, plan.gradient_checkpointing)
+
+def load_model(cfg: FinetuneConfig, setup: Setup, data: Tokenized) -> tuple[Any, tuple[bool, str]]:
+    """Step 3: the student, and (packing on?, why) from whether its attention keeps packed
+    sequences apart. Prints the data and loss-mask summary."""
+    plan = setup.plan
+    model = load_student(setup.student, cfg, plan.dtype, plan.quantize, plan.gradient_checkpointing)
     if cfg.packing is None and plan.world_size > 1:
         # Under FSDP/ZeRO-3 some ranks hold no weights yet, so no probe: every rank must decide
         # alike, from the kernel's name (these derive packed masks from position ids).
         packing = cfg.attn_implementation in ("sdpa", "eager", "flex_attention", *VARLEN_ATTENTION)
-        packing_why = f"{cfg.attn_implementation} attention " + (
+        why = f"{cfg.attn_implementation} attention " + (
             "keeps packed sequences apart" if packing else "is not known to keep sequences apart"
         )
     elif cfg.packing is None:
         packing = packing_keeps_sequences_apart(model)
-        packing_why = (
+        why = (
             "packed sequences stay apart" if packing else "attention leaks across packed sequences"
         )
     else:
-        packing, packing_why = cfg.packing, "set in config"
+        packing, why = cfg.packing, "set in config"
 
     stop_ids = model.generation_config.eos_token_id
     stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids or [])
-    if eot_id not in stop_ids:
+    if data.eot_id not in stop_ids:
         # The template ends turns with a token generation would not stop at (LLaMA-Factory #7943):
         # the adapter's generation_config adds it.
-        model.generation_config.eos_token_id = [eot_id, *stop_ids]
-
+        model.generation_config.eos_token_id = [data.eot_id, *stop_ids]
+    too_long = sum(len(r["input_ids"]) > cfg.max_length for r in data.train_rows)
     say(
-        f"  - packing {'on' if packing else 'off'}: {packing_why}; loss mask by "
-        + ("template {% generation %} markers" if how == "markers" else "template rendering")
-        + f", end-of-turn token {tokenizer.decode([eot_id])!r} trained"
-        + ("; reasoning_content rendered by the template" if native_reasoning else "")
+        f"  - packing {'on' if packing else 'off'}: {why}; loss mask by "
+        + ("template {% generation %} markers" if data.how == "markers" else "template rendering")
+        + f", end-of-turn token {data.tokenizer.decode([data.eot_id])!r} trained"
+        + ("; reasoning_content rendered by the template" if data.native_reasoning else "")
     )
     say(
-        f"data: {len(train_rows)} train rows ({label_tokens} trained tokens), {len(eval_rows)} eval "
-        f"rows; {too_long} train rows longer than max_length {cfg.max_length} are truncated"
+        f"data: {len(data.train_rows)} train rows ({data.label_tokens} trained tokens), "
+        f"{len(data.eval_rows)} eval rows; {too_long} train rows longer than max_length "
+        f"{cfg.max_length} are truncated"
     )
+    return model, (packing, why)
 
-    # 5. Train.
-    from datasets import Dataset
+
+def build_trainer(
+    cfg: FinetuneConfig, setup: Setup, data: Tokenized, model: Any, packing: bool
+) -> DistillTrainer:
+    """Step 4: datasets (packed here unless the kernel takes TRL's packing), TrainingArguments,
+    the LoRA config and the trainer. Writes OUT/config.yaml."""
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
 
-    report_to = cfg.report_to
-    if report_to is None:
-        try:
-            import tensorboard  # noqa: F401
-
-            report_to = "tensorboard"
-        except ImportError:
-            report_to = "none"
-    # TensorBoard's callback reads its folder from the environment only; a user's value wins.
-    tb_dir_set = "tensorboard" in report_to and "TENSORBOARD_LOGGING_DIR" not in os.environ
-    if tb_dir_set:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
-
-    train_ds = Dataset.from_list(train_rows)
-    eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
-    # Varlen kernels take TRL's own packing (one flattened row per batch); other kernels get rows
-    # packed here and batched row by row (see packed_rows_collator). TRL refuses a custom collator
-    # together with its packing, hence packing the dataset before handing it over.
+    plan, out = setup.plan, setup.out
+    # Varlen kernels take TRL's own packing (one flattened row per batch); others get rows packed
+    # here. TRL refuses a custom collator together with its packing.
     trl_packing = packing and cfg.attn_implementation in VARLEN_ATTENTION
-    collator = None
-    if packing and not trl_packing:
-        from trl.data_utils import pack_dataset
-
-        # Blocks no longer than the longest row: these kernels compute every block's full
-        # block x block score matrix, so a longer block only adds masked-out work.
-        block = min(cfg.max_length, max(len(r["input_ids"]) for r in train_rows))
-        train_ds = pack_dataset(train_ds, block, "bfd")
-        eval_ds = pack_dataset(eval_ds, block, "bfd") if eval_ds is not None else None
-        collator = packed_rows_collator(tokenizer.pad_token_id)
+    train_ds, eval_ds, collator = training_datasets(cfg, data, packing and not trl_packing)
+    loggers = report_to(cfg)
     args = SFTConfig(
-        output_dir=str(ckpt_dir),
+        output_dir=str(out / "checkpoints"),
         max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.lr,
@@ -679,113 +673,171 @@ def finetune(cfg: FinetuneConfig) -> Path:
         max_length=cfg.max_length,
         packing=trl_packing,
         packing_strategy="bfd",
-        assistant_only_loss=False,  # the labels above already hold the mask
+        assistant_only_loss=False,  # the labels already hold the mask
         eval_strategy="steps" if eval_ds is not None else "no",
         eval_steps=cfg.eval_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps,
-        report_to=report_to,
+        report_to=loggers,
         seed=cfg.seed,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
-        disable_tqdm=not main_process,
+        disable_tqdm=not main_process(),
     )
+    # PEFT reads a plain string as a regex over full module names; a name means a list of one.
+    targets = cfg.lora_target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [targets]
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        # PEFT reads a plain string as a regex over full module names; a name means a list of one.
-        target_modules=(
-            [cfg.lora_target_modules]
-            if isinstance(cfg.lora_target_modules, str) and cfg.lora_target_modules != "all-linear"
-            else cfg.lora_target_modules
-        ),
+        target_modules=targets,
         use_dora=cfg.use_dora,
         task_type="CAUSAL_LM",
     )
     out.mkdir(parents=True, exist_ok=True)
-    if main_process:
+    if main_process():
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        data_collator=collator,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=lora,
-    )
-    train_started = time.time()
+    # TensorBoard's callback reads its folder from the environment, when the trainer is built;
+    # a user's own value wins.
+    tb_dir_set = "tensorboard" in loggers and "TENSORBOARD_LOGGING_DIR" not in os.environ
+    if tb_dir_set:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     try:
-        result = trainer.train(resume_from_checkpoint=last_ckpt if cfg.resume else None)
+        return DistillTrainer(
+            model=model,
+            args=args,
+            data_collator=collator,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=data.tokenizer,
+            peft_config=lora,
+        )
     finally:
         if tb_dir_set:
             del os.environ["TENSORBOARD_LOGGING_DIR"]
+
+
+def training_datasets(cfg: FinetuneConfig, data: Tokenized, pack: bool) -> tuple[Any, Any, Any]:
+    """(train, eval or None, collator or None); with `pack`, rows packed into blocks and batched
+    row by row by packed_rows_collator."""
+    from datasets import Dataset
+
+    train_ds = Dataset.from_list(data.train_rows)
+    eval_ds = Dataset.from_list(data.eval_rows) if data.eval_rows else None
+    if not pack:
+        return train_ds, eval_ds, None
+    from trl.data_utils import pack_dataset
+
+    # Blocks no longer than the longest row: these kernels compute every block's full
+    # block x block score matrix, so a longer block only adds masked-out work.
+    block = min(cfg.max_length, max(len(r["input_ids"]) for r in data.train_rows))
+    train_ds = pack_dataset(train_ds, block, "bfd")
+    eval_ds = pack_dataset(eval_ds, block, "bfd") if eval_ds is not None else None
+    return train_ds, eval_ds, packed_rows_collator(data.tokenizer.pad_token_id)
+
+
+def report_to(cfg: FinetuneConfig) -> str:
+    """The Trainer's loggers: as configured, else TensorBoard when it is installed."""
+    if cfg.report_to is not None:
+        return cfg.report_to
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return "none"
+    return "tensorboard"
+
+
+def train(cfg: FinetuneConfig, setup: Setup, trainer: DistillTrainer) -> tuple[Any, float, dict]:
+    """Step 5: train (or resume), then the held-out loss at the last step.
+    Returns (TrainOutput, seconds spent training, final eval metrics or {})."""
+    train_started = time.time()
+    result = trainer.train(resume_from_checkpoint=setup.last_ckpt if cfg.resume else None)
     train_time = time.time() - train_started
-    # The held-out loss at the last step: reuse it when the schedule already evaluated there.
+    # Reuse the schedule's last evaluation when it ran at the last step.
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
-    if eval_ds is None:
+    if trainer.eval_dataset is None:
         final_eval: dict[str, Any] = {}
     elif evals and evals[-1].get("step") == trainer.state.global_step:
         final_eval = evals[-1]
     else:
         final_eval = trainer.evaluate()
+    return result, train_time, final_eval
 
-    # 6. Save: adapter + tokenizer (the student's own template) + generation config, report, plots.
-    trainer.save_model(str(out / "adapter"))
-    if not trainer.is_world_process_zero():
-        return out
-    model.generation_config.save_pretrained(str(out / "adapter"))
-    history = trainer.state.log_history
+
+def write_report(
+    cfg: FinetuneConfig,
+    setup: Setup,
+    data: Tokenized,
+    packing: tuple[bool, str],
+    trainer: DistillTrainer,
+    result: Any,
+    train_time: float,
+    final_eval: dict,
+) -> None:
+    """Step 6 (main process): log history, loss plot and train_report.json; stops with TrainingError if the loss ended non-finite."""
+    out, plan, state = setup.out, setup.plan, trainer.state
+    history = state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
-    plot_loss(history, out / "loss.png")
+    plot_loss_curves(out / "log_history.json", out / "loss.png")
     train_losses = [e["loss"] for e in history if "loss" in e]
-    tokens_seen = int(trainer.state.num_input_tokens_seen)
+    final_loss = train_losses[-1] if train_losses else result.training_loss
+    tokens_seen = int(state.num_input_tokens_seen)
     peak, peak_kind = peak_memory()
     report = {
-        "student": cfg.student,
+        "student": setup.student,
         "data": cfg.data,
-        "steps": trainer.state.global_step,
-        "epochs": round(float(trainer.state.epoch or 0), 4),
+        "steps": state.global_step,
+        "epochs": round(float(state.epoch or 0), 4),
         "tokens_seen": tokens_seen,
         "train_tokens_per_s": round(tokens_seen / train_time, 2) if train_time > 0 else None,
-        "train_label_tokens_per_epoch": label_tokens,
+        "train_label_tokens_per_epoch": data.label_tokens,
         "train_runtime_s": round(float(result.metrics.get("train_runtime", train_time)), 3),
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
         "estimated_memory_bytes": plan.estimate.total,
-        "final_train_loss": train_losses[-1] if train_losses else result.training_loss,
+        "final_train_loss": final_loss,
         "mean_train_loss": result.training_loss,
         "final_eval_loss": final_eval.get("eval_loss"),
-        "wall_time_s": round(time.time() - started, 3),
-        "resumed_from": last_ckpt if cfg.resume else None,
+        "wall_time_s": round(time.time() - setup.started, 3),
+        "resumed_from": setup.last_ckpt if cfg.resume else None,
         "settings": {
             "device": plan.device,
-            "hardware": hw.describe(),
+            "hardware": setup.hw.describe(),
             "dtype": plan.dtype,
             "quantize": "4bit" if plan.quantize else "none",
             "batch_size": plan.batch_size,
             "grad_accum": plan.grad_accum,
             "world_size": plan.world_size,
             "effective_batch_size": plan.effective_batch,
-            "packing": packing,
+            "packing": packing[0],
             "gradient_checkpointing": plan.gradient_checkpointing,
-            "loss_mask": how,
-            "end_of_turn_token": tokenizer.decode([eot_id]),
-            "reasoning": "reasoning_content" if native_reasoning else "inline <think>",
-            "reasons": list(plan.reasons) + [f"packing: {packing_why}"],
+            "loss_mask": data.how,
+            "end_of_turn_token": data.tokenizer.decode([data.eot_id]),
+            "reasoning": "reasoning_content" if data.native_reasoning else "inline <think>",
+            "reasons": list(plan.reasons) + [f"packing: {packing[1]}"],
         },
     }
     (out / "train_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     eval_txt = f"{report['final_eval_loss']:.4f}" if report["final_eval_loss"] is not None else "-"
     say(
         f"done: {report['steps']} steps, {tokens_seen} tokens "
-        f"({report['train_tokens_per_s']} tok/s), final train loss "
-        f"{report['final_train_loss']:.4f}, eval loss {eval_txt}; adapter in {out / 'adapter'}"
+        f"({report['train_tokens_per_s']} tok/s), final train loss {final_loss:.4f}, "
+        f"eval loss {eval_txt}; adapter in {out / 'adapter'}"
     )
-    final_loss = float(train_losses[-1] if train_losses else result.training_loss)
-    if not math.isfinite(final_loss):
+    if not math.isfinite(float(final_loss)):
         raise TrainingError(f"training loss is {final_loss}; lower --lr or use --dtype fp32/bf16")
-    return out
+
+
+def peak_memory() -> tuple[int, str]:
+    """Peak memory of this process: the GPU's allocator when CUDA ran, else max RSS."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"

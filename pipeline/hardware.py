@@ -322,30 +322,7 @@ def plan_training(
     """Choose device, precision, quantization, batch and checkpointing; given values win."""
     reasons: list[str] = []
     device = hw.device
-
-    # Precision
-    if dtype == "auto":
-        if device == "cuda":
-            dtype = "bf16" if hw.bf16 else "fp16"
-            reasons.append(
-                f"{dtype}: compute capability {hw.compute_capability} "
-                + (
-                    "supports bf16"
-                    if hw.bf16
-                    else "has no bf16 (pre-Ampere), so fp16 with loss scaling"
-                )
-            )
-        else:
-            dtype = "fp32"
-            reasons.append(f"fp32: half precision on {device} is slow or unsupported")
-    elif dtype == "bf16" and device == "cuda" and not hw.bf16:
-        raise PlanError(
-            f"dtype bf16 asked, but {hw.name} (compute capability {hw.compute_capability}) has no "
-            "bf16; use --dtype fp16 or leave dtype on auto"
-        )
-    elif dtype in ("bf16", "fp16") and device == "cpu":
-        raise PlanError(f"dtype {dtype} asked on CPU; use --dtype fp32 or leave dtype on auto")
-
+    dtype = _choose_dtype(hw, dtype, reasons)
     if device == "cuda":
         budget = int(hw.gpu_memory_bytes * GPU_BUDGET_FRACTION)
     else:
@@ -363,40 +340,7 @@ def plan_training(
             device=device,
         )
 
-    # Quantization
-    if quantize == "4bit":
-        if device != "cuda":
-            raise PlanError(
-                "4-bit quantization needs a CUDA GPU and bitsandbytes, and none is visible; "
-                "use --quantize none (or auto) to train in full precision"
-            )
-        if not hw.bitsandbytes:
-            raise PlanError(
-                "4-bit quantization needs bitsandbytes: pip install 'distill[qlora]' "
-                "(or bitsandbytes), or use --quantize none"
-            )
-        use_4bit = True
-        reasons.append("4-bit: asked for")
-    elif quantize == "none":
-        use_4bit = False
-    else:
-        smallest_16bit = est(False, 1, True)
-        use_4bit = device == "cuda" and smallest_16bit.total > budget
-        if use_4bit:
-            if not hw.bitsandbytes:
-                raise PlanError(
-                    f"the student needs {smallest_16bit.total / GiB:.1f} GiB in {dtype} even at batch 1 "
-                    f"with checkpointing, more than the {budget / GiB:.1f} GiB budget, and 4-bit needs "
-                    "bitsandbytes: pip install 'distill[qlora]', or pick a smaller student"
-                )
-            reasons.append(
-                f"4-bit: in {dtype} the student needs {smallest_16bit.total / GiB:.1f} GiB at batch 1, "
-                f"over the {budget / GiB:.1f} GiB budget"
-            )
-        elif device == "cuda":
-            reasons.append(
-                f"no 4-bit: {dtype} fits ({smallest_16bit.total / GiB:.1f} GiB at batch 1)"
-            )
+    use_4bit = _choose_4bit(hw, quantize, dtype, est(False, 1, True).total, budget, reasons)
 
     def largest_batch(gc: bool) -> int:
         """Largest power of two <= target (and the cap) whose estimate fits; 0 if none."""
@@ -408,33 +352,15 @@ def plan_training(
             bs *= 2
         return best
 
-    # Activation checkpointing and per-device batch
-    if gradient_checkpointing is None:
-        if device != "cuda":
-            # Off the GPU recomputation costs more than memory is worth; only when not even one
-            # sequence fits without it.
-            gc = (largest_batch(False) if batch_size is None else 1) == 0
-            reasons.append(
-                "activation checkpointing: not even one sequence fits without it"
-                if gc
-                else f"no activation checkpointing: on {device} it only slows steps"
-            )
-        else:
-            fits = largest_batch(False) if batch_size is None else batch_size
-            need = min(MIN_BATCH_WITHOUT_CHECKPOINTING, target_batch)
-            gc = (
-                fits < need
-                if batch_size is None
-                else est(use_4bit, batch_size, False).total > budget
-            )
-            reasons.append(
-                "activation checkpointing: without it fewer than "
-                f"{need} sequences of {seq_len} tokens fit"
-                if gc
-                else "no activation checkpointing: the batch fits without it"
-            )
-    else:
-        gc = gradient_checkpointing
+    gc = gradient_checkpointing
+    if gc is None:
+        # Without checkpointing: the largest batch that fits, or whether the given batch fits.
+        fits = (
+            largest_batch(False)
+            if batch_size is None
+            else batch_size * (est(use_4bit, batch_size, False).total <= budget)
+        )
+        gc = _choose_checkpointing(device, fits, target_batch, seq_len, batch_size, reasons)
     if batch_size is None:
         batch_size = largest_batch(gc)
         if batch_size == 0:
@@ -462,6 +388,101 @@ def plan_training(
         budget_bytes=budget,
         reasons=tuple(reasons),
     )
+
+
+def _choose_checkpointing(
+    device: str,
+    fits: int,
+    target_batch: int,
+    seq_len: int,
+    batch_size: int | None,
+    reasons: list[str],
+) -> bool:
+    """Activation checkpointing, given the batch that `fits` without it (0: none fits; with a
+    given `batch_size`, that batch or 0)."""
+    if device != "cuda":
+        # Off the GPU recomputation costs more than memory is worth; only when not even one
+        # sequence fits without it.
+        gc = (fits if batch_size is None else 1) == 0
+        reasons.append(
+            "activation checkpointing: not even one sequence fits without it"
+            if gc
+            else f"no activation checkpointing: on {device} it only slows steps"
+        )
+        return gc
+    need = min(MIN_BATCH_WITHOUT_CHECKPOINTING, target_batch)
+    gc = fits < need if batch_size is None else fits == 0
+    reasons.append(
+        f"activation checkpointing: without it fewer than {need} sequences of {seq_len} tokens fit"
+        if gc
+        else "no activation checkpointing: the batch fits without it"
+    )
+    return gc
+
+
+def _choose_dtype(hw: Hardware, dtype: str, reasons: list[str]) -> str:
+    """The training precision: as asked (if this device has it), else the best it has."""
+    device = hw.device
+    if dtype == "auto":
+        if device == "cuda":
+            dtype = "bf16" if hw.bf16 else "fp16"
+            reasons.append(
+                f"{dtype}: compute capability {hw.compute_capability} "
+                + (
+                    "supports bf16"
+                    if hw.bf16
+                    else "has no bf16 (pre-Ampere), so fp16 with loss scaling"
+                )
+            )
+        else:
+            dtype = "fp32"
+            reasons.append(f"fp32: half precision on {device} is slow or unsupported")
+    elif dtype == "bf16" and device == "cuda" and not hw.bf16:
+        raise PlanError(
+            f"dtype bf16 asked, but {hw.name} (compute capability {hw.compute_capability}) has no "
+            "bf16; use --dtype fp16 or leave dtype on auto"
+        )
+    elif dtype in ("bf16", "fp16") and device == "cpu":
+        raise PlanError(f"dtype {dtype} asked on CPU; use --dtype fp32 or leave dtype on auto")
+    return dtype
+
+
+def _choose_4bit(
+    hw: Hardware, quantize: str, dtype: str, smallest_16bit: int, budget: int, reasons: list[str]
+) -> bool:
+    """4-bit QLoRA: as asked, or (auto) only on CUDA when even batch 1 with checkpointing in 16
+    bits (`smallest_16bit` bytes) is over the budget."""
+    device = hw.device
+    if quantize == "4bit":
+        if device != "cuda":
+            raise PlanError(
+                "4-bit quantization needs a CUDA GPU and bitsandbytes, and none is visible; "
+                "use --quantize none (or auto) to train in full precision"
+            )
+        if not hw.bitsandbytes:
+            raise PlanError(
+                "4-bit quantization needs bitsandbytes: pip install 'distill[qlora]' "
+                "(or bitsandbytes), or use --quantize none"
+            )
+        reasons.append("4-bit: asked for")
+        return True
+    if quantize == "none":
+        return False
+    use_4bit = device == "cuda" and smallest_16bit > budget
+    if use_4bit:
+        if not hw.bitsandbytes:
+            raise PlanError(
+                f"the student needs {smallest_16bit / GiB:.1f} GiB in {dtype} even at batch 1 "
+                f"with checkpointing, more than the {budget / GiB:.1f} GiB budget, and 4-bit needs "
+                "bitsandbytes: pip install 'distill[qlora]', or pick a smaller student"
+            )
+        reasons.append(
+            f"4-bit: in {dtype} the student needs {smallest_16bit / GiB:.1f} GiB at batch 1, "
+            f"over the {budget / GiB:.1f} GiB budget"
+        )
+    elif device == "cuda":
+        reasons.append(f"no 4-bit: {dtype} fits ({smallest_16bit / GiB:.1f} GiB at batch 1)")
+    return use_4bit
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field
 
+from pipeline.artifacts import read_finetune_run
 from pipeline.config import StageConfig
 from pipeline.errors import ConfigError, InputError, TrainingError
 
@@ -48,31 +48,6 @@ class MergeConfig(StageConfig):
         None, description="Path to llama.cpp's convert_hf_to_gguf.py (else $LLAMA_CPP_DIR, PATH)."
     )
     trust_remote_code: bool = Field(False, description="Run Python code shipped with the student.")
-
-
-def find_adapter(out: Path) -> Path:
-    for cand in (out / "adapter", out):
-        if (cand / "adapter_config.json").exists():
-            return cand
-    raise InputError(
-        f"{out}: no LoRA adapter here (adapter/adapter_config.json); pass the --out folder of "
-        "`distill finetune`"
-    )
-
-
-def base_student(out: Path, adapter: Path) -> str:
-    """The student the run trained: OUT/config.yaml, else the adapter's own record."""
-    cfg_file = out / "config.yaml"
-    if cfg_file.exists():
-        student = (yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}).get("student")
-        if student:
-            return str(student)
-    import json
-
-    meta = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-    if meta.get("base_model_name_or_path"):
-        return str(meta["base_model_name_or_path"])
-    raise InputError(f"{out}: cannot tell which student was trained; pass --student")
 
 
 def find_gguf_converter(given: str | None) -> Path | None:
@@ -104,11 +79,8 @@ def merge(cfg: MergeConfig) -> Path:
         )
     if not cfg.to:
         raise ConfigError("no destination: pass --to DIR or set merge.to")
-    out, to = Path(cfg.out), Path(cfg.to)
-    if not out.exists():
-        raise InputError(f"{out}: folder not found; pass the --out folder of `distill finetune`")
-    adapter = find_adapter(out)
-    student = cfg.student or base_student(out, adapter)
+    run = read_finetune_run(cfg.out, cfg.student)
+    adapter, student, to = run.adapter, run.student, Path(cfg.to)
     if to.exists() and any(to.iterdir()):
         raise ConfigError(f"{to} is not empty; pass an empty or new folder to --to")
     converter = None if cfg.gguf == "no" else find_gguf_converter(cfg.gguf_converter)

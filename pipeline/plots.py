@@ -88,48 +88,8 @@ def plot_metrics(report: dict[str, Any], path: Path) -> None:
     cols = min(4, cells)
     rows = (cells + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows + 1.2), squeeze=False)
-    for ax, (key, title, ylabel, percent, better) in zip(axes.flat, panels, strict=False):
-        scale = 100.0 if percent else 1.0
-        values = [m[s].get(key) for s in ("base", "finetuned")]
-        heights = [0.0 if v is None else v * scale for v in values]
-        bars = ax.bar(
-            ["base", "fine-tuned"], heights, color=[BASE_COLOR, FINETUNED_COLOR], width=0.6
-        )
-        top = max(heights + [1e-9])
-        teacher = m.get("teacher", {}).get(key)
-        if teacher is not None:
-            y = teacher * scale
-            ax.axhline(y, color=TEACHER_COLOR, linestyle="--", linewidth=1.5)
-            ax.annotate(
-                f"teacher {y:.1f}%" if percent else f"teacher {teacher:.3g}",
-                (1.0, y),
-                xycoords=("axes fraction", "data"),
-                ha="right",
-                va="bottom",
-                color=TEACHER_COLOR,
-                fontsize=8,
-                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
-            )
-            top = max(top, y)
-        for bar, v in zip(bars, values, strict=True):
-            text = "n/a" if v is None else f"{v * scale:.1f}%" if percent else f"{v:.3g}"
-            ax.annotate(
-                text,
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                ha="center",
-                va="bottom",
-                xytext=(0, 2),
-                textcoords="offset points",
-                fontsize=10,
-                fontweight="bold",
-            )
-        ax.set_ylim(0, 110 if percent else top * 1.25)
-        if key == "answer_tokens":
-            title = f"{title} (max_new_tokens {report['config']['max_new_tokens']})"
-        ax.set_title(f"{title}\n({better})", fontsize=10)
-        ax.set_ylabel(ylabel, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_axisbelow(True)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        _bar_panel(ax, panel, m, report["config"]["max_new_tokens"])
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     axes.flat[len(panels)].text(
@@ -164,6 +124,50 @@ def plot_metrics(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _bar_panel(ax: Any, panel: tuple[str, str, str, bool, str], m: dict, max_new: Any) -> None:
+    """One metric: base and fine-tuned bars with their values, the teacher as a dashed line."""
+    key, title, ylabel, percent, better = panel
+    scale = 100.0 if percent else 1.0
+    values = [m[s].get(key) for s in ("base", "finetuned")]
+    heights = [0.0 if v is None else v * scale for v in values]
+    bars = ax.bar(["base", "fine-tuned"], heights, color=[BASE_COLOR, FINETUNED_COLOR], width=0.6)
+    top = max(heights + [1e-9])
+    teacher = m.get("teacher", {}).get(key)
+    if teacher is not None:
+        y = teacher * scale
+        ax.axhline(y, color=TEACHER_COLOR, linestyle="--", linewidth=1.5)
+        ax.annotate(
+            f"teacher {y:.1f}%" if percent else f"teacher {teacher:.3g}",
+            (1.0, y),
+            xycoords=("axes fraction", "data"),
+            ha="right",
+            va="bottom",
+            color=TEACHER_COLOR,
+            fontsize=8,
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
+        )
+        top = max(top, y)
+    for bar, v in zip(bars, values, strict=True):
+        text = "n/a" if v is None else f"{v * scale:.1f}%" if percent else f"{v:.3g}"
+        ax.annotate(
+            text,
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            xytext=(0, 2),
+            textcoords="offset points",
+            fontsize=10,
+            fontweight="bold",
+        )
+    ax.set_ylim(0, 110 if percent else top * 1.25)
+    if key == "answer_tokens":
+        title = f"{title} (max_new_tokens {max_new})"
+    ax.set_title(f"{title}\n({better})", fontsize=10)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
 
 
 def verdict(m: dict[str, Any], panels: list[tuple[str, str, str, bool, str]]) -> str:

@@ -47,25 +47,22 @@ def test_bad_config_is_one_clear_line(tmp_path: Path, text: str, needle: str) ->
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-STAGES = {
-    "harvest": ("pipeline.harvest", "HarvestConfig"),
-    "build": ("pipeline.build", "BuildConfig"),
-    "finetune": ("pipeline.finetune", "FinetuneConfig"),
-    "eval": ("pipeline.evaluate", "EvalConfig"),
-    "batch": ("pipeline.batch", "BatchConfig"),
-    "merge": ("pipeline.merge", "MergeConfig"),
-}
+def test_section_table_is_written_once() -> None:
+    """load_config's known sections (config.SECTIONS) are the reference's top-level sections."""
+    from pipeline.config import SECTIONS
+    from pipeline.reference import REFERENCE
+
+    assert [s for s, _ in REFERENCE if "." not in s] == list(SECTIONS)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path: Path) -> None:
-    import importlib
+    from pipeline.reference import REFERENCE
 
     sections = read_yaml(path)
     assert sections, path
     for name in sections:
-        module, cls = STAGES[name]
-        load_config(getattr(importlib.import_module(module), cls), path, name)
+        load_config(dict(REFERENCE)[name], path, name)
     if "harvest" not in sections:
         return
     cfg = load_config(HarvestConfig, path, "harvest")
@@ -77,7 +74,7 @@ def test_shipped_configs_are_valid(path: Path) -> None:
 
 def test_readme_reference_is_complete_and_current() -> None:
     """The README's config reference is generated: regenerate with `distill reference --write README.md`."""
-    from pipeline.config import REFERENCE_END, REFERENCE_START, full_reference
+    from pipeline.reference import REFERENCE_END, REFERENCE_START, full_reference
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split(REFERENCE_START)[1].split(REFERENCE_END)[0]
@@ -86,3 +83,35 @@ def test_readme_reference_is_complete_and_current() -> None:
 
     for col in EXPORT_COLUMNS:  # the data layout documents every export column
         assert f"| `{col}` |" in readme, col
+
+
+def test_import_graph_has_no_circle() -> None:
+    """Every `pipeline` import (module- or function-level) between our modules: no cycle, and the
+    base modules import no stage."""
+    import ast
+
+    pkg = ROOT / "pipeline"
+    names = {".".join(f.relative_to(ROOT).with_suffix("").parts): f for f in pkg.rglob("*.py")}
+    names = {n.removesuffix(".__init__"): f for n, f in names.items()}
+    graph: dict[str, set[str]] = {}
+    for name, f in names.items():
+        found = set()
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {n for n in found if n in names and n not in (name, "pipeline")}
+    for base in ("config", "errors", "record", "reasoning"):
+        assert graph[f"pipeline.{base}"] <= {"pipeline.errors"}, base
+    done: set[str] = set()
+
+    def visit(node: str, path: tuple[str, ...]) -> None:
+        assert node not in path, f"import circle: {' -> '.join((*path, node))}"
+        if node not in done:
+            for nxt in graph[node]:
+                visit(nxt, (*path, node))
+            done.add(node)
+
+    for node in graph:
+        visit(node, ())

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.serve import serve_teacher, served_model_name
+from pipeline.demo.serve import serve_teacher, served_model_name
 from pipeline.store import Store
-from tests.conftest import arithmetic_rows, run_cli, write_jsonl
+from tests.conftest import arithmetic_rows, harvest_args, run_cli, write_jsonl
 from tests.tinymodels import make_tiny_model
 
 
@@ -26,22 +26,8 @@ def test_harvest_collects_every_prompt_and_a_rerun_sends_nothing(
     prompts = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(6))
     run = tmp_path / "run"
     with serve_teacher(tiny, log_path=tmp_path / "serve.log") as url:
-        args = [
-            "harvest",
-            "--prompts",
-            str(prompts),
-            "--out",
-            str(run),
-            "--base-url",
-            url,
-            "--model",
-            served_model_name(tiny),
-            "--max-tokens",
-            "8",
-            "--concurrency",
-            "4",
-            "--json",
-        ]
+        more = ("--max-tokens", "8", "--concurrency", "4", "--json")
+        args = harvest_args(url, prompts, run, *more, model=served_model_name(tiny))
         first = run_cli(*args)
         assert first.returncode == 0, first.stderr
         s1 = json.loads(first.stdout)

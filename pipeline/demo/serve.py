@@ -1,6 +1,6 @@
 """A local teacher: `transformers serve` on a model folder, started and always stopped by a with-block.
 
-    python -m pipeline.serve data/models/SmolLM2-135M-Instruct   # serves until Ctrl-C
+    python -m pipeline.demo.serve data/models/SmolLM2-135M-Instruct   # serves until Ctrl-C
 
     with serve_teacher(Path("data/models/SmolLM2-135M-Instruct")) as base_url:
         ...  # an OpenAI-compatible API at base_url ("http://127.0.0.1:PORT/v1")
@@ -10,7 +10,7 @@ as passed here (a request naming anything else gets HTTP 400); `served_model_nam
 gives it. It runs on the CPU with continuous batching, so concurrent requests share forward passes.
 Continuous batching takes its sampling settings (do_sample, temperature, top_p) from the first
 request and the model's generation_config, for all requests: the readiness probe sends none, so the
-folder's generation_config decides (greedy for the demo's model, see pipeline/student.py). It also
+folder's generation_config decides (greedy for the demo's model, see pipeline/demo/student.py). It also
 ignores `stop` sequences: only max_tokens and the end-of-turn token end an answer.
 """
 
@@ -116,7 +116,7 @@ def serve_teacher(
     if not (model_dir / "config.json").is_file():
         raise InputError(
             f"{model_dir} is not a model folder (no config.json): for the demo's model run "
-            "`python -m pipeline.student`"
+            "`python -m pipeline.demo.student`"
         )
     port = port or _free_port()
     if log_path is None:

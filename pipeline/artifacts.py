@@ -1,0 +1,113 @@
+"""Readers for what one stage leaves on disk for the next: the built dataset and a fine-tune run.
+
+    ds = read_dataset("data/demo/dataset")        # DatasetDict with train/eval, checked
+    run = read_finetune_run("data/demo/student")  # run.adapter, run.student, run.report
+
+Every stage that opens these goes through here, so their layout and errors are defined once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import InputError
+
+
+def read_dataset(path: str | Path, split: str = "train") -> Any:
+    """The DatasetDict from `distill build`, its `split` checked: there, with messages, not empty."""
+    from datasets import DatasetDict, load_from_disk
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: dataset folder not found; run `distill build` first or fix --data")
+    try:
+        ds = load_from_disk(str(p))
+    except Exception as e:  # datasets raises FileNotFoundError/ValueError for foreign folders
+        raise InputError(
+            f"{p}: not a dataset saved by `distill build` ({type(e).__name__}); point --data at "
+            "the build output"
+        ) from None
+    if not isinstance(ds, DatasetDict) or split not in ds:
+        has = ", ".join(ds) if isinstance(ds, DatasetDict) else "one unnamed split"
+        raise InputError(
+            f"{p}: no `{split}` split (it has: {has}); rebuild it with `distill build` "
+            "(splits train and eval)"
+        )
+    if "messages" not in ds[split].column_names:
+        cols = ", ".join(ds[split].column_names)
+        raise InputError(
+            f"{p}: the {split} split has no 'messages' column (it has: {cols}); "
+            "point --data at the output of `distill build`"
+        )
+    if len(ds[split]) == 0:
+        raise InputError(f"{p}: the {split} split is empty; harvest and build more rows")
+    return ds
+
+
+@dataclass
+class FinetuneRun:
+    """A `distill finetune` output folder: the LoRA adapter and the student it was trained on."""
+
+    out: Path
+    """The run folder (holds adapter/, train_report.json, config.yaml)."""
+    adapter: Path
+    """The PEFT adapter folder (adapter_config.json, weights, tokenizer)."""
+    student: str
+    """The base model: a local folder (absolute in runs written since) or a hub id."""
+    report: dict[str, Any] = field(default_factory=dict)
+    """train_report.json, or {} when the run has none (an adapter folder on its own)."""
+
+
+def student_path(student: str) -> str:
+    """A local student as an absolute path (so a run's record works from any cwd); a hub id as is."""
+    p = Path(student).expanduser()
+    return str(p.absolute()) if p.exists() else student
+
+
+def read_finetune_run(out: str | Path, student: str | None = None) -> FinetuneRun:
+    """The run at `out` (the --out of `distill finetune`, or its adapter/ folder).
+
+    The student is `student` when given (a --student override), else the one the run names:
+    train_report.json, then config.yaml, then the adapter's `base_model_name_or_path`.
+    """
+    given = Path(out)
+    if not given.exists():
+        raise InputError(f"{given}: folder not found; pass the --out folder of `distill finetune`")
+    if (given / "adapter" / "adapter_config.json").is_file():
+        run_dir, adapter = given, given / "adapter"
+    elif (given / "adapter_config.json").is_file():
+        adapter = given
+        has_record = any((given.parent / f).is_file() for f in ("train_report.json", "config.yaml"))
+        run_dir = given.parent if has_record else given
+    else:
+        raise InputError(
+            f"{given}: no LoRA adapter here (adapter/adapter_config.json); pass the --out folder "
+            "of `distill finetune`"
+        )
+    report = _read_json(run_dir / "train_report.json")
+    named = student or report.get("student") or _config_student(run_dir / "config.yaml")
+    named = named or _read_json(adapter / "adapter_config.json").get("base_model_name_or_path")
+    if not named:
+        raise InputError(f"{given}: cannot tell which student was trained; pass --student")
+    return FinetuneRun(out=run_dir, adapter=adapter, student=str(named), report=report)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _config_student(path: Path) -> str | None:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return data.get("student") if isinstance(data, dict) else None
