@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.conftest import harvest_args  # noqa: F401 (the tests' `distill harvest` arguments)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import ROOT, prompt_file, server_process
+from bench.common import ROOT, harvest_args, prompt_file, server_process
 
 
 def rows(run: Path) -> int:
@@ -38,22 +38,8 @@ def main(n: int = 400, kills: int = 6, concurrency: int = 16) -> dict:
         prompts = prompt_file(tmp / "p.jsonl", n)
         run = tmp / "run"
         with server_process("--latency", "0.1", stats=stats) as url:
-            cmd = [
-                sys.executable,
-                "-m",
-                "pipeline",
-                "harvest",
-                "--prompts",
-                str(prompts),
-                "--out",
-                str(run),
-                "--base-url",
-                url,
-                "--model",
-                "m",
-                "--concurrency",
-                str(concurrency),
-            ]
+            args = harvest_args(url, prompts, run, "--concurrency", str(concurrency))
+            cmd = [sys.executable, "-m", "pipeline", *args]
             done_kills = 0
             for _ in range(kills):
                 before = rows(run)

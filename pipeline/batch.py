@@ -26,7 +26,6 @@ pending again: the next submit sends those, and only those.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -55,24 +54,21 @@ from pipeline.errors import (
     EXIT_PARTIAL,
     ConfigError,
     InputError,
-    StoreError,
-    TeacherError,
     TransientError,
 )
-from pipeline.harvest import (
-    Harvest,
-    HarvestConfig,
-    Job,
-    Summary,
-    _cost,
-    prepare_rows,
-    response_row,
-    routes_to,
-)
+from pipeline.harvest import HarvestConfig, checked_rows, plan, sample_seed, store_key
 from pipeline.prompts import PromptRow
-from pipeline.ratelimit import parse_retry_after, retrying
-from pipeline.store import BATCH_OPEN_STATES, RunLock, Store
-from pipeline.teacher import TeacherConfig, _server_message, parse_completion
+from pipeline.ratelimit import retrying
+from pipeline.store import BATCH_OPEN_STATES, Store, open_run
+from pipeline.teacher import (
+    Completion,
+    TeacherConfig,
+    chat_body,
+    cost,
+    parse_completion,
+    raise_for_status,
+    to_response,
+)
 
 log = logging.getLogger("distill.batch")
 
@@ -193,27 +189,6 @@ class BatchAPI:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    def _check(self, resp: httpx.Response, what: str) -> None:
-        status = resp.status_code
-        if status < 400:
-            return
-        where = f"HTTP {status} from {resp.request.url} ({what})"
-        msg = _server_message(resp)
-        if status == 429 or status in (408, 409) or status >= 500:
-            raise TransientError(
-                f"{where}: {msg}", status=status, retry_after=parse_retry_after(resp.headers)
-            )
-        if status in (401, 403):
-            raise TeacherError(
-                f"{where}: {msg}; the server refused the API key: set {self.t.api_key_env}"
-            )
-        if status == 404 and what in ("upload", "create"):
-            raise TeacherError(
-                f"{where}: {msg}; {self.t.base_url} has no Batch API: harvest teacher "
-                f"{self.t.label!r} online with `distill harvest`, or leave it out of batch.teachers"
-            )
-        raise TeacherError(f"{where}: {msg}")
-
     async def _once(self, method: str, path: str, what: str, **kw: Any) -> Any:
         """One request, its failure classified: TransientError is retried, the rest is not."""
         try:
@@ -222,7 +197,8 @@ class BatchAPI:
             raise TransientError(f"{what}: timed out after {self.t.timeout:g}s") from None
         except httpx.TransportError as e:
             raise TransientError(f"{what}: connection error: {e}") from None
-        self._check(resp, what)
+        if resp.status_code >= 400:
+            raise_for_status(resp, self.t, what)
         try:
             return resp.json()
         except ValueError:
@@ -317,7 +293,7 @@ class BatchAPI:
                     async with self.client.stream("GET", f"files/{file_id}/content") as resp:
                         if resp.status_code >= 400:
                             await resp.aread()
-                            self._check(resp, "download")
+                            raise_for_status(resp, self.t, "download")
                         with tmp.open("wb") as out:
                             async for chunk in resp.aiter_bytes():
                                 out.write(chunk)
@@ -362,35 +338,36 @@ class BatchRun:
 
     def pending(self, hcfg: HarvestConfig, rows: list[PromptRow]) -> dict[str, list[dict]]:
         """Per batch teacher: the requests whose key is neither stored nor out in a batch."""
-        h = Harvest(hcfg, rows, self.store, Summary(run_dir=str(self.run_dir)), pretty=False)
         done = self.store.done_keys()
         out = self.store.keys_in_open_batches()
+        params = hcfg.generation_params()
         wanted: set[str] = set()
         todo: dict[str, list[dict]] = {}
-        for t in batch_teachers(hcfg, self.bcfg):
+        # Planned against no done keys: every wanted key is counted, routing applies.
+        for t, jobs in plan(hcfg, rows, set(), teachers=batch_teachers(hcfg, self.bcfg)).jobs:
             todo[t.label] = []
-            for job in h.plan(t, set()):  # routing applies: each teacher gets its prompts
-                for sample in job.samples:
-                    key = h.key(t, job.row, sample)
-                    wanted.add(key)
-                    if key in done or key in out or key in self.refused:
-                        continue
-                    todo[t.label].append(
-                        {
-                            "key": key,
-                            "prompt_id": job.row.id,
-                            "sample_index": sample,
-                            "request": {
-                                # One request per key (custom_id = key), shaped as online.
-                                "body": h.body(t, Job(job.row, [sample]), 1),
-                                "params": h.params,
-                                "source": job.row.source,
-                                "messages": job.row.messages,
-                                "reference": job.row.reference,
-                                "meta": job.row.meta,
-                            },
-                        }
-                    )
+            for row, sample in ((j.row, i) for j in jobs for i in j.samples):
+                key = store_key(t, row, params, sample)
+                wanted.add(key)
+                if key in done or key in out or key in self.refused:
+                    continue
+                body = chat_body(t, row.messages, params, seed=sample_seed(hcfg, sample))
+                request = {  # one request per key (custom_id = key), shaped as online
+                    "body": body,
+                    "params": params,
+                    "source": row.source,
+                    "messages": row.messages,
+                    "reference": row.reference,
+                    "meta": row.meta,
+                }
+                todo[t.label].append(
+                    {
+                        "key": key,
+                        "prompt_id": row.id,
+                        "sample_index": sample,
+                        "request": request,
+                    }
+                )
         self.wanted = wanted
         return todo
 
@@ -573,7 +550,6 @@ class BatchRun:
             return
         if key in self.done:
             return
-        r = req["request"]
         resp = rec.get("response") or {}
         status = resp.get("status_code")
         error = rec.get("error")
@@ -583,34 +559,7 @@ class BatchRun:
             except TransientError as e:
                 error = {"message": str(e)}
             else:
-                row = PromptRow(
-                    id=req["prompt_id"],
-                    messages=r["messages"],
-                    source=r["source"],
-                    reference=r["reference"],
-                    meta=r["meta"] or {},
-                )
-                cost = _cost(t, completion.prompt_tokens or 0, completion.completion_tokens or 0)
-                attempts = self.store.batch_attempts(key)
-                added = self.store.add_response(
-                    response_row(
-                        t,
-                        row,
-                        req["sample_index"],
-                        key,
-                        r["params"],
-                        completion,
-                        completion.choices[0],
-                        split=1,
-                        cost=cost,
-                        attempts=attempts,
-                        source="batch",
-                    )
-                )
-                if added:
-                    self.done.add(key)
-                    self.summary.answers += 1
-                    self.summary.cost_usd += cost
+                self.commit(t, req, completion)
                 return
         if status is not None:  # the server answered this request, with a refusal
             self.refused.add(key)
@@ -629,6 +578,39 @@ class BatchRun:
             1,
         )
         self.summary.errors += 1
+
+    def commit(self, t: TeacherConfig, req: dict[str, Any], completion: Completion) -> None:
+        """Store the answer to one batch request (a key already stored changes nothing)."""
+        key = req["key"]
+        r = req["request"]
+        row = PromptRow(
+            id=req["prompt_id"],
+            messages=r["messages"],
+            source=r["source"],
+            reference=r["reference"],
+            meta=r["meta"] or {},
+        )
+        spent = cost(t, completion.prompt_tokens or 0, completion.completion_tokens or 0)
+        attempts = self.store.batch_attempts(key)
+        added = self.store.add_response(
+            to_response(
+                t,
+                row,
+                req["sample_index"],
+                key,
+                r["params"],
+                completion,
+                completion.choices[0],
+                split=1,
+                cost=spent,
+                attempts=attempts,
+                source="batch",
+            )
+        )
+        if added:
+            self.done.add(key)
+            self.summary.answers += 1
+            self.summary.cost_usd += spent
 
     # -- cancel -------------------------------------------------------------------------------------
 
@@ -723,37 +705,6 @@ def harvest_config(run_dir: Path, config_path: Path | None, flags: dict[str, Any
     return load_config(HarvestConfig, config_path, "harvest", given)
 
 
-@contextlib.contextmanager
-def _open_run(run_dir: Path) -> Iterator[Store]:
-    """The run's lock (as harvest takes it), its store, and its log file."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StoreError(f"{run_dir}: cannot create the run directory ({e.strerror})") from None
-    lock = RunLock(run_dir)
-    lock.acquire()
-    handler = None
-    try:
-        store = Store(run_dir)
-        try:
-            handler = logging.FileHandler(run_dir / "harvest.log", encoding="utf-8")
-        except OSError as e:
-            raise StoreError(f"{run_dir}: cannot write harvest.log ({e.strerror})") from None
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-        try:
-            yield store
-        finally:
-            store.close()
-    finally:
-        if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
-        lock.release()
-
-
 def run_batch(
     command: str,
     run_dir: Path,
@@ -765,19 +716,11 @@ def run_batch(
     run_dir = Path(run_dir)
     rows: list[PromptRow] = []
     if hcfg is not None:
-        for t in hcfg.all_teachers():
-            if not t.model:
-                raise ConfigError("no teacher model: pass --model NAME or set model: in the config")
         batch_teachers(hcfg, bcfg)
-        rows, _ = prepare_rows(hcfg)  # input errors surface before the store is touched
-        teachers = hcfg.all_teachers()
-        for row in rows:
-            routes_to(hcfg, teachers, row)  # a row naming no teacher, too
+        rows, _ = checked_rows(hcfg)  # input errors surface before the store is touched
     summary = BatchSummary(run_dir=str(run_dir), command=command)
     started = time.monotonic()
-    with _open_run(run_dir) as store:
-        if hcfg is not None:
-            (run_dir / "config.yaml").write_text(dump_config(hcfg), encoding="utf-8")
+    with open_run(run_dir, log, None if hcfg is None else dump_config(hcfg)) as store:
         log.info("batch %s start", command)
         b = BatchRun(run_dir, bcfg, store, summary)
 

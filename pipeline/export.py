@@ -4,7 +4,7 @@
 
 Formats: `hf` (a Hugging Face dataset folder: `datasets.load_from_disk(DIR)`), `parquet`
 (DIR/responses.parquet) and `jsonl` (DIR/responses.jsonl). The store is opened read-only.
-Columns are documented in EXPORT_COLUMNS; curation (`distill build`) is a separate stage.
+Columns are documented in EXPORT_COLUMNS (from the Response record's field docs); curation (`distill build`) is a separate stage.
 """
 
 from __future__ import annotations
@@ -15,97 +15,62 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import StoreError
+from pipeline.reasoning import content_text
+from pipeline.record import Response
 from pipeline.store import Store
 
 ExportFormat = Literal["hf", "parquet", "jsonl"]
 
-# name -> (arrow-ish type, meaning). The README's data layout section is generated from this.
-EXPORT_COLUMNS: dict[str, tuple[str, str]] = {
-    "prompt_id": ("string", "the prompt row's id (given, or a hash of its content)"),
-    "sample_index": ("int64", "which sample of this prompt (0..samples-1)"),
+_DOCS = Response.docs()
+# Column order of an export (as it has always been).
+_ORDER = """prompt_id sample_index messages response reasoning finish_reason model requested_model
+    teacher base_url prompt_tokens completion_tokens reasoning_tokens cost_usd latency_s attempts
+    created_at reference meta params params_hash system_fingerprint response_id logprobs source
+    key""".split()  # noqa: SIM905 (a list literal would take 26 lines)
+# Columns an export shows differently from the stored field (or only exports).
+_EXPORTED = {
     "messages": (
         "list",
         "the request messages followed by the assistant answer (without its reasoning)",
     ),
-    "response": ("string", "the answer, reasoning stripped"),
-    "reasoning": (
-        "string",
-        "the reasoning trace (reasoning_content, reasoning, or inline <think>), or null",
-    ),
-    "finish_reason": ("string", "stop, length, content_filter, ... as the server said"),
     "model": ("string", "the model name the server reported (else the one requested)"),
-    "requested_model": ("string", "the model name sent in the request"),
-    "teacher": ("string", "the teacher's label (config name, else model)"),
-    "base_url": ("string", "the teacher's API root"),
-    "prompt_tokens": ("int64", "usage.prompt_tokens"),
-    "completion_tokens": ("int64", "usage.completion_tokens (reasoning included)"),
-    "reasoning_tokens": ("int64", "usage.completion_tokens_details.reasoning_tokens, or null"),
-    "cost_usd": ("float64", "spend for this answer at the configured prices"),
-    "latency_s": ("float64", "seconds from send to full response"),
-    "attempts": ("int64", "HTTP attempts it took"),
-    "created_at": ("string", "UTC time the answer was committed (ISO 8601)"),
-    "reference": ("string", "the prompt row's reference answer, or null"),
+    "requested_model": ("string", _DOCS["model"]),
     "meta": ("string", "the prompt row's meta and extra fields, as JSON, or null"),
-    "params": ("string", "generation parameters sent (JSON)"),
-    "params_hash": ("string", "hash of params"),
-    "system_fingerprint": ("string", "system_fingerprint from the server, or null"),
-    "response_id": ("string", "the server's response id"),
+    "params": ("string", _DOCS["params"] + " (JSON)"),
     "logprobs": (
         "string",
         "JSON [[token, logprob, [[alt, logprob], ...]], ...] when asked, else null",
     ),
-    "source": ("string", "online or batch"),
-    "key": ("string", "the store key: hash of endpoint, model, messages, params, sample index"),
+}
+_ARROW = {"int": "int64", "float": "float64"}
+# name -> (arrow type, meaning): a Response field's own documentation, unless exported differently.
+EXPORT_COLUMNS: dict[str, tuple[str, str]] = {
+    name: _EXPORTED.get(name)
+    or (_ARROW.get(Response.types()[name].split(" ")[0], "string"), _DOCS[name])
+    for name in _ORDER
 }
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return "" if content is None else str(content)
-
-
 def export_rows(store: Store) -> list[dict[str, Any]]:
-    rows = []
-    for r in store.iter_responses():
-        msgs = [{"role": m["role"], "content": _text(m.get("content"))} for m in r.messages]
-        msgs.append({"role": "assistant", "content": r.response})
-        lp = r.token_logprobs()
-        rows.append(
-            {
-                "prompt_id": r.prompt_id,
-                "sample_index": r.sample_index,
-                "messages": msgs,
-                "response": r.response,
-                "reasoning": r.reasoning,
-                "finish_reason": r.finish_reason,
-                "model": r.response_model or r.model,
-                "requested_model": r.model,
-                "teacher": r.teacher,
-                "base_url": r.base_url,
-                "prompt_tokens": r.prompt_tokens,
-                "completion_tokens": r.completion_tokens,
-                "reasoning_tokens": r.reasoning_tokens,
-                "cost_usd": r.cost_usd,
-                "latency_s": r.latency_s,
-                "attempts": r.attempts,
-                "created_at": r.created_at,
-                "reference": r.reference,
-                "meta": None
-                if r.meta is None
-                else json.dumps(r.meta, ensure_ascii=False, sort_keys=True),
-                "params": json.dumps(r.params, sort_keys=True),
-                "params_hash": r.params_hash,
-                "system_fingerprint": r.system_fingerprint,
-                "response_id": r.response_id,
-                "logprobs": None if lp is None else json.dumps(lp, ensure_ascii=False),
-                "source": r.source,
-                "key": r.key,
-            }
-        )
-    return rows
+    """The stored responses as export rows (nested values as JSON text, the answer appended)."""
+    return [_row(r) for r in store.iter_responses()]
+
+
+def _row(r: Response) -> dict[str, Any]:
+    values = {c: getattr(r, c) for c in Response.columns()}
+    lp = r.token_logprobs()
+    values.update(
+        messages=[
+            *({"role": m["role"], "content": content_text(m.get("content"))} for m in r.messages),
+            {"role": "assistant", "content": r.response},
+        ],
+        model=r.response_model or r.model,
+        requested_model=r.model,
+        meta=None if r.meta is None else json.dumps(r.meta, ensure_ascii=False, sort_keys=True),
+        params=json.dumps(r.params, sort_keys=True),
+        logprobs=None if lp is None else json.dumps(lp, ensure_ascii=False),
+    )
+    return {c: values[c] for c in EXPORT_COLUMNS}
 
 
 def features():  # type: ignore[no-untyped-def]

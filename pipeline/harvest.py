@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,15 +34,22 @@ from pipeline.errors import (
     DistillError,
     InputError,
     PromptRejected,
-    StoreError,
     TeacherError,
     TransientError,
 )
 from pipeline.prompts import PromptRow, load_prompts, read_text_arg
 from pipeline.ratelimit import retrying
-from pipeline.record import Response, pack_logprobs
-from pipeline.store import RunLock, Store, content_hash, request_key, utcnow
-from pipeline.teacher import Choice, Completion, Teacher, TeacherConfig
+from pipeline.record import content_hash
+from pipeline.store import Store, open_run, request_key
+from pipeline.teacher import (
+    Completion,
+    Teacher,
+    TeacherConfig,
+    chat_body,
+    cost,
+    estimate_tokens,
+    to_response,
+)
 
 log = logging.getLogger("distill.harvest")
 
@@ -253,19 +261,6 @@ class Summary:
         return text
 
 
-def estimate_tokens(messages: list[dict[str, Any]]) -> int:
-    """~4 characters a token, plus a few per message: good enough to reserve budget."""
-    chars = sum(
-        len(m["content"]) if isinstance(m["content"], str) else len(json.dumps(m["content"]))
-        for m in messages
-    )
-    return chars // 4 + 4 * len(messages) + 3
-
-
-def _cost(t: TeacherConfig, prompt_tokens: float, completion_tokens: float) -> float:
-    return (prompt_tokens * t.price_input + completion_tokens * t.price_output) / 1e6
-
-
 def routes_to(cfg: HarvestConfig, teachers: list[TeacherConfig], row: PromptRow) -> set[str]:
     """Labels of the teachers that answer this prompt under `cfg.routing`."""
     labels = [t.label for t in teachers]
@@ -290,67 +285,61 @@ def routes_to(cfg: HarvestConfig, teachers: list[TeacherConfig], row: PromptRow)
     return {value}
 
 
-def response_row(
-    t: TeacherConfig,
-    row: PromptRow,
-    sample: int,
-    key: str,
-    params: dict[str, Any],
-    completion: Completion,
-    choice: Choice,
-    *,
-    split: int,
-    cost: float,
-    attempts: int,
-    source: str,
-) -> Response:
-    """One stored row, online and batch alike: what was asked, of whom, and what came back.
-    `split` is how many answers shared the request (n > 1): its token counts are divided."""
-    ct = completion.completion_tokens
-    rt = completion.reasoning_tokens
-    return Response(
-        key=key,
-        prompt_id=row.id,
-        sample_index=sample,
-        teacher=t.label,
-        base_url=t.base_url,
-        model=t.model or "",
-        params_hash=content_hash(params, length=16),
-        params=params,
-        messages=row.messages,
-        reference=row.reference,
-        meta=row.meta or None,
-        response=choice.content,
-        reasoning=choice.reasoning,
-        finish_reason=choice.finish_reason,
-        response_model=completion.model,
-        system_fingerprint=completion.system_fingerprint,
-        response_id=completion.response_id,
-        prompt_tokens=completion.prompt_tokens,
-        completion_tokens=None if ct is None else round(ct / split),
-        reasoning_tokens=None if rt is None else round(rt / split),
-        cost_usd=cost,
-        latency_s=None if completion.latency_s is None else round(completion.latency_s, 4),
-        attempts=attempts,
-        created_at=utcnow(),
-        logprobs=pack_logprobs(choice.logprobs),
-        source=source,
-    )
+def store_key(t: TeacherConfig, row: PromptRow, params: dict[str, Any], sample: int) -> str:
+    """The store key of one sample of a prompt at a teacher (online and batch alike)."""
+    return request_key(t.base_url, t.model or "", row.messages, params, sample)
+
+
+@dataclass
+class Plan:
+    """What a run still has to ask: per teacher, the jobs for the keys missing from the store."""
+
+    jobs: list[tuple[TeacherConfig, list[Job]]]
+    total: int = 0  # prompt x sample x teacher keys wanted
+    already_done: int = 0
+    in_open_batches: int = 0  # missing, but waiting in an open Batch API batch: not planned
+
+
+def plan(
+    cfg: HarvestConfig,
+    rows: list[PromptRow],
+    done: set[str],
+    in_batch: frozenset[str] = frozenset(),
+    teachers: Iterable[TeacherConfig] | None = None,
+) -> Plan:
+    """Which (prompt, sample, teacher) keys are missing, as jobs; `routing` applies. Keys waiting
+    in an open Batch API batch are not paid for twice. `teachers` defaults to all of them."""
+    params = cfg.generation_params()
+    everyone = cfg.all_teachers()
+    result = Plan(jobs=[])
+    for t in everyone if teachers is None else teachers:
+        jobs = []
+        for row in rows:
+            if cfg.routing != "all" and t.label not in routes_to(cfg, everyone, row):
+                continue
+            keys = [store_key(t, row, params, i) for i in range(cfg.samples)]
+            missing = [i for i, k in enumerate(keys) if k not in done]
+            waiting = [i for i in missing if keys[i] in in_batch]
+            result.total += cfg.samples
+            result.already_done += cfg.samples - len(missing)
+            result.in_open_batches += len(waiting)
+            missing = [i for i in missing if i not in waiting]
+            if missing:
+                jobs.append(Job(row, missing))
+        result.jobs.append((t, jobs))
+    return result
+
+
+def sample_seed(cfg: HarvestConfig, sample: int) -> int | None:
+    """The seed of a sample sent alone: seed + i, so separate requests do not repeat sample 0."""
+    return None if cfg.seed is None or sample == 0 else cfg.seed + sample
 
 
 class Harvest:
-    """One run: the prompts, the store, and a worker pool per teacher."""
+    """The worker pool of one run: a pool per teacher, each request within the run's limits."""
 
-    def __init__(
-        self,
-        cfg: HarvestConfig,
-        rows: list[PromptRow],
-        store: Store,
-        summary: Summary,
-        pretty: bool,
-    ):
+    def __init__(self, cfg: HarvestConfig, store: Store, summary: Summary, pretty: bool):
         self.cfg = cfg
-        self.rows = rows
         self.store = store
         self.summary = summary
         self.pretty = pretty
@@ -362,52 +351,18 @@ class Harvest:
         self.started = time.monotonic()
         self.teachers: list[Teacher] = []
 
-    # -- planning ---------------------------------------------------------------------------------
-
-    def key(self, t: TeacherConfig, row: PromptRow, sample: int) -> str:
-        return request_key(t.base_url, t.model or "", row.messages, self.params, sample)
-
-    def plan(
-        self, t: TeacherConfig, done: set[str], in_batch: frozenset[str] = frozenset()
-    ) -> list[Job]:
-        """Jobs for what is missing; keys waiting in an open Batch API batch are not paid twice."""
-        jobs = []
-        teachers = self.cfg.all_teachers()
-        for row in self.rows:
-            if self.cfg.routing != "all" and t.label not in routes_to(self.cfg, teachers, row):
-                continue
-            keys = [self.key(t, row, i) for i in range(self.cfg.samples)]
-            missing = [i for i, k in enumerate(keys) if k not in done]
-            self.summary.total += self.cfg.samples
-            self.summary.already_done += self.cfg.samples - len(missing)
-            waiting = [i for i in missing if keys[i] in in_batch]
-            self.summary.in_open_batches += len(waiting)
-            missing = [i for i in missing if i not in waiting]
-            if missing:
-                jobs.append(Job(row, missing))
-        return jobs
-
     # -- one request --------------------------------------------------------------------------------
-
-    def body(self, t: TeacherConfig, job: Job, n: int) -> dict[str, Any]:
-        b: dict[str, Any] = {"model": t.model, "messages": job.row.messages}
-        b.update(self.params)
-        if job.max_tokens is not None:
-            b["max_tokens"] = job.max_tokens
-        if n > 1:
-            b["n"] = n
-        elif self.cfg.seed is not None and job.samples[0] > 0:
-            b["seed"] = self.cfg.seed + job.samples[0]  # separate requests must not repeat sample 0
-        b.update(t.extra_body)
-        return b
 
     def worst_cost(self, t: TeacherConfig, job: Job, n: int) -> float:
         out = job.max_tokens or self.cfg.max_tokens or 1024
-        return _cost(t, estimate_tokens(job.row.messages), out * n)
+        return cost(t, estimate_tokens(job.row.messages), out * n)
 
     async def send(self, teacher: Teacher, job: Job, n: int) -> tuple[Completion, int]:
         """One logical request through the limiter and the retry policy. Returns (completion, attempts)."""
-        body = self.body(teacher.cfg, job, n)
+        seed = sample_seed(self.cfg, job.samples[0]) if n == 1 else None
+        body = chat_body(
+            teacher.cfg, job.row.messages, self.params, n=n, max_tokens=job.max_tokens, seed=seed
+        )
         est = estimate_tokens(job.row.messages) + (job.max_tokens or self.cfg.max_tokens or 256) * n
         attempts = 0
         async for attempt in retrying(teacher.cfg.max_retries):
@@ -437,24 +392,22 @@ class Harvest:
         k = max(1, len(got))
         pt = completion.prompt_tokens
         ct = completion.completion_tokens
-        request_cost = _cost(t, pt or 0, ct or 0)  # with n > 1, usage is split evenly
+        request_cost = cost(t, pt or 0, ct or 0)  # with n > 1, usage is split evenly
         params = dict(self.params)
         if job.max_tokens is not None:
             params["max_tokens"] = job.max_tokens
         for i, (sample, choice) in enumerate(zip(job.samples, got)):
-            cost = request_cost / k + (job.cost_so_far if i == 0 else 0.0)
-            key = self.key(t, job.row, sample)
             self.store.add_response(
-                response_row(
+                to_response(
                     t,
                     job.row,
                     sample,
-                    key,
+                    store_key(t, job.row, self.params, sample),
                     params,
                     completion,
                     choice,
                     split=k,
-                    cost=cost,
+                    cost=request_cost / k + (job.cost_so_far if i == 0 else 0.0),
                     attempts=attempts,
                     source="online",
                 )
@@ -495,88 +448,88 @@ class Harvest:
     async def do_job(
         self, teacher: Teacher, job: Job, queue: asyncio.Queue[Job], pending: list[int]
     ) -> None:
-        t = teacher.cfg
-        if (
-            self.cfg.max_duration is not None
-            and time.monotonic() - self.started > self.cfg.max_duration
-        ):
-            self.stop(f"max_duration of {self.cfg.max_duration:g}s reached")
+        """Send one job, store what came back, and queue what is still to ask."""
+
+        def requeue(j: Job) -> None:
+            pending[0] += 1
+            queue.put_nowait(j)
+
+        limit = self.cfg.max_duration
+        if limit is not None and time.monotonic() - self.started > limit:
+            self.stop(f"max_duration of {limit:g}s reached")
             return
-        use_n = len(job.samples) > 1 and teacher.supports_n is not False
-        if not use_n and len(job.samples) > 1:  # split into one request per sample
+        if len(job.samples) > 1 and teacher.supports_n is False:  # one request per sample
             for s in job.samples[1:]:
-                pending[0] += 1
-                queue.put_nowait(Job(job.row, [s], job.max_tokens))
+                requeue(Job(job.row, [s], job.max_tokens))
             job = Job(job.row, job.samples[:1], job.max_tokens, job.cost_so_far)
+        sent = await self.attempt(teacher, job)
+        if sent is None:
+            return
+        completion, attempts = sent
+        longer = self.retry_longer(teacher.cfg, job, completion)
+        if longer is not None:
+            requeue(longer)
+            return
+        missing = self.commit(teacher, job, completion, attempts)
+        if len(job.samples) > 1:  # did the server honour n?
+            if missing and teacher.supports_n is None:
+                teacher.supports_n = False
+                log.info("%s ignores n; sending one request per sample", teacher.cfg.base_url)
+            else:
+                teacher.supports_n = True
+        for s in missing:
+            requeue(Job(job.row, [s], job.max_tokens))
+
+    async def attempt(self, teacher: Teacher, job: Job) -> tuple[Completion, int] | None:
+        """`send` within the cost cap; a failure is recorded (or, for the whole run, kept in
+        `fatal`) and gives None."""
+        t = teacher.cfg
         n = len(job.samples)
         worst = self.worst_cost(t, job, n)
-        if (
-            self.cfg.max_cost is not None
-            and self.summary.cost_usd + self.reserved_cost + worst > self.cfg.max_cost
-        ):
-            self.stop(f"max_cost ${self.cfg.max_cost:g} would be passed")
-            return
+        cap = self.cfg.max_cost
+        if cap is not None and self.summary.cost_usd + self.reserved_cost + worst > cap:
+            self.stop(f"max_cost ${cap:g} would be passed")
+            return None
         self.reserved_cost += worst
         try:
-            completion, attempts = await self.send(teacher, job, n)
+            return await self.send(teacher, job, n)
         except TransientError as e:
-            if self.stopping:  # not a failure of the prompt: the run is stopping; rerun resumes
-                return
-            self.fail(
-                t,
-                job,
-                getattr(e, "status", None),
-                f"gave up after {t.max_retries + 1} attempts: {e}",
-                t.max_retries + 1,
-            )
-            return
+            if not self.stopping:  # else not the prompt's failure: the run stops; rerun resumes
+                why = f"gave up after {t.max_retries + 1} attempts: {e}"
+                self.fail(t, job, e.status, why, t.max_retries + 1)
         except PromptRejected as e:
             self.fail(t, job, e.status, str(e), 1)
-            return
         except TeacherError as e:
             self.fatal = self.fatal or e
-            return
         finally:
             self.reserved_cost -= worst
-        # 'length' answers are kept unless a retry with a larger max_tokens is configured.
+        return None
+
+    def retry_longer(self, t: TeacherConfig, job: Job, completion: Completion) -> Job | None:
+        """'length' answers are kept, unless retry_length_max_tokens asks for one retry with a
+        larger max_tokens: then the spend so far is counted and the retry returned."""
         retry_len = self.cfg.retry_length_max_tokens
         current = job.max_tokens or self.cfg.max_tokens
         if (
-            retry_len
-            and n == 1
-            and completion.choices[0].finish_reason == "length"
-            and (current or 0) < retry_len
+            not retry_len
+            or len(job.samples) > 1
+            or completion.choices[0].finish_reason != "length"
+            or (current or 0) >= retry_len
         ):
-            spent = _cost(t, completion.prompt_tokens or 0, completion.completion_tokens or 0)
-            self.summary.cost_usd += spent
-            log.info(
-                "prompt %s: finish_reason length; retrying with max_tokens=%d",
-                job.row.id,
-                retry_len,
-            )
-            pending[0] += 1
-            queue.put_nowait(Job(job.row, job.samples, retry_len, job.cost_so_far + spent))
-            return
-        missing = self.commit(teacher, job, completion, attempts)
-        if missing:
-            if n > 1 and len(completion.choices) < n and teacher.supports_n is None:
-                teacher.supports_n = False
-                log.info("%s ignores n; sending one request per sample", t.base_url)
-            elif n > 1:
-                teacher.supports_n = True
-            for s in missing:
-                pending[0] += 1
-                queue.put_nowait(Job(job.row, [s], job.max_tokens))
-        elif n > 1:
-            teacher.supports_n = True
+            return None
+        spent = cost(t, completion.prompt_tokens or 0, completion.completion_tokens or 0)
+        self.summary.cost_usd += spent
+        log.info(
+            "prompt %s: finish_reason length; retrying with max_tokens=%d", job.row.id, retry_len
+        )
+        return Job(job.row, job.samples, retry_len, job.cost_so_far + spent)
 
     def fail(
         self, t: TeacherConfig, job: Job, status: int | None, error: str, attempts: int
     ) -> None:
         for s in job.samples:
-            self.store.add_failure(
-                self.key(t, job.row, s), job.row.id, s, t.label, status, error, attempts
-            )
+            key = store_key(t, job.row, self.params, s)
+            self.store.add_failure(key, job.row.id, s, t.label, status, error, attempts)
             self.summary.failed += 1
         log.warning("prompt %s (%s) failed: %s", job.row.id, job.row.source, error)
 
@@ -609,14 +562,13 @@ class Harvest:
 
     # -- the run -----------------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        done = self.store.done_keys()
-        in_batch = frozenset(self.store.keys_in_open_batches())
+    async def run(self, jobs: list[tuple[TeacherConfig, list[Job]]]) -> None:
+        """Every teacher's jobs through its worker pool, until done, stopped or fatal."""
         plans = []
-        for tc in self.cfg.all_teachers():
+        for tc, todo in jobs:
             teacher = Teacher(tc)
             self.teachers.append(teacher)
-            plans.append((teacher, self.plan(tc, done, in_batch)))
+            plans.append((teacher, todo))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -711,93 +663,62 @@ def run_loop(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
-def _setup_log(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "harvest.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    return handler
-
-
-def prepare_rows(cfg: HarvestConfig) -> tuple[list[PromptRow], int]:
-    system = read_text_arg(cfg.system_prompt, cfg.system_prompt_file, "system prompt")
-    template = read_text_arg(cfg.user_template, cfg.user_template_file, "user template")
-    return load_prompts(
-        list(cfg.prompts), system_prompt=system, user_template=template, limit=cfg.limit
-    )
-
-
-def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
-    """Run a harvest (or a dry run) and return its summary. Raises DistillError on a user error."""
-    for t in cfg.all_teachers():
+def checked_rows(cfg: HarvestConfig) -> tuple[list[PromptRow], int]:
+    """The prompt rows (and how many duplicates were dropped), with every input error raised
+    before the store is touched: a teacher without a model, a bad file, a row naming no teacher."""
+    teachers = cfg.all_teachers()
+    for t in teachers:
         if not t.model:
             raise ConfigError(
                 "no teacher model: pass --model NAME or set model: in the harvest config"
             )
-    rows, dropped = prepare_rows(cfg)  # every input error surfaces before the store is touched
-    teachers = cfg.all_teachers()
+    system = read_text_arg(cfg.system_prompt, cfg.system_prompt_file, "system prompt")
+    template = read_text_arg(cfg.user_template, cfg.user_template_file, "user template")
+    rows, dropped = load_prompts(
+        list(cfg.prompts), system_prompt=system, user_template=template, limit=cfg.limit
+    )
     for row in rows:
-        routes_to(cfg, teachers, row)  # a row naming no teacher, too
+        routes_to(cfg, teachers, row)
+    return rows, dropped
+
+
+def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
+    """Run a harvest (or a dry run) and return its summary. Raises DistillError on a user error."""
+    rows, dropped = checked_rows(cfg)
     summary = Summary(run_dir=str(cfg.out), prompts=len(rows), duplicates_dropped=dropped)
     summary.teachers = [t.label for t in cfg.all_teachers()]
-    if pretty is None:
-        pretty = sys.stderr.isatty()
-
     if cfg.dry_run:
         return _dry_run(cfg, rows, summary)
-
-    out = Path(cfg.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StoreError(
-            f"{out}: cannot create the run directory ({e.strerror}); choose another --out"
-        ) from None
-    lock = RunLock(out)
-    lock.acquire()
-    handler = None
-    store = None
-    try:
-        store = Store(out)
-        try:
-            handler = _setup_log(out)
-            # reloadable as it is: with teachers listed, the top-level teacher fields are not used
-            unused = set(TeacherConfig.model_fields) if cfg.teachers else None
-            (out / "config.yaml").write_text(dump_config(cfg, exclude=unused), encoding="utf-8")
-        except OSError as e:
-            raise StoreError(f"{out}: cannot write to the run directory ({e.strerror})") from None
+    # reloadable as it is: with teachers listed, the top-level teacher fields are not used
+    unused = set(TeacherConfig.model_fields) if cfg.teachers else None
+    with open_run(Path(cfg.out), log, dump_config(cfg, exclude=unused)) as store:
         log.info(
             "harvest start: %d prompts (%d duplicates dropped), teachers %s",
             len(rows),
             dropped,
             summary.teachers,
         )
-        h = Harvest(cfg, rows, store, summary, pretty)
+        h = Harvest(cfg, store, summary, sys.stderr.isatty() if pretty is None else pretty)
+        todo = plan(cfg, rows, store.done_keys(), frozenset(store.keys_in_open_batches()))
+        summary.total, summary.already_done = todo.total, todo.already_done
+        summary.in_open_batches = todo.in_open_batches
         try:
-            run_loop(h.run())
+            run_loop(h.run(todo.jobs))
         finally:
             summary.elapsed_s = round(time.monotonic() - h.started, 3)
             summary.throttled = sum(t.limiter.throttled for t in h.teachers)
-        summary.completions_per_s = round(summary.completed / max(summary.elapsed_s, 1e-9), 2)
+        elapsed = max(summary.elapsed_s, 1e-9)
+        summary.completions_per_s = round(summary.completed / elapsed, 2)
         summary.tokens_per_s = round(
-            (summary.prompt_tokens + summary.completion_tokens) / max(summary.elapsed_s, 1e-9), 1
+            (summary.prompt_tokens + summary.completion_tokens) / elapsed, 1
         )
         summary.cost_usd = round(summary.cost_usd, 6)
-        left = summary.total - summary.already_done - summary.completed
         summary.stopped = h.stopping
-        if left > 0:
+        if summary.total - summary.already_done - summary.completed > 0:
             summary.status = "partial"
             summary.exit_code = EXIT_PARTIAL
         log.info("%s", summary.line())
         return summary
-    finally:
-        if store is not None:
-            store.close()
-        if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
-        lock.release()
 
 
 def _dry_run(cfg: HarvestConfig, rows: list[PromptRow], summary: Summary) -> Summary:
@@ -806,13 +727,14 @@ def _dry_run(cfg: HarvestConfig, rows: list[PromptRow], summary: Summary) -> Sum
     if (Path(cfg.out) / "store.sqlite").exists():
         with Store(cfg.out, readonly=True) as store:
             done = store.done_keys()
-    h = Harvest(cfg, rows, store=None, summary=summary, pretty=False)  # type: ignore[arg-type]
-    for t in cfg.all_teachers():
-        for job in h.plan(t, done):
-            p = estimate_tokens(job.row.messages)
-            out = cfg.max_tokens or 1024
-            summary.estimated_tokens += (p + out) * len(job.samples)
-            summary.estimated_cost_usd += _cost(t, p * len(job.samples), out * len(job.samples))
+    todo = plan(cfg, rows, done)
+    summary.total, summary.already_done = todo.total, todo.already_done
+    for t, jobs in todo.jobs:
+        for job in jobs:
+            p = estimate_tokens(job.row.messages) * len(job.samples)
+            out = (cfg.max_tokens or 1024) * len(job.samples)
+            summary.estimated_tokens += p + out
+            summary.estimated_cost_usd += cost(t, p, out)
     summary.estimated_cost_usd = round(summary.estimated_cost_usd, 6)
     return summary
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
-from pipeline.store import content_hash
+from pipeline.record import content_hash
 
 KNOWN_KEYS = {"id", "prompt", "messages", "reference", "meta"}
 ROLES = {"system", "developer", "user", "assistant", "tool"}

@@ -9,15 +9,26 @@ quote these texts.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import zlib
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and no spaces: the same value always gives the same text (and hash)."""
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def content_hash(obj: Any, length: int = 32) -> str:
+    """Stable hex hash of a JSON-able value (sorted keys), used for store keys and prompt ids."""
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()[:length]
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _f(doc: str, default: Any = dataclasses.MISSING) -> Any:
@@ -38,6 +49,7 @@ class Response:
     params: dict[str, Any] = _f("generation parameters sent")
     messages: list[dict[str, Any]] = _f("the request messages, as sent")
     response: str = _f("the answer, reasoning stripped")
+    created_at: str = _f("UTC time the answer was committed (ISO 8601)")
     reference: str | None = _f("the prompt row's reference answer, or null", None)
     meta: dict[str, Any] | None = _f("the prompt row's meta and extra fields, or null", None)
     reasoning: str | None = _f(
@@ -52,14 +64,13 @@ class Response:
     reasoning_tokens: int | None = _f(
         "usage.completion_tokens_details.reasoning_tokens, or null", None
     )
-    cost_usd: float | None = _f("spend for this answer at the configured prices", None)
+    cost_usd: float = _f("spend for this answer at the configured prices", 0.0)
     latency_s: float | None = _f("seconds from send to full response (null for batch)", None)
-    attempts: int | None = _f("HTTP attempts it took", None)
-    created_at: str | None = _f("UTC time the answer was committed (ISO 8601)", None)
+    attempts: int = _f("HTTP attempts it took", 1)
     logprobs: bytes | None = _f(
         "the answer's token logprobs, packed (see pack_logprobs), or null", None
     )
-    source: str | None = _f("online or batch", None)
+    source: str = _f("online or batch", "online")
 
     @classmethod
     def columns(cls) -> tuple[str, ...]:
@@ -70,6 +81,11 @@ class Response:
     def docs(cls) -> dict[str, str]:
         """Field name -> its documentation (export columns and the dataset card use these)."""
         return {f.name: f.metadata["doc"] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def types(cls) -> dict[str, str]:
+        """Field name -> its type as written, e.g. "int | None" (export derives column types)."""
+        return {f.name: str(f.type) for f in dataclasses.fields(cls)}
 
     def token_logprobs(self) -> list | None:
         """The answer's logprobs as [[token, logprob, [[alt, logprob], ...]], ...], or None."""

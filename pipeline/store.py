@@ -22,18 +22,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import RunLockedError, StoreError
-from pipeline.record import Response, canonical_json
+from pipeline.record import Response, canonical_json, content_hash, utcnow
 
 STORE_FILE = "store.sqlite"
 
@@ -136,15 +135,6 @@ BATCH_COLUMNS = (
 
 RESPONSE_COLUMNS = Response.columns()  # the `responses` table has exactly these (tests check)
 _JSON_COLUMNS = ("params", "messages", "meta")
-
-
-def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def content_hash(obj: Any, length: int = 32) -> str:
-    """Stable hex hash of a JSON-able value (sorted keys), used for store keys and prompt ids."""
-    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()[:length]
 
 
 def request_key(
@@ -269,18 +259,7 @@ class Store:
         return db
 
     def _migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for stmt in script.split(";"):
-                    if stmt.strip():
-                        self.db.execute(stmt)
-                self.db.execute(f"PRAGMA user_version={i}")
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        migrate(self.db)
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -302,7 +281,9 @@ class Store:
             if col in _JSON_COLUMNS and v is not None and not isinstance(v, str):
                 v = canonical_json(v)
             values.append(v)
-        sql = f"INSERT OR IGNORE INTO responses ({', '.join(RESPONSE_COLUMNS)}) VALUES ({', '.join('?' * len(RESPONSE_COLUMNS))})"
+        # ON CONFLICT(key) DO NOTHING, not INSERT OR IGNORE: only a stored key is skipped; a row
+        # that breaks a NOT NULL constraint raises instead of vanishing.
+        sql = f"INSERT INTO responses ({', '.join(RESPONSE_COLUMNS)}) VALUES ({', '.join('?' * len(RESPONSE_COLUMNS))}) ON CONFLICT(key) DO NOTHING"
         try:
             self.db.execute("BEGIN IMMEDIATE")
             cur = self.db.execute(sql, values)
@@ -449,6 +430,41 @@ class Store:
         return int(cur.fetchone()[0])
 
 
+@contextlib.contextmanager
+def open_run(run_dir: Path, log: logging.Logger, config_yaml: str | None = None) -> Iterator[Store]:
+    """A run directory opened for writing: created if need be, locked (one writer at a time), its
+    store open, `log` appending to RUN/harvest.log, and RUN/config.yaml written if given."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(
+            f"{run_dir}: cannot create the run directory ({e.strerror}); choose another --out"
+        ) from None
+    lock = RunLock(run_dir)
+    lock.acquire()
+    handler = None
+    try:
+        with Store(run_dir) as store:
+            try:
+                handler = logging.FileHandler(run_dir / "harvest.log", encoding="utf-8")
+                if config_yaml is not None:
+                    (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            except OSError as e:
+                raise StoreError(
+                    f"{run_dir}: cannot write to the run directory ({e.strerror})"
+                ) from None
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+            log.propagate = False
+            yield store
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+        lock.release()
+
+
 def wait_for_store(run_dir: Path, timeout: float = 5.0) -> None:
     """Poll until a run directory has a store (for tests that start a harvest in a subprocess)."""
     end = time.monotonic() + timeout
@@ -457,3 +473,28 @@ def wait_for_store(run_dir: Path, timeout: float = 5.0) -> None:
             return
         time.sleep(0.05)
     raise StoreError(f"{run_dir}: no store appeared within {timeout}s")
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring a store's schema up to date, one ordered migration per transaction."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in script.split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            db.execute(f"PRAGMA user_version={i}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+
+def create_store_file(path: Path) -> None:
+    """A new, empty store of the current schema at `path` (`distill doctor` recovers into one)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        migrate(db)
+    finally:
+        db.close()

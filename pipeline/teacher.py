@@ -1,25 +1,30 @@
-"""A teacher: one OpenAI-compatible chat-completions endpoint, its key, limits and price.
+"""The OpenAI chat-completions wire format, and a client for one teacher endpoint.
 
-`Teacher.complete(body)` sends one request and returns the parsed choices, or raises:
+Everything that knows the API's shape lives here: the request body (`chat_body`, used by harvest,
+batch and the eval judge), the reply (`parse_completion`, online and Batch API output lines alike),
+what it costs (`cost`, `estimate_tokens`), the stored record it becomes (`to_response`), and what
+an HTTP status means (`raise_for_status`, for the chat endpoint and the Batch API's /files and
+/batches calls):
 - `TransientError` (timeout, dropped connection, 408/409/429/5xx, unparseable body, empty
   `choices`): the retry policy in ratelimit.py tries again;
-- `PromptRejected` (400/422): this prompt's failure, recorded; the run goes on;
-- `TeacherError` (401/403 key, 404 model or URL): the whole run stops with what to fix.
+- `PromptRejected` (400/422 on a chat request): this prompt's failure, recorded; the run goes on;
+- `TeacherError` (401/403 key, 404 model or URL, a refused Batch API call): the run stops with
+  what to fix.
 
 The reasoning trace lands in one field whichever way the server sends it: `reasoning_content`
 (DeepSeek, vLLM), `reasoning` (OpenRouter), or inline `<think>...</think>` at the start of the
-content (then stripped from the answer).
+content (then split off the answer by pipeline/reasoning.py).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import re
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlparse
 
 import certifi
@@ -28,7 +33,10 @@ from pydantic import Field, field_validator
 
 from pipeline.config import StageConfig
 from pipeline.errors import ConfigError, PromptRejected, TeacherError, TransientError
+from pipeline.prompts import PromptRow
 from pipeline.ratelimit import Limiter, parse_retry_after
+from pipeline.reasoning import content_text, split_think
+from pipeline.record import Response, content_hash, pack_logprobs, utcnow
 
 POOL_SIZE = 4  # connections per httpx pool (see Teacher.__init__)
 
@@ -145,28 +153,49 @@ class Completion:
     latency_s: float | None  # None for Batch API answers
 
 
-_THINK = re.compile(r"^\s*<think>(.*?)</think>\s*", re.S)
-
-
 def split_reasoning(message: dict[str, Any]) -> tuple[str, str | None]:
     """(answer, reasoning) from a chat message, whichever shape the server used."""
-    content = message.get("content")
-    if isinstance(content, list):  # content parts
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    content = content or ""
+    content = content_text(message.get("content"))
     reasoning = message.get("reasoning_content") or message.get("reasoning")
     if isinstance(reasoning, str) and reasoning:
         return content, reasoning
-    m = _THINK.match(content)
-    if m:
-        return content[m.end() :], m.group(1).strip("\n")
-    stripped = content.lstrip()
-    if stripped.startswith("<think>"):  # cut off inside the trace (finish_reason "length")
-        return "", stripped[len("<think>") :].strip("\n")
-    if "</think>" in content and "<think>" not in content:  # template opened <think> in the prompt
-        head, _, tail = content.partition("</think>")
-        return tail.lstrip(), head.strip("\n")
-    return content, None
+    return split_think(content)
+
+
+def chat_body(
+    t: TeacherConfig,
+    messages: list[dict[str, Any]],
+    params: dict[str, Any],
+    *,
+    n: int = 1,
+    max_tokens: int | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """The JSON body of one chat-completions request: `params` (generation settings), then the
+    overrides for this request, then the teacher's transport-only `extra_body`."""
+    body: dict[str, Any] = {"model": t.model, "messages": messages, **params}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if n > 1:
+        body["n"] = n
+    if seed is not None:
+        body["seed"] = seed
+    body.update(t.extra_body)
+    return body
+
+
+def estimate_tokens(messages: list[dict[str, Any]]) -> int:
+    """~4 characters a token, plus a few per message: good enough to reserve budget."""
+    chars = sum(
+        len(m["content"]) if isinstance(m["content"], str) else len(json.dumps(m["content"]))
+        for m in messages
+    )
+    return chars // 4 + 4 * len(messages) + 3
+
+
+def cost(t: TeacherConfig, prompt_tokens: float, completion_tokens: float) -> float:
+    """USD at the teacher's prices (per million tokens)."""
+    return (prompt_tokens * t.price_input + completion_tokens * t.price_output) / 1e6
 
 
 def parse_completion(data: Any, latency_s: float | None) -> Completion:
@@ -224,6 +253,83 @@ def _server_message(resp: httpx.Response) -> str:
     except ValueError:
         pass
     return resp.text[:200].replace("\n", " ") or resp.reason_phrase
+
+
+def raise_for_status(resp: httpx.Response, t: TeacherConfig, what: str | None = None) -> NoReturn:
+    """Raise what an unsuccessful response means (see the module docstring). `what` names a Batch
+    API call ("upload", "create", ...); None means a chat-completions request."""
+    status = resp.status_code
+    where = f"HTTP {status} from {resp.request.url}" + (f" ({what})" if what else "")
+    msg = _server_message(resp)
+    if status in (408, 409, 429) or status >= 500:
+        retry_after = parse_retry_after(resp.headers)
+        raise TransientError(f"{where}: {msg}", status=status, retry_after=retry_after)
+    if status in (401, 403):
+        raise TeacherError(
+            f"{where}: {msg}; the server refused the API key: set {t.api_key_env} "
+            "(or name another variable with api_key_env)"
+        )
+    if status == 404 and what is None:
+        raise TeacherError(
+            f"{where}: {msg}; check the model name ({t.model!r}) and the base URL "
+            "(it usually ends in /v1)"
+        )
+    if status == 404 and what in ("upload", "create"):
+        raise TeacherError(
+            f"{where}: {msg}; {t.base_url} has no Batch API: harvest teacher "
+            f"{t.label!r} online with `distill harvest`, or leave it out of batch.teachers"
+        )
+    if what is not None:  # a Batch API call refused: asking again will not help
+        raise TeacherError(f"{where}: {msg}")
+    raise PromptRejected(f"{where}: {msg}", status=status)
+
+
+def to_response(
+    t: TeacherConfig,
+    row: PromptRow,
+    sample: int,
+    key: str,
+    params: dict[str, Any],
+    completion: Completion,
+    choice: Choice,
+    *,
+    split: int,
+    cost: float,
+    attempts: int,
+    source: str,
+) -> Response:
+    """The stored record of one answer, online and batch alike: what was asked, of whom, and what
+    came back. `split` is how many answers shared the request (n > 1): its token counts are divided."""
+    ct = completion.completion_tokens
+    rt = completion.reasoning_tokens
+    return Response(
+        key=key,
+        prompt_id=row.id,
+        sample_index=sample,
+        teacher=t.label,
+        base_url=t.base_url,
+        model=t.model or "",
+        params_hash=content_hash(params, length=16),
+        params=params,
+        messages=row.messages,
+        reference=row.reference,
+        meta=row.meta or None,
+        response=choice.content,
+        reasoning=choice.reasoning,
+        finish_reason=choice.finish_reason,
+        response_model=completion.model,
+        system_fingerprint=completion.system_fingerprint,
+        response_id=completion.response_id,
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=None if ct is None else round(ct / split),
+        reasoning_tokens=None if rt is None else round(rt / split),
+        cost_usd=cost,
+        latency_s=None if completion.latency_s is None else round(completion.latency_s, 4),
+        attempts=attempts,
+        created_at=utcnow(),
+        logprobs=pack_logprobs(choice.logprobs),
+        source=source,
+    )
 
 
 class Teacher:
@@ -286,9 +392,13 @@ class Teacher:
             raise TransientError(f"connection error: {type(e).__name__}: {e}") from None
         latency = time.monotonic() - started
         self.limiter.observe_headers(resp.headers)
-        status = resp.status_code
-        if status != 200:
-            self._raise_for_status(resp)
+        if resp.status_code != 200:
+            try:
+                raise_for_status(resp, self.cfg)
+            except TransientError as e:
+                if e.status in (429, 503):
+                    self.limiter.on_throttle(e.retry_after, e.status)
+                raise
         try:
             data = resp.json()
         except ValueError:
@@ -298,27 +408,3 @@ class Teacher:
         completion = parse_completion(data, latency)
         self.limiter.on_success(latency)
         return completion
-
-    def _raise_for_status(self, resp: httpx.Response) -> None:
-        status = resp.status_code
-        msg = _server_message(resp)
-        where = f"HTTP {status} from {self.url}"
-        if status in (401, 403):
-            raise TeacherError(
-                f"{where}: {msg}; the server refused the API key: set {self.cfg.api_key_env} "
-                "(or name another variable with api_key_env)"
-            )
-        if status == 404:
-            raise TeacherError(
-                f"{where}: {msg}; check the model name ({self.cfg.model!r}) and the base URL "
-                "(it usually ends in /v1)"
-            )
-        if status in (429, 503):
-            retry_after = parse_retry_after(resp.headers)
-            self.limiter.on_throttle(retry_after, status)
-            raise TransientError(f"{where}: {msg}", status=status, retry_after=retry_after)
-        if status in (408, 409) or status >= 500:
-            raise TransientError(
-                f"{where}: {msg}", status=status, retry_after=parse_retry_after(resp.headers)
-            )
-        raise PromptRejected(f"{where}: {msg}", status=status)

@@ -73,17 +73,10 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str)
         assert n in lines[0], (n, lines[0])
 
 
-def harvest_args(srv: OpenAIServer, prompts: Path, run: Path, *more: str) -> list[str]:
-    """`distill harvest` arguments for the test server, model "m"."""
-    return [
-        "harvest",
-        "--prompts",
-        str(prompts),
-        "--out",
-        str(run),
-        "--base-url",
-        srv.url,
-        "--model",
-        "m",
-        *more,
-    ]
+def harvest_args(
+    srv: OpenAIServer | str, prompts: Path, run: Path, *more: str, model: str = "m"
+) -> list[str]:
+    """`distill harvest` arguments for a test server (or a base URL); bench/ uses these too."""
+    url = srv if isinstance(srv, str) else srv.url
+    where = ["--prompts", str(prompts), "--out", str(run), "--base-url", url, "--model", model]
+    return ["harvest", *where, *more]

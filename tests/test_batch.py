@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from pipeline.batch import CRASH_ENV, BatchConfig, harvest_config, run_batch, status
-from pipeline.harvest import HarvestConfig, _cost, harvest
+from pipeline.harvest import HarvestConfig, harvest
 from pipeline.store import Store
+from pipeline.teacher import cost
 from tests.batch_server import BatchServer
 from tests.conftest import arithmetic_rows, assert_one_line_error, run_cli, write_jsonl
 
@@ -92,7 +93,7 @@ def test_batch_and_online_harvests_make_the_same_rows(bserver: BatchServer, tmp_
         # the batch price: half of the list price of the tokens this row used
         t = hcfg(bserver, p, tmp_path).all_teachers()[0]
         assert rb["cost_usd"] == pytest.approx(
-            0.5 * _cost(t, rb["prompt_tokens"], rb["completion_tokens"])
+            0.5 * cost(t, rb["prompt_tokens"], rb["completion_tokens"])
         )
     assert {r["response"].rsplit(" ", 1)[1] for r in b} == {"10", "11"}
     # what went out: the online body, one sample per line, custom_id = store key

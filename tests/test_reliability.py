@@ -21,7 +21,7 @@ from pipeline.export import export_rows
 from pipeline.harvest import HarvestConfig, harvest
 from pipeline.ratelimit import Limiter, parse_duration, parse_retry_after
 from pipeline.store import Store
-from tests.conftest import arithmetic_rows, write_jsonl
+from tests.conftest import arithmetic_rows, harvest_args, write_jsonl
 from tests.openai_server import Faults, OpenAIServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,21 +33,7 @@ def cfg(srv: OpenAIServer, prompts: Path, out: Path, **kw: object) -> HarvestCon
 
 def start_harvest(prompts: Path, run: Path, url: str, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "harvest",
-            "--prompts",
-            str(prompts),
-            "--out",
-            str(run),
-            "--base-url",
-            url,
-            "--model",
-            "m",
-            *extra,
-        ],
+        [sys.executable, "-m", "pipeline", *harvest_args(url, prompts, run, *extra)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
