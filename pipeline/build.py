@@ -6,7 +6,8 @@
 Reading top to bottom: the config; the filters, applied to every stored answer in one fixed order
 (FILTERS: a row is counted by the first filter that removes it, so the report adds up); selection
 of the first or best k answers per prompt; the split by prompt id; the training messages; the
-writers (Hugging Face DatasetDict, Parquet, JSONL, ShareGPT, OpenAI) and the dataset card.
+writers (Hugging Face DatasetDict, Parquet, JSONL, ShareGPT, OpenAI) and the dataset card; last the
+stage: `curate` decides (which rows, which split), `make_report` counts, `build` writes.
 
 The store is opened read-only. Nothing time-dependent is written, so rebuilding from the same
 store with the same config gives byte-identical files (see docs/build.md).
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
-import importlib.util
 import json
 import math
 import re
@@ -33,9 +32,10 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import StageConfig
 from pipeline.errors import ConfigError, InputError, StoreError
+from pipeline.reasoning import content_text, join_think
 from pipeline.record import Response
 from pipeline.store import Store
-from pipeline.verify import extract_answer, verify
+from pipeline.verify import check, load_function, verify
 
 # The order filters run in, and the order of every count in the report and the card. Verification
 # and the custom hook come before deduplication, so that of two near-identical answers the one
@@ -277,40 +277,6 @@ class BuildReport:
 # -- filters -----------------------------------------------------------------------------------------
 
 
-def load_custom_filter(spec: str) -> Callable[[dict[str, Any]], Any]:
-    """'module:function' or 'path/to/file.py:function' -> the function; errors are one line."""
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise ConfigError(
-            f"custom_filter {spec!r}: expected 'module:function' or 'path/to/file.py:function'"
-        )
-    try:
-        if target.endswith(".py") or "/" in target:
-            path = Path(target)
-            if not path.is_file():
-                raise ConfigError(f"custom_filter {spec!r}: file {path} not found; fix the path")
-            mspec = importlib.util.spec_from_file_location(
-                f"distill_custom_filter_{path.stem}", path
-            )
-            if mspec is None or mspec.loader is None:
-                raise ConfigError(f"custom_filter {spec!r}: {path} is not a Python file")
-            module = importlib.util.module_from_spec(mspec)
-            mspec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except ConfigError:
-        raise
-    except Exception as e:  # the user's module may raise anything while importing
-        raise ConfigError(
-            f"custom_filter {spec!r}: cannot import {target} ({type(e).__name__}: {e}); "
-            "give an importable module or a path to a .py file"
-        ) from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ConfigError(f"custom_filter {spec!r}: {target} has no function {name!r}")
-    return fn  # type: ignore[no-any-return]
-
-
 def _lengths(rows: list[Row], tokenizer_dir: Path | None) -> str:
     """Fill each row's answer and reasoning length; returns the unit."""
     if tokenizer_dir is None:
@@ -400,8 +366,8 @@ def _row_filters(
     if too is not None:
         return "length", too
     if on.verify and r.verified is False:
-        found = extract_answer(r.answer, cfg.answer_patterns)
-        return "verify", "no final answer found" if found is None else "wrong answer"
+        v = check(r.answer, r.store.reference, patterns=cfg.answer_patterns)
+        return "verify", v.reason
     return None
 
 
@@ -518,14 +484,6 @@ def split_prompts(
 # -- training messages -------------------------------------------------------------------------------
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return "" if content is None else str(content)
-
-
 def training_messages(r: Row, reasoning: str, drop_system: bool) -> list[dict[str, Any]]:
     """The request messages (system as `system`), then the teacher's answer as the assistant turn."""
     msgs: list[dict[str, Any]] = []
@@ -533,10 +491,9 @@ def training_messages(r: Row, reasoning: str, drop_system: bool) -> list[dict[st
         role = "system" if m["role"] == "developer" else m["role"]
         if drop_system and role == "system":
             continue
-        msgs.append({"role": role, "content": _text(m.get("content"))})
-    answer: dict[str, Any] = {"role": "assistant", "content": r.answer}
-    if reasoning == "inline" and r.reasoning:
-        answer["content"] = f"<think>\n{r.reasoning}\n</think>\n\n{r.answer}"
+        msgs.append({"role": role, "content": content_text(m.get("content"))})
+    inline = r.reasoning if reasoning == "inline" else None
+    answer: dict[str, Any] = {"role": "assistant", "content": join_think(inline, r.answer)}
     msgs.append(answer)
     if reasoning == "separate":  # on every message, so the Arrow schema is the same in every row
         for m in msgs:
@@ -707,13 +664,8 @@ EXPLAIN = {
 def dataset_card(rep: BuildReport, cfg: BuildConfig) -> str:
     """README.md for the output folder. Nothing in it depends on when or where it was built."""
     lines = [
-        "---",
-        "tags:",
-        "- distillation",
-        "- synthetic",
-        "task_categories:",
-        "- text-generation",
-        "---",
+        # YAML front matter: the Hugging Face hub reads the tags.
+        "---\ntags:\n- distillation\n- synthetic\ntask_categories:\n- text-generation\n---",
         "",
         f"# Distilled dataset from `{Path(rep.run).name}`",
         "",
@@ -726,6 +678,19 @@ def dataset_card(rep: BuildReport, cfg: BuildConfig) -> str:
         "what this data may be used to train**: many API providers forbid using outputs to develop "
         "competing models. Check them before training on, sharing or publishing this dataset.",
         "",
+        *_card_teachers(rep),
+        *_card_curation(rep, cfg),
+        *_card_split(rep),
+        *_card_format(cfg),
+        "",
+        "The full counts and the config used are in `build_report.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _card_teachers(rep: BuildReport) -> list[str]:
+    lines = [
         "## Teachers",
         "",
         "| teacher | model | reported as | API | parameters | rows | kept |",
@@ -737,19 +702,16 @@ def dataset_card(rep: BuildReport, cfg: BuildConfig) -> str:
             f"| {t['teacher']} | {t['model']} | {', '.join(t['response_models']) or '-'} | {t['base_url']} "
             f"| {params} | {t['rows']} | {t['kept']} |"
         )
-    h = rep.harvested
-    lines += [
-        "",
-        f"Harvested between {h.get('first') or '-'} and {h.get('last') or '-'} (UTC).",
-        "",
-    ]
-    lines += [
+    first, last = rep.harvested.get("first") or "-", rep.harvested.get("last") or "-"
+    return [*lines, "", f"Harvested between {first} and {last} (UTC).", ""]
+
+
+def _card_curation(rep: BuildReport, cfg: BuildConfig) -> list[str]:
+    lines = [
         "## Curation",
         "",
         "Each row is counted by the first step that removes it, in this order.",
         "",
-    ]
-    lines += [
         "| step | removed | why |",
         "|---|---|---|",
         f"| rows in | {rep.rows_in} | stored answers + failed requests |",
@@ -768,16 +730,20 @@ def dataset_card(rep: BuildReport, cfg: BuildConfig) -> str:
         if detail:
             why += " (" + ", ".join(f"{k}: {v}" for k, v in detail.items()) + ")"
         lines.append(f"| {name} | {rep.removed[name]} | {why} |")
-    lines.append(f"| **kept** | **{rep.kept}** | |")
     v = rep.verified
-    lines += [
+    return [
+        *lines,
+        f"| **kept** | **{rep.kept}** | |",
         "",
         f"Of the rows kept, {v['true']} match their reference answer, {v['false']} do not "
         f"(kept only when the verify filter is off) and {v['none']} have no reference.",
         "",
     ]
+
+
+def _card_split(rep: BuildReport) -> list[str]:
     sp = rep.split
-    lines += [
+    lines = [
         "## Split",
         "",
         f"By prompt id, so no sample of an eval prompt is trained on: the {sp['eval_prompts']} prompts with the "
@@ -799,41 +765,159 @@ def dataset_card(rep: BuildReport, cfg: BuildConfig) -> str:
             str(st.get(k, "-")) for k in ("n", "min", "mean", "median", "p90", "max")
         )
         lines.append(f"| {name.replace('_', ' ')} | {cells} |")
-    lines += ["", "## Format", ""]
-    if cfg.format in ("hf", "parquet", "jsonl"):
-        load = {
-            "hf": 'datasets.load_from_disk("<this folder>")',
-            "parquet": 'datasets.load_dataset("parquet", data_files={"train": "train.parquet", "eval": "eval.parquet"})',
-            "jsonl": 'datasets.load_dataset("json", data_files={"train": "train.jsonl", "eval": "eval.jsonl"})',
-        }[cfg.format]
-        lines += [
-            f"Load with `{load}`. Conversational format (TRL `SFTTrainer` takes it as is):",
-            "",
-            "- `messages`: "
-            + ("system, " if not cfg.drop_system else "")
-            + "user, assistant"
-            + {
-                "inline": "; reasoning inline as `<think>\\n...\\n</think>\\n\\n` before the answer (rows without reasoning have no think block)",
-                "separate": "; reasoning in the assistant message's `reasoning_content` (null elsewhere)",
-                "drop": "; reasoning dropped",
-            }[cfg.reasoning],
-            "- `prompt_id`, `sample_index`, `teacher`, `key` (the store key of the answer)",
-            "- `verified`: the final answer matched `reference` (null: no reference)",
-            "- `reference`: the prompt's reference answer, or null",
+    return lines
+
+
+LOAD = {
+    "hf": 'datasets.load_from_disk("<this folder>")',
+    "parquet": 'datasets.load_dataset("parquet", data_files={"train": "train.parquet", "eval": "eval.parquet"})',
+    "jsonl": 'datasets.load_dataset("json", data_files={"train": "train.jsonl", "eval": "eval.jsonl"})',
+}
+REASONING = {
+    "inline": "; reasoning inline as `<think>\\n...\\n</think>\\n\\n` before the answer (rows without reasoning have no think block)",
+    "separate": "; reasoning in the assistant message's `reasoning_content` (null elsewhere)",
+    "drop": "; reasoning dropped",
+}
+
+
+def _card_format(cfg: BuildConfig) -> list[str]:
+    lines = ["", "## Format", ""]
+    if cfg.format == "sharegpt":
+        return [
+            *lines,
+            'ShareGPT JSONL (`train.jsonl`, `eval.jsonl`): `{"conversations": [{"from": "system|human|gpt", "value": ...}]}`; `dataset_info.json` describes them for LLaMA-Factory.',
         ]
-    elif cfg.format == "sharegpt":
-        lines.append(
-            'ShareGPT JSONL (`train.jsonl`, `eval.jsonl`): `{"conversations": [{"from": "system|human|gpt", "value": ...}]}`; `dataset_info.json` describes them for LLaMA-Factory.'
-        )
-    else:
-        lines.append(
-            'OpenAI chat fine-tuning JSONL (`train.jsonl`, `eval.jsonl`): `{"messages": [{"role", "content"}]}`.'
-        )
-    lines += ["", "The full counts and the config used are in `build_report.json`.", ""]
-    return "\n".join(lines)
+    if cfg.format == "openai":
+        return [
+            *lines,
+            'OpenAI chat fine-tuning JSONL (`train.jsonl`, `eval.jsonl`): `{"messages": [{"role", "content"}]}`.',
+        ]
+    system = "" if cfg.drop_system else "system, "
+    doc = Response.docs()  # the stored fields a row carries over, described where they are defined
+    return [
+        *lines,
+        f"Load with `{LOAD[cfg.format]}`. Conversational format (TRL `SFTTrainer` takes it as is):",
+        "",
+        f"- `messages`: {system}user, assistant{REASONING[cfg.reasoning]}",
+        *(f"- `{name}`: {doc[name]}" for name in ("prompt_id", "sample_index", "teacher", "key")),
+        "- `verified`: the final answer matched `reference` (null: no reference)",
+        f"- `reference`: {doc['reference']}",
+    ]
 
 
 # -- the stage ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Curation:
+    """What curation decided: every stored answer marked kept or removed, and the eval prompts."""
+
+    rows: list[Row]
+    failures: list[dict[str, Any]]  # the store's failed requests (counted, never kept)
+    unit: str  # what lengths are counted in
+    eval_ids: set[str]
+
+    @property
+    def kept(self) -> list[Row]:
+        return [r for r in self.rows if r.removed_by is None]
+
+
+def _check_paths(cfg: BuildConfig) -> tuple[Path, Path]:
+    """(run, to), refusing a config that cannot build before anything is read."""
+    if cfg.run is None:
+        raise ConfigError(
+            "no run directory: pass RUN (the harvest's --out) or set run: in the build config"
+        )
+    if cfg.to is None:
+        raise ConfigError("no output folder: pass --to DIR or set to: in the build config")
+    if cfg.format == "sharegpt" and cfg.reasoning == "separate":
+        raise ConfigError(
+            "--format sharegpt has no field for separate reasoning; use --reasoning inline or drop"
+        )
+    run = Path(cfg.run)
+    if not run.is_dir():
+        raise StoreError(
+            f"{run}: run directory not found; pass the folder given to `distill harvest --out`"
+        )
+    return run, Path(cfg.to)
+
+
+def curate(cfg: BuildConfig, run: Path) -> Curation:
+    """Read the store, run the filters and the selection, and choose the eval prompts."""
+    custom = load_function(cfg.custom_filter, "custom_filter") if cfg.custom_filter else None
+    with Store(run, readonly=True) as store:
+        rows = [Row(s) for s in store.iter_responses()]
+        failures = store.failures()
+    if not rows and not failures:
+        raise StoreError(f"{run}: the store holds no responses yet; run `distill harvest` first")
+    unit = _lengths(rows, cfg.tokenizer)
+    fixed = fixed_splits(rows, cfg)
+    apply_filters(cfg, rows, custom)
+    select(cfg, rows)
+    if cfg.filter_eval:
+        kept_prompts = sorted({r.prompt_id for r in rows if r.removed_by is None})
+        return Curation(rows, failures, unit, split_prompts(kept_prompts, cfg, fixed))
+    # Held-out prompts as the teacher answered them: the split is made before filtering.
+    eval_ids = split_prompts(sorted({r.prompt_id for r in rows}), cfg, fixed)
+    for r in rows:
+        if r.prompt_id in eval_ids:
+            r.removed_by, r.reason = None, ""
+    return Curation(rows, failures, unit, eval_ids)
+
+
+def make_report(cfg: BuildConfig, cur: Curation, to: Path) -> BuildReport:
+    """The report's numbers: what each filter removed and why, the prompts, split and lengths."""
+    rows, kept = cur.rows, cur.kept
+    rep = BuildReport(run=str(cfg.run), to=str(to), format=cfg.format)
+    rep.responses = len(rows)
+    rep.rows_in = len(rows) + len(cur.failures)
+    rep.removed["failed"] = len(cur.failures)
+    reasons: dict[str, Counter[str]] = {}
+    for f in cur.failures:
+        reasons.setdefault("failed", Counter())[
+            f"HTTP {f['status']}" if f["status"] else "no response"
+        ] += 1
+    for r in rows:
+        if r.removed_by is not None:
+            rep.removed[r.removed_by] += 1
+            reasons.setdefault(r.removed_by, Counter())[r.reason] += 1
+    rep.reasons = {k: dict(sorted(reasons[k].items())) for k in FILTERS if k in reasons}
+    rep.kept = len(kept)
+    rep.verified = {
+        "true": sum(r.verified is True for r in kept),
+        "false": sum(r.verified is False for r in kept),
+        "none": sum(r.verified is None for r in kept),
+    }
+    all_prompts = {r.prompt_id for r in rows} | {str(f["prompt_id"]) for f in cur.failures}
+    kept_prompts = {r.prompt_id for r in kept}
+    rep.prompts = {
+        "in_store": len(all_prompts),
+        "kept": len(kept_prompts),
+        "lost": len(all_prompts) - len(kept_prompts),
+    }
+    eval_rows = sum(r.prompt_id in cur.eval_ids for r in kept)
+    rep.split = {
+        "by": f"{cfg.split_field}, then prompt_id" if cfg.split_field else "prompt_id",
+        "eval_filtered": cfg.filter_eval,
+        "seed": cfg.seed,
+        "train_rows": len(kept) - eval_rows,
+        "eval_rows": eval_rows,
+        "train_prompts": len(kept_prompts) - len(cur.eval_ids),
+        "eval_prompts": len(cur.eval_ids),
+    }
+    rep.teachers = _teachers(rows)
+    dates = sorted(r.store.created_at for r in rows)
+    rep.harvested = {"first": dates[0] if dates else None, "last": dates[-1] if dates else None}
+    rep.lengths = {
+        "unit": cur.unit,
+        "answer": _stats([r.answer_len for r in kept]),
+        "reasoning": _stats([r.reasoning_len for r in kept if r.reasoning]),
+        "teacher_completion_tokens": _stats(
+            [r.store.completion_tokens for r in kept if r.store.completion_tokens is not None]
+        ),
+    }
+    rep.config = cfg.model_dump(mode="json", exclude={"to", "json_report"})
+    return rep
 
 
 def _prepare_out(to: Path) -> Path:
@@ -858,99 +942,17 @@ def _prepare_out(to: Path) -> Path:
 
 def build(cfg: BuildConfig) -> BuildReport:
     """Curate the run's answers and write the dataset, its card and its report to cfg.to."""
-    if cfg.run is None:
-        raise ConfigError(
-            "no run directory: pass RUN (the harvest's --out) or set run: in the build config"
-        )
-    if cfg.to is None:
-        raise ConfigError("no output folder: pass --to DIR or set to: in the build config")
-    if cfg.format == "sharegpt" and cfg.reasoning == "separate":
-        raise ConfigError(
-            "--format sharegpt has no field for separate reasoning; use --reasoning inline or drop"
-        )
-    run, to = Path(cfg.run), Path(cfg.to)
-    if not run.is_dir():
-        raise StoreError(
-            f"{run}: run directory not found; pass the folder given to `distill harvest --out`"
-        )
-    custom = load_custom_filter(cfg.custom_filter) if cfg.custom_filter else None
-    with Store(run, readonly=True) as store:
-        rows = [Row(s) for s in store.iter_responses()]
-        failures = store.failures()
-    if not rows and not failures:
-        raise StoreError(f"{run}: the store holds no responses yet; run `distill harvest` first")
-
-    unit = _lengths(rows, cfg.tokenizer)
-    fixed = fixed_splits(rows, cfg)
-    apply_filters(cfg, rows, custom)
-    select(cfg, rows)
-    unfiltered_eval: set[str] = set()
-    if not cfg.filter_eval:
-        # Held-out prompts as the teacher answered them: the split is made before filtering.
-        unfiltered_eval = split_prompts(sorted({r.prompt_id for r in rows}), cfg, fixed)
-        for r in rows:
-            if r.prompt_id in unfiltered_eval:
-                r.removed_by, r.reason = None, ""
-    kept = [r for r in rows if r.removed_by is None]
-
-    rep = BuildReport(run=str(cfg.run), to=str(to), format=cfg.format)
-    rep.responses = len(rows)
-    rep.rows_in = len(rows) + len(failures)
-    rep.removed["failed"] = len(failures)
-    reasons: dict[str, Counter[str]] = {}
-    for f in failures:
-        reasons.setdefault("failed", Counter())[
-            f"HTTP {f['status']}" if f["status"] else "no response"
-        ] += 1
-    for r in rows:
-        if r.removed_by is not None:
-            rep.removed[r.removed_by] += 1
-            reasons.setdefault(r.removed_by, Counter())[r.reason] += 1
-    rep.reasons = {k: dict(sorted(reasons[k].items())) for k in FILTERS if k in reasons}
-    rep.kept = len(kept)
-    if not kept:
+    run, to = _check_paths(cfg)
+    cur = curate(cfg, run)
+    rep = make_report(cfg, cur, to)
+    if not rep.kept:
         removed = ", ".join(f"{k} {v}" for k, v in rep.removed.items() if v)
         raise InputError(
             f"{run}: every one of {rep.rows_in} rows was removed ({removed}); relax the filters in the build config"
         )
-    rep.verified = {
-        "true": sum(r.verified is True for r in kept),
-        "false": sum(r.verified is False for r in kept),
-        "none": sum(r.verified is None for r in kept),
-    }
-    all_prompts = {r.prompt_id for r in rows} | {str(f["prompt_id"]) for f in failures}
-    kept_prompts = sorted({r.prompt_id for r in kept})
-    rep.prompts = {
-        "in_store": len(all_prompts),
-        "kept": len(kept_prompts),
-        "lost": len(all_prompts) - len(kept_prompts),
-    }
-
-    eval_ids = unfiltered_eval if not cfg.filter_eval else split_prompts(kept_prompts, cfg, fixed)
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
-    for r in kept:
-        splits["eval" if r.prompt_id in eval_ids else "train"].append(output_row(r, cfg))
-    rep.split = {
-        "by": f"{cfg.split_field}, then prompt_id" if cfg.split_field else "prompt_id",
-        "eval_filtered": cfg.filter_eval,
-        "seed": cfg.seed,
-        "train_rows": len(splits["train"]),
-        "eval_rows": len(splits["eval"]),
-        "train_prompts": len(kept_prompts) - len(eval_ids),
-        "eval_prompts": len(eval_ids),
-    }
-    rep.teachers = _teachers(rows)
-    dates = sorted(r.store.created_at for r in rows)
-    rep.harvested = {"first": dates[0] if dates else None, "last": dates[-1] if dates else None}
-    rep.lengths = {
-        "unit": unit,
-        "answer": _stats([r.answer_len for r in kept]),
-        "reasoning": _stats([r.reasoning_len for r in kept if r.reasoning]),
-        "teacher_completion_tokens": _stats(
-            [r.store.completion_tokens for r in kept if r.store.completion_tokens is not None]
-        ),
-    }
-    rep.config = cfg.model_dump(mode="json", exclude={"to", "json_report"})
+    for r in cur.kept:
+        splits["eval" if r.prompt_id in cur.eval_ids else "train"].append(output_row(r, cfg))
 
     tmp = _prepare_out(to)
     try:

@@ -38,8 +38,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from pipeline.artifacts import read_dataset, read_finetune_run
 from pipeline.config import StageConfig, dump_config
 from pipeline.errors import ConfigError, InputError
+from pipeline.reasoning import final_answer
 
 
 class EvalConfig(StageConfig):
@@ -172,34 +174,7 @@ def load_prompts(cfg: EvalConfig) -> list[Prompt]:
 
     datasets.disable_progress_bars()
     path = Path(cfg.data)
-    if not path.exists():
-        raise InputError(
-            f"{path}: dataset folder not found (key `data`); pass the OUT folder of `distill build`"
-        )
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as e:
-        raise InputError(
-            f"{path}: not a dataset folder ({str(e).splitlines()[0][:120]}); pass the OUT folder of `distill build`"
-        ) from None
-    if not isinstance(ds, datasets.DatasetDict):
-        raise InputError(
-            f"{path}: holds a single split, not train/{cfg.split}; rebuild it with `distill build` (it holds out an `{cfg.split}` split)"
-        )
-    if cfg.split not in ds:
-        raise InputError(
-            f"{path}: no `{cfg.split}` split (it has: {', '.join(ds) or 'none'}); rebuild with `distill build` "
-            f"or set `split` to one of them"
-        )
-    rows = ds[cfg.split]
-    if "messages" not in rows.column_names:
-        raise InputError(
-            f"{path} [{cfg.split}]: no `messages` column; rebuild the dataset with `distill build`"
-        )
-    if len(rows) == 0:
-        raise InputError(
-            f"{path} [{cfg.split}]: the split is empty; rebuild with a larger eval share"
-        )
+    rows = read_dataset(path, cfg.split)[cfg.split]
     has = set(rows.column_names)
     by_id: dict[str, Prompt] = {}
     for i, row in enumerate(rows):
@@ -239,63 +214,53 @@ class Students:
     run_dir: Path | None  # the fine-tune OUT folder, when known (for log_history.json)
 
 
+RUN_FILES = ("train_report.json", "log_history.json")  # what a fine-tune run folder holds
+
+
 def _is_model(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
 def resolve_students(cfg: EvalConfig) -> Students:
-    """Tell an OUT folder, an adapter folder and a merged model apart; find the base."""
+    """Tell a fine-tune run (or its adapter folder) from a merged model folder; find the base."""
     ft = Path(cfg.finetuned)
     if not ft.exists():
         raise InputError(
             f"{ft}: fine-tuned student not found (key `finetuned`); pass the OUT folder of `distill finetune`"
         )
-    run_dir: Path | None = None
-    if (ft / "adapter" / "adapter_config.json").is_file():
-        run_dir, model, adapter = ft, ft / "adapter", True
-    elif (ft / "adapter_config.json").is_file():
-        model, adapter = ft, True
-        run_dir = ft.parent if (ft.parent / "train_report.json").is_file() else None
-    elif _is_model(ft):
-        model, adapter = ft, False
-        for d in (ft, ft.parent):
-            if (d / "train_report.json").is_file() or (d / "log_history.json").is_file():
-                run_dir = d
-                break
-    else:
+    if (ft / "adapter" / "adapter_config.json").is_file() or (ft / "adapter_config.json").is_file():
+        run = read_finetune_run(ft, str(cfg.base) if cfg.base else None)
+        where = "key `base`" if cfg.base else f"the fine-tune run {run.out}"
+        return _checked(Students(Path(run.student), run.adapter, True, run.out), where)
+    if not _is_model(ft):
         raise InputError(
             f"{ft}: neither a fine-tune OUT folder (adapter/), a PEFT adapter (adapter_config.json) "
             "nor a model folder (config.json); fix the key `finetuned`"
         )
-
+    # A merged model: the run it came from (base student, loss curves) is its folder or the parent.
+    run_dir = next((d for d in (ft, ft.parent) if any((d / f).is_file() for f in RUN_FILES)), None)
     base, where = cfg.base, "key `base`"
-    if base is None and run_dir is not None and (run_dir / "train_report.json").is_file():
+    if base is None and run_dir is not None:
         try:
-            student = json.loads((run_dir / "train_report.json").read_text(encoding="utf-8")).get(
-                "student"
-            )
-        except (OSError, ValueError):
+            student = json.loads((run_dir / "train_report.json").read_text(encoding="utf-8"))
+            student = student.get("student")
+        except (OSError, ValueError, AttributeError):
             student = None
         if student:
             base, where = Path(student), f"`student` in {run_dir / 'train_report.json'}"
-    if base is None and adapter:
-        named = json.loads((model / "adapter_config.json").read_text(encoding="utf-8")).get(
-            "base_model_name_or_path"
-        )
-        if named:
-            base, where = (
-                Path(named),
-                f"`base_model_name_or_path` in {model / 'adapter_config.json'}",
-            )
     if base is None:
         raise ConfigError(
             f"{ft}: cannot tell the base student; set `base` (--base) to its local model folder"
         )
-    if not _is_model(Path(base)):
+    return _checked(Students(Path(base), ft, False, run_dir), where)
+
+
+def _checked(students: Students, where: str) -> Students:
+    if not _is_model(students.base):
         raise InputError(
-            f"{base} (from {where}): not a local model folder (no config.json); set `base` (--base) to one"
+            f"{students.base} (from {where}): not a local model folder (no config.json); set `base` (--base) to one"
         )
-    return Students(Path(base), model, adapter, run_dir)
+    return students
 
 
 # -- the students ----------------------------------------------------------------------------------
@@ -408,8 +373,6 @@ def generate(  # type: ignore[no-untyped-def]
     import torch
     from transformers import GenerationConfig, set_seed
 
-    from pipeline.teacher import split_reasoning
-
     set_seed(cfg.seed)
     gen = GenerationConfig(
         max_new_tokens=cfg.max_new_tokens,
@@ -442,9 +405,8 @@ def generate(  # type: ignore[no-untyped-def]
                 kept = new if end is None else new[:end]
                 text = tok.decode(kept, skip_special_tokens=True)
                 # Score the answer, not a <think> trace before it.
-                answer, _reasoning = split_reasoning({"content": text})
                 answers[i] = Answer(
-                    answer.strip(), len(kept), end is None and len(new) >= cfg.max_new_tokens
+                    final_answer(text), len(kept), end is None and len(new) >= cfg.max_new_tokens
                 )
             bar.update(task, advance=len(idx))
     return [a for a in answers if a is not None]
@@ -649,7 +611,7 @@ def run_judge(cfg: EvalConfig, prompts: list[Prompt], per: dict[str, list[dict[s
 
     from pipeline.errors import PromptRejected
     from pipeline.ratelimit import retrying
-    from pipeline.teacher import Teacher, TeacherConfig
+    from pipeline.teacher import Teacher, TeacherConfig, chat_body
 
     tcfg = TeacherConfig(
         model=cfg.judge_model,
@@ -663,12 +625,8 @@ def run_judge(cfg: EvalConfig, prompts: list[Prompt], per: dict[str, list[dict[s
         content = JUDGE_PROMPT.format(
             question=question, reference=p.teacher[0].get("content") or "", answer=rec["answer"]
         )
-        body = {
-            "model": cfg.judge_model,
-            "temperature": 0,
-            "max_tokens": 8,
-            "messages": [{"role": "user", "content": content}],
-        }
+        messages = [{"role": "user", "content": content}]
+        body = chat_body(tcfg, messages, {"temperature": 0}, max_tokens=8)
         await teacher.limiter.acquire(len(content) / 4 + 8)
         try:
             async for attempt in retrying(tcfg.max_retries):
@@ -799,19 +757,16 @@ def write_markdown(report: dict[str, Any], path: Path, loss_plot: bool) -> None:
     path.write_text("\n".join(out), encoding="utf-8")
 
 
-def evaluate(cfg: EvalConfig) -> Path:
-    """Generate with both students, score them, write the report; returns the out folder."""
+def run_students(
+    cfg: EvalConfig, prompts: list[Prompt], students: Students, device: str
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Each student in turn (one in memory at a time): generate, NLL, score.
+    Returns (metrics per student and for the teacher, per-prompt records per student)."""
     import gc
 
     import torch
 
-    started = time.monotonic()
-    check_config(cfg)
-    prompts = load_prompts(cfg)
-    students = resolve_students(cfg)
-    device = pick_device(cfg)
     shared_stops = stop_ids(students)
-
     metrics: dict[str, dict[str, Any]] = {}
     per: dict[str, list[dict[str, Any]]] = {}
     teacher: dict[str, Any] = {}
@@ -827,16 +782,24 @@ def evaluate(cfg: EvalConfig) -> Path:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-
     if cfg.judge:
         run_judge(cfg, prompts, per)
         for which in STUDENTS:
             metrics[which]["judge_score"] = _mean(
                 [r["judge"] for r in per[which] if r.get("judge") is not None]
             )
+    return {**metrics, "teacher": teacher}, per
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+
+def evaluate(cfg: EvalConfig) -> Path:
+    """Generate with both students, score them, write the report; returns the out folder."""
+    started = time.monotonic()
+    check_config(cfg)
+    prompts = load_prompts(cfg)
+    students = resolve_students(cfg)
+    device = pick_device(cfg)
+    metrics, per = run_students(cfg, prompts, students, device)
+
     examples = [
         {
             "prompt_id": p.prompt_id,
@@ -858,14 +821,25 @@ def evaluate(cfg: EvalConfig) -> Path:
         "seconds": time.monotonic() - started,
         "prompts": len(prompts),
         "prompts_with_reference": sum(p.reference is not None for p in prompts),
-        "metrics": {**metrics, "teacher": teacher},
+        "metrics": metrics,
         "examples": examples,
     }
+    out = Path(cfg.out)
+    write_report(report, cfg, students, out)
+    return out
+
+
+def write_report(report: dict[str, Any], cfg: EvalConfig, students: Students, out: Path) -> None:
+    """report.json, report.md, config.yaml and the plots, in `out`."""
     from pipeline.plots import plot_loss_curves, plot_metrics
 
-    loss_plot = False
-    if students.run_dir is not None and (students.run_dir / "log_history.json").is_file():
-        loss_plot = plot_loss_curves(students.run_dir / "log_history.json", out / "loss_curves.png")
+    out.mkdir(parents=True, exist_ok=True)
+    history = students.run_dir / "log_history.json" if students.run_dir else None
+    loss_plot = (
+        history is not None
+        and history.is_file()
+        and plot_loss_curves(history, out / "loss_curves.png")
+    )
     if not loss_plot:  # never leave an earlier run's curves next to this report
         (out / "loss_curves.png").unlink(missing_ok=True)
     plot_metrics(report, out / "metrics.png")
@@ -874,7 +848,6 @@ def evaluate(cfg: EvalConfig) -> Path:
     )
     (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     write_markdown(report, out / "report.md", loss_plot)
-    return out
 
 
 def read_report(out: Path) -> dict[str, Any]:

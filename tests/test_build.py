@@ -405,67 +405,28 @@ def test_bad_input_is_one_line_and_no_traceback(run_dir: Path, tmp_path: Path) -
     not_ours = tmp_path / "not_ours"
     not_ours.mkdir()
     (not_ours / "precious.txt").write_text("keep me")
+
+    def with_config(name: str) -> list[str]:
+        return [
+            "build",
+            str(run_dir),
+            "--to",
+            str(tmp_path / "o"),
+            "--config",
+            str(tmp_path / name),
+        ]
+
     cases = [
         (
             ["build", str(tmp_path / "missing"), "--to", str(tmp_path / "o")],
             "run directory not found",
         ),
         (["build", str(tmp_path / "empty"), "--to", str(tmp_path / "o")], "no harvest store here"),
-        (
-            [
-                "build",
-                str(run_dir),
-                "--to",
-                str(tmp_path / "o"),
-                "--config",
-                str(tmp_path / "unknown_filter.yaml"),
-            ],
-            "unknown filter 'spelling'",
-        ),
-        (
-            [
-                "build",
-                str(run_dir),
-                "--to",
-                str(tmp_path / "o"),
-                "--config",
-                str(tmp_path / "bad_regex.yaml"),
-            ],
-            "does not compile",
-        ),
-        (
-            [
-                "build",
-                str(run_dir),
-                "--to",
-                str(tmp_path / "o"),
-                "--config",
-                str(tmp_path / "bad_refusal.yaml"),
-            ],
-            "does not compile",
-        ),
-        (
-            [
-                "build",
-                str(run_dir),
-                "--to",
-                str(tmp_path / "o"),
-                "--config",
-                str(tmp_path / "bad_hook.yaml"),
-            ],
-            "cannot import no_such_module_xyz",
-        ),
-        (
-            [
-                "build",
-                str(run_dir),
-                "--to",
-                str(tmp_path / "o"),
-                "--config",
-                str(tmp_path / "bad_hook_file.yaml"),
-            ],
-            "not found",
-        ),
+        (with_config("unknown_filter.yaml"), "unknown filter 'spelling'"),
+        (with_config("bad_regex.yaml"), "does not compile"),
+        (with_config("bad_refusal.yaml"), "does not compile"),
+        (with_config("bad_hook.yaml"), "cannot import no_such_module_xyz"),
+        (with_config("bad_hook_file.yaml"), "not found"),
         (["build", str(run_dir), "--to", str(not_ours)], "not an earlier `distill build` output"),
         (["build", str(run_dir)], "no output folder"),
         (

@@ -268,45 +268,23 @@ def test_system_prompt_handling(setup: dict[str, Path]) -> None:
     assert len(load_prompts(_cfg(setup, "x", limit=3))) == 3
 
 
+def _argv(setup: dict[str, Path], out: Path, *args: str) -> list[str]:
+    """`distill eval` on the fixture's dataset and fine-tune run, on the CPU, plus `args`."""
+    data, run = str(setup["data"]), str(setup["run"])
+    return ["eval", "--data", data, "--finetuned", run, "--out", str(out), "--device", "cpu", *args]
+
+
 def test_cli_eval_prints_headline(setup: dict[str, Path]) -> None:
     out = setup["root"] / "cli"
-    result = CliRunner().invoke(
-        cli,
-        [
-            "eval",
-            "--data",
-            str(setup["data"]),
-            "--finetuned",
-            str(setup["run"]),
-            "--out",
-            str(out),
-            "--max-new-tokens",
-            "4",
-            "--limit",
-            "2",
-            "--no-nll",
-            "--device",
-            "cpu",
-        ],
-    )
+    argv = _argv(setup, out, "--max-new-tokens", "4", "--limit", "2", "--no-nll")
+    result = CliRunner().invoke(cli, argv)
     assert result.exit_code == 0, result.output
     assert "2 held-out prompts" in result.stdout and "fine-tuned" in result.stdout
     assert read_report(out)["metrics"]["base"]["nll"] is None
 
 
 def _bad(setup: dict[str, Path], *args: str) -> str:
-    argv = [
-        "eval",
-        "--data",
-        str(setup["data"]),
-        "--finetuned",
-        str(setup["run"]),
-        "--out",
-        str(setup["root"] / "bad"),
-        "--device",
-        "cpu",
-        *args,
-    ]
+    argv = _argv(setup, setup["root"] / "bad", *args)
     result = CliRunner().invoke(cli, argv)
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
@@ -324,7 +302,7 @@ def test_bad_inputs_give_one_line(setup: dict[str, Path]) -> None:
     datasets.DatasetDict({"eval": datasets.Dataset.from_list([{"text": "hi"}])}).save_to_disk(
         str(root / "no_msgs")
     )
-    assert "no `messages` column" in _bad(setup, "--data", str(root / "no_msgs"))
+    assert "has no 'messages' column" in _bad(setup, "--data", str(root / "no_msgs"))
     assert "dataset folder not found" in _bad(setup, "--data", str(root / "nope"))
     msg = _bad(setup, "--base", str(root / "no_such_model"))
     assert "no_such_model" in msg and "--base" in msg
