@@ -1,0 +1,314 @@
+"""Top-k KD: alignment of teacher tokens to the student's, compact targets, and the loss against
+dense references on a toy vocabulary; end to end against the model-backed teacher server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from pipeline.kd import (
+    _BYTELEVEL,
+    _decode_token,
+    align_topk,
+    pack_targets,
+    reverse_kl_per_token,
+    teacher_kl,
+    topk_kd_loss,
+    unpack_targets,
+)
+from pipeline.record import pack_logprobs, unpack_logprobs
+from tests.model_server import ModelServer, make_teacher_model
+from tests.tinymodels import make_tiny_model, make_tokenizer
+
+# -- alignment -----------------------------------------------------------------------------------
+
+
+def test_token_strings_decode_to_bytes() -> None:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    assert {c: b for b, c in bytes_to_unicode().items()} == _BYTELEVEL
+    assert _decode_token("Ġhello", "bytelevel") == b" hello"
+    assert _decode_token("Ċ", "bytelevel") == b"\n"
+    assert _decode_token(" hello", "text") == b" hello"
+    assert _decode_token("bytes:\\xe6\\x97", "text") == b"\xe6\x97"  # OpenAI, partial UTF-8
+    assert _decode_token("\ufffd", "text") is None  # vLLM, partial UTF-8: bytes lost
+    assert _decode_token("\u2581hi", "sentencepiece") == b" hi"
+    assert _decode_token("<0x0A>", "sentencepiece") == b"\n"
+
+
+def render(tok, answer: str) -> tuple[str, int, list[int], list[tuple[int, int]]]:
+    """A chat-like training text around the answer: (text, answer_start, ids, offsets)."""
+    head = "<|im_start|>user\nWhat is 12 + 7?<|im_end|>\n<|im_start|>assistant\n"
+    text = head + answer + "<|im_end|>\n"
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    return text, len(head), enc["input_ids"], enc["offset_mapping"]
+
+
+def rows_for(tok, ids: list[int], form: str = "text") -> list:
+    """Teacher rows whose sampled tokens are `ids`, each with two alternatives."""
+    name = (lambda i: tok.decode([i])) if form == "text" else tok.convert_ids_to_tokens
+    return [[name(i), -0.5, [[name(i), -0.5], [name(7), -1.5], [name(9), -2.5]]] for i in ids]
+
+
+ANSWER = "The answer is 19.\nSo the result is 100."
+
+
+@pytest.mark.parametrize("form", ["text", "bytelevel"])
+def test_same_tokenizer_gives_every_answer_token_a_target(form: str) -> None:
+    tok = make_tokenizer()
+    text, start, ids, offs = render(tok, ANSWER)
+    answer_ids = tok(ANSWER)["input_ids"]
+    al = align_topk(
+        ANSWER,
+        rows_for(tok, answer_ids, form),
+        tok,
+        answer_start=start,
+        input_ids=ids,
+        offsets=offs,
+    )
+    first = ids.index(answer_ids[0], len(tok(text[:start])["input_ids"]) - 1)
+    assert al.mode == "same" and al.resegment is None
+    assert al.positions == list(range(first, first + len(answer_ids)))
+    assert [r[0] for r in al.ids] == answer_ids  # the sampled token is the student's token there
+    assert al.ids[0][1:] == [7, 9] and al.logprobs[0] == [-0.5, -1.5, -2.5]
+    assert al.counts["target"] == len(answer_ids) and al.counts["no_shared_boundary"] == 0
+
+
+def test_teacher_segmentation_is_spliced_in_when_it_is_not_canonical() -> None:
+    tok = make_tokenizer()
+    text, start, ids, offs = render(tok, ANSWER)
+    canonical = tok(ANSWER)["input_ids"]
+
+    # The teacher sampled "answer" one character at a time: valid student tokens, not canonical.
+    def chars(i: int) -> list[int]:  # one student token per character of token i
+        return tok.convert_tokens_to_ids(list(tok.convert_ids_to_tokens(i)))
+
+    split = [t for i in canonical for t in (chars(i) if "answer" in tok.decode([i]) else [i])]
+    assert split != canonical and tok.decode(split) == ANSWER
+    al = align_topk(
+        ANSWER, rows_for(tok, split), tok, answer_start=start, input_ids=ids, offsets=offs
+    )
+    assert al.mode == "resegmented" and al.counts["target"] == len(split)
+    new_ids, new_labels = al.apply(ids, [-100] * len(ids))
+    assert tok.decode(new_ids) == text
+    assert [new_ids[p] for p in al.positions] == split == [new_labels[p] for p in al.positions]
+
+
+def test_different_tokenizer_aligns_on_shared_boundaries() -> None:
+    tok = make_tokenizer()
+    text, start, ids, offs = render(tok, ANSWER)
+    canonical = tok(ANSWER)["input_ids"]
+    pieces = [tok.decode([i]) for i in canonical]
+    # A teacher whose vocabulary joins the first two pieces: those have no shared boundary.
+    teacher = [pieces[0] + pieces[1], *pieces[2:]]
+    assert tok.convert_tokens_to_ids(teacher[0]) in (None, tok.unk_token_id)
+    rows = [[t, -0.1, [[t, -0.1], ["zzzz", -3.0]]] for t in teacher]
+    al = align_topk(ANSWER, rows, tok, answer_start=start, input_ids=ids, offsets=offs)
+    assert al.mode == "offsets"
+    assert al.counts["no_shared_boundary"] == 2 and al.counts["target"] == len(canonical) - 2
+    assert al.counts["alts_dropped"] == al.counts["target"]  # "zzzz" is not one student token
+
+
+def test_think_prefix_unknown_bytes_and_mismatch() -> None:
+    tok = make_tokenizer()
+    # The teacher's tokens spell a <think> block before the answer: the answer's part aligns.
+    answer = "The answer is 19."
+    text, start, ids, offs = render(tok, answer)
+    trace_ids = tok("<think>\nx\n</think>\n\n")["input_ids"]
+    rows = rows_for(tok, trace_ids + tok(answer)["input_ids"])
+    al = align_topk(answer, rows, tok, answer_start=start, input_ids=ids, offsets=offs)
+    assert al.counts["target"] == len(tok(answer)["input_ids"])
+    # vLLM sends U+FFFD for a token that is part of a character: the tokens around still align.
+    answer = "caf\u00e9 is 19."
+    text, start, ids, offs = render(tok, answer)
+    rows = [["caf", -0.1, []], ["\ufffd", -0.2, []], ["\ufffd", -0.3, []], [" is", -0.1, []],
+            [" 19", -0.1, []], [".", -0.1, []]]  # fmt: skip
+    al = align_topk(answer, rows, tok, answer_start=start, input_ids=ids, offsets=offs)
+    assert al.mode == "offsets" and al.counts["target"] >= 3
+    assert [tok.decode([al.ids[n][0]]) for n in range(-3, 0)] == [" is", " 19", "."]
+    # Tokens that spell something else: no targets, every answer token counted.
+    al = align_topk(
+        answer, [["nope", -0.1, []]], tok, answer_start=start, input_ids=ids, offsets=offs
+    )
+    assert al.positions == [] and al.counts["text_mismatch"] > 0
+
+
+# -- storage -------------------------------------------------------------------------------------
+
+
+def test_pack_unpack_round_trip_and_size() -> None:
+    rng = np.random.default_rng(0)
+    n, k = 50, 20
+    positions = sorted(rng.choice(200, n, replace=False).tolist())
+    ids = [rng.integers(0, 150_000, k).tolist() for _ in range(n)]
+    lps = [np.sort(rng.uniform(-20, 0, k))[::-1].tolist() for _ in range(n)]
+    ids[3], lps[3] = ids[3][:5], lps[3][:5]  # a row with fewer alternatives
+    blob = pack_targets(positions, ids, lps)
+    assert isinstance(blob, bytes) and len(blob) == 8 + n * (4 + 6 * k)
+    t_ids, t_lps, mask = unpack_targets(blob, 200)
+    assert mask.sum() == n and t_ids.shape == (200, k)
+    for p, i, lp in zip(positions, ids, lps):
+        assert t_ids[p, : len(i)].tolist() == i
+        np.testing.assert_allclose(t_lps[p, : len(lp)], lp, rtol=1e-3, atol=1e-3)
+    assert np.isneginf(t_lps[positions[3], 5:]).all()
+    cut = unpack_targets(blob, 100)[2]  # a row truncated to max_length keeps what still fits
+    assert cut.sum() == sum(p < 100 for p in positions)
+
+
+# -- the loss ------------------------------------------------------------------------------------
+
+V = 11
+
+
+def toy(k: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Student logits (2, 5, V), teacher log-probs (2, 5, V) and its top-k targets (label-aligned)."""
+    g = torch.Generator().manual_seed(seed)
+    s_logits = torch.randn(2, 5, V, generator=g, dtype=torch.float64)
+    t_lp = torch.log_softmax(2 * torch.randn(2, 5, V, generator=g, dtype=torch.float64), -1)
+    t_top, t_ids = t_lp.topk(k, -1)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 0, 1, 1]], dtype=torch.bool)
+    return s_logits, t_lp, t_ids, t_top, mask
+
+
+def dense_kl(p_lp: torch.Tensor, q_lp: torch.Tensor) -> torch.Tensor:
+    return (p_lp.exp() * (p_lp - q_lp)).sum(-1)
+
+
+def test_full_vocabulary_equals_dense_kl() -> None:
+    s_logits, t_lp, t_ids, t_top, mask = toy(k=V)
+    loss, stats = topk_kd_loss(s_logits, t_ids, t_top, mask)
+    # The target at t is predicted by logits at t-1.
+    ref = dense_kl(t_lp[:, 1:], torch.log_softmax(s_logits[:, :-1], -1))[mask[:, 1:]].mean()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-9)
+    assert stats["kd_tokens"] == 6 and stats["teacher_topk_mass"] == pytest.approx(1.0)
+    # Temperature divides the student's logits only.
+    loss_t, _ = topk_kd_loss(s_logits, t_ids, t_top, mask, temperature=2.0)
+    ref_t = dense_kl(t_lp[:, 1:], torch.log_softmax(s_logits[:, :-1] / 2, -1))[mask[:, 1:]]
+    assert float(loss_t) == pytest.approx(float(ref_t.mean()), rel=1e-9)
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_topk_with_tail_equals_a_dense_bucket_reference(k: int) -> None:
+    s_logits, t_lp, t_ids, t_top, mask = toy(k)
+    loss, _ = topk_kd_loss(s_logits, t_ids, t_top, mask, tail=True)
+    loss_nt, _ = topk_kd_loss(s_logits, t_ids, t_top, mask, tail=False)
+    refs, refs_nt = [], []
+    p_all, q_all = t_lp.exp().numpy(), torch.softmax(s_logits, -1).numpy()
+    for b, t in zip(*np.nonzero(mask.numpy())):
+        # Buckets: each top-k id on its own, everything else in one bucket, on both sides.
+        inside = np.zeros(V, dtype=bool)
+        inside[t_ids[b, t].numpy()] = True
+        p = np.append(p_all[b, t][inside], p_all[b, t][~inside].sum())
+        q = np.append(q_all[b, t - 1][inside], q_all[b, t - 1][~inside].sum())
+        refs.append(sum(pi * np.log(pi / qi) for pi, qi in zip(p, q) if pi > 0))
+        p, q = p[:-1] / p[:-1].sum(), q[:-1] / q[:-1].sum()
+        refs_nt.append(float((p * np.log(p / q)).sum()))
+    assert float(loss) == pytest.approx(np.mean(refs), rel=1e-6)
+    assert float(loss_nt) == pytest.approx(np.mean(refs_nt), rel=1e-6, abs=1e-12)
+
+
+def test_gradients_flow_only_where_targets_are() -> None:
+    s_logits, _, t_ids, t_top, mask = toy(k=3)
+    s_logits.requires_grad_(True)
+    loss, _ = topk_kd_loss(s_logits, t_ids, t_top.float(), mask)
+    loss.backward()
+    assert s_logits.grad is not None
+    touched = s_logits.grad.abs().sum(-1) > 0
+    assert torch.equal(touched[:, :-1], mask[:, 1:]) and not touched[:, -1].any()
+    # Empty slots (-inf) and empty batches neither break the loss nor its gradient.
+    t_top = t_top.clone()
+    t_top[..., 2] = -torch.inf
+    empty, _ = topk_kd_loss(s_logits, t_ids, t_top, torch.zeros_like(mask))
+    loss, _ = topk_kd_loss(s_logits, t_ids, t_top, mask)
+    (loss + empty).backward()
+    assert torch.isfinite(s_logits.grad).all() and float(empty.detach()) == 0.0
+
+
+def test_scale_kd_is_ce_minus_teacher_entropy() -> None:
+    """Why alpha*KD + (1-alpha)*CE mixes comparable numbers: E_teacher[CE] = KD + H(teacher)."""
+    s_logits, t_lp, t_ids, t_top, mask = toy(k=V)
+    kd, _ = topk_kd_loss(s_logits, t_ids, t_top, mask)
+    s_lp = torch.log_softmax(s_logits[:, :-1], -1)
+    expected_ce = -(t_lp[:, 1:].exp() * s_lp).sum(-1)[mask[:, 1:]].mean()
+    entropy = -(t_lp[:, 1:].exp() * t_lp[:, 1:]).sum(-1)[mask[:, 1:]].mean()
+    assert float(kd) == pytest.approx(float(expected_ce - entropy), rel=1e-9)
+
+
+def test_teacher_kl_is_the_loss_as_sum_and_count() -> None:
+    s_logits, _, t_ids, t_top, mask = toy(k=4)
+    loss, _ = topk_kd_loss(s_logits, t_ids, t_top, mask)
+    total, n = teacher_kl(s_logits, t_ids, t_top, mask)
+    assert n == 6 and total / n == pytest.approx(float(loss))
+
+
+def test_reverse_kl_on_the_students_samples_estimates_the_dense_one() -> None:
+    g = torch.Generator().manual_seed(0)
+    s_lp = torch.log_softmax(torch.randn(V, generator=g, dtype=torch.float64), -1)
+    t_lp = torch.log_softmax(torch.randn(V, generator=g, dtype=torch.float64), -1)
+    x = torch.multinomial(s_lp.exp(), 200_000, replacement=True, generator=g)
+    estimate = reverse_kl_per_token(s_lp[x], t_lp[x]).mean()
+    assert float(estimate) == pytest.approx(float(dense_kl(s_lp, t_lp)), abs=0.02)
+
+
+# -- end to end: a real teacher's logprobs through alignment, storage and training ---------------
+
+
+def test_kd_from_the_model_server_lowers_teacher_kl(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = make_teacher_model(tmp_path / "teacher")
+    student_path = make_tiny_model(tmp_path / "student")
+    tok = AutoTokenizer.from_pretrained(student_path)
+    rows = []
+    with ModelServer(teacher) as srv:
+        for q in ["What is 12 + 7?", "What is 3 * 4?", "What is 5 + 5?"]:
+            messages = [{"role": "user", "content": q}]
+            body = {"model": "t", "messages": messages, "max_tokens": 12, "temperature": 1.0}
+            body |= {"seed": 1, "logprobs": True, "top_logprobs": 5}
+            choice = httpx.post(srv.url + "/chat/completions", json=body, timeout=60).json()
+            choice = choice["choices"][0]
+            answer = choice["message"]["content"]
+            stored = unpack_logprobs(pack_logprobs(choice["logprobs"]))  # as the store keeps it
+            prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = tok.apply_chat_template(
+                messages + [{"role": "assistant", "content": answer}], tokenize=False
+            )
+            assert text.startswith(prompt + answer)
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            al = align_topk(
+                answer,
+                stored,
+                tok,
+                answer_start=len(prompt),
+                input_ids=enc["input_ids"],
+                offsets=enc["offset_mapping"],
+            )
+            ids, _ = al.apply(enc["input_ids"], enc["input_ids"])
+            assert al.counts["target"] == len(stored) and al.mode in ("same", "resegmented")
+            rows.append((ids, pack_targets(al.positions, al.ids, al.logprobs)))
+
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.tensor([ids + [0] * (length - len(ids)) for ids, _ in rows])
+    t_ids, t_lps, mask = (
+        torch.from_numpy(np.stack(a)) for a in zip(*(unpack_targets(b, length, 5) for _, b in rows))
+    )
+    student = AutoModelForCausalLM.from_pretrained(student_path)
+
+    def kl() -> float:
+        with torch.no_grad():
+            total, n = teacher_kl(student(input_ids).logits, t_ids, t_lps, mask)
+        return total / n
+
+    before = kl()
+    opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    for _ in range(15):
+        opt.zero_grad()
+        loss, stats = topk_kd_loss(student(input_ids).logits, t_ids, t_lps, mask)
+        loss.backward()
+        opt.step()
+    assert stats["kd_tokens"] == int(mask[:, 1:].sum()) > 0
+    assert kl() < 0.7 * before
