@@ -490,6 +490,26 @@ def batch_status(run_dir: Path, json_summary: bool | None) -> None:
 
 
 @cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--replace", is_flag=True, help="Swap the recovered store in (the damaged file is kept)."
+)
+def doctor(run_dir: Path, replace: bool) -> None:
+    """Check a run's store; if damaged, recover every readable row into a new file.
+
+    Exit 0 healthy (or recovered and swapped in), 3 recovered into store.recovered.sqlite but not
+    swapped in yet (rerun with --replace), 1 recovery failed.
+    """
+    from pipeline.doctor import doctor as run_doctor
+    from pipeline.errors import EXIT_OK, EXIT_PARTIAL
+
+    report = run_stage(run_doctor, run_dir, replace=replace)
+    for line in report.lines():
+        click.echo(line, err=True)
+    sys.exit(EXIT_OK if report.healthy or report.replaced_damaged else EXIT_PARTIAL)
+
+
+@cli.command()
 @click.option(
     "--config",
     "config_path",

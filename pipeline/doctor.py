@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import StoreError
-from pipeline.store import STORE_FILE, RunLock, create_store_file
+from pipeline.store import STORE_FILE, RunLock, check_schema, create_store_file
 
 TABLES = ("responses", "failures", "batches", "batch_requests")
 RECOVERED = "store.recovered.sqlite"
@@ -40,8 +40,9 @@ class DoctorReport:
     def lines(self) -> list[str]:
         if self.healthy:
             return [f"{self.store}: ok (integrity_check passed); nothing to do"]
+        first = " ".join(self.problems[0].replace("*** in database main ***", "").split())
         out = [
-            f"{self.store}: damaged: {self.problems[0]}"
+            f"{self.store}: damaged: {first[:160]}"
             + (f" (+{len(self.problems) - 1} more)" if len(self.problems) > 1 else "")
         ]
         for table, n in self.recovered.items():
@@ -84,19 +85,23 @@ def _copy_range(
     lo: int,
     hi: int,
     lost: list[tuple[int, int]],
+    budget: list[int],
 ) -> int:
-    """Copy rows lo..hi of `table`; bisect around what cannot be read. Returns rows copied."""
+    """Copy rows lo..hi of `table`; bisect around what cannot be read. Returns rows copied.
+    `budget` caps the failed reads: past it, a failing range is reported lost without bisecting
+    (a damaged interior page can make a whole rowid space unreadable)."""
     try:
         rows = src.execute(
             f"SELECT {', '.join(cols)} FROM {table} WHERE rowid BETWEEN ? AND ?", (lo, hi)
         ).fetchall()
     except sqlite3.DatabaseError:
-        if lo == hi:
+        budget[0] -= 1
+        if lo == hi or budget[0] <= 0:
             lost.append((lo, hi))
             return 0
         mid = (lo + hi) // 2
-        return _copy_range(src, dst, table, cols, lo, mid, lost) + _copy_range(
-            src, dst, table, cols, mid + 1, hi, lost
+        return _copy_range(src, dst, table, cols, lo, mid, lost, budget) + _copy_range(
+            src, dst, table, cols, mid + 1, hi, lost, budget
         )
     dst.executemany(
         f"INSERT OR IGNORE INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
@@ -123,6 +128,7 @@ def recover(src_path: Path, dst_path: Path, report: DoctorReport) -> None:
     src = sqlite3.connect(f"file:{src_path}?mode=ro", uri=True)
     dst = sqlite3.connect(dst_path, isolation_level=None)
     try:
+        src.execute("SELECT name FROM sqlite_master").fetchall()  # raises if nothing is readable
         dst.execute("BEGIN")
         for table in TABLES:
             cols = [r[1] for r in dst.execute(f"PRAGMA table_info({table})")]
@@ -135,7 +141,10 @@ def recover(src_path: Path, dst_path: Path, report: DoctorReport) -> None:
             except sqlite3.DatabaseError:
                 top = 1 << 40  # the table's right edge is unreadable: scan the whole rowid space
             lost: list[tuple[int, int]] = []
-            report.recovered[table] = _copy_range(src, dst, table, cols, 1, max(top, 1), lost)
+            budget = [20_000]
+            report.recovered[table] = _copy_range(
+                src, dst, table, cols, 1, max(top, 1), lost, budget
+            )
             report.lost_ranges[table] = _merge_ranges(lost)
         dst.execute("COMMIT")
     finally:
@@ -148,13 +157,21 @@ def doctor(run_dir: Path, *, replace: bool = False) -> DoctorReport:
     with `replace`). Holds the run's lock, so no harvest writes while it works."""
     run_dir = Path(run_dir)
     path = run_dir / STORE_FILE
-    if not path.is_file():
-        raise StoreError(f"{run_dir}: no harvest store here ({STORE_FILE} missing); check the path")
+    if not path.is_file() or path.stat().st_size == 0:
+        raise StoreError(
+            f"{run_dir}: no harvest store here ({STORE_FILE} missing or empty); check the path, "
+            "or restore the file from a backup"
+        )
     lock = RunLock(run_dir)
     lock.acquire()
     try:
         report = DoctorReport(store=path, problems=integrity_problems(path))
         if report.healthy:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                check_schema(db, path)  # a sound file, but is it a distill store?
+            finally:
+                db.close()
             return report
         dst = run_dir / RECOVERED
         try:

@@ -45,13 +45,14 @@ def owner(out: Path) -> str | None:
     return None
 
 
-def own_files(out: Path) -> list[str]:
-    """The entries of `out` that its stage wrote (marker list; every entry for a pre-marker folder)."""
+def own_files(out: Path, *, marked_only: bool = False) -> list[str]:
+    """The entries of `out` that its stage wrote (marker list; every entry for a pre-marker folder,
+    none with `marked_only`)."""
     try:
         data = json.loads((out / MARKER).read_text(encoding="utf-8"))
         return [str(f) for f in data.get("files", [])]
     except (OSError, ValueError, AttributeError):
-        return [p.name for p in out.iterdir() if p.name != MARKER]
+        return [] if marked_only else [p.name for p in out.iterdir() if p.name != MARKER]
 
 
 def claim(out: Path, stage: str, flag: str = "--out") -> Path:

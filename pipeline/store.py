@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import RunLockedError, StoreError
+from pipeline.outdir import own_files
 from pipeline.record import Response, canonical_json, content_hash, utcnow
 
 STORE_FILE = "store.sqlite"
@@ -167,11 +168,51 @@ def _friendly(e: sqlite3.Error | OSError, path: Path) -> StoreError:
         return StoreError(
             f"{path}: run directory is read-only; choose a writable --out or fix its permissions"
         )
-    if "not a database" in text or "malformed" in text:
-        return StoreError(
-            f"{path}: not a distill store (or damaged); point --out at a run directory"
+    if isinstance(e, OSError):
+        return StoreError(f"{path}: {e.strerror or text}")
+    return damaged(path, text)
+
+
+def damaged(path: Path, why: str) -> StoreError:
+    """The one error for a store SQLite cannot read: what it said, and the recovery command."""
+    why = " ".join(why.replace("*** in database main ***", "").split())
+    why = why if len(why) <= 160 else why[:157] + "..."
+    return StoreError(
+        f"{path}: damaged or unreadable ({why}); check and recover it with `distill doctor {path.parent}`"
+    )
+
+
+# Files a run directory holds once it has had a store: a missing or empty store.sqlite beside
+# them is a lost store, not a new one.
+HISTORY = ("harvest.log", "config.yaml", "batches", f"{STORE_FILE}-wal")
+
+
+def check_schema(db: sqlite3.Connection, path: Path) -> None:
+    """Refuse, untouched, a SQLite file that is not a distill store: another application's tables,
+    a `responses` table of another shape, or a schema newer than this distill knows."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    tables = {
+        r[0]
+        for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        if not r[0].startswith("sqlite_")
+    }
+    if version == 0 and tables:
+        raise StoreError(
+            f"{path}: a SQLite file of another application (tables: {', '.join(sorted(tables))}); "
+            "distill leaves it untouched: choose another --out"
         )
-    return StoreError(f"{path}: {text}")
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"{path}: written by a newer distill (schema {version}, this one knows {len(MIGRATIONS)}); "
+            "upgrade distill"
+        )
+    if version >= 1:
+        cols = {r[1] for r in db.execute("PRAGMA table_info(responses)")}
+        if cols != set(RESPONSE_COLUMNS):
+            raise StoreError(
+                f"{path}: its `responses` table is not distill's (columns differ); distill leaves "
+                "it untouched: choose another --out"
+            )
 
 
 class RunLock:
@@ -218,7 +259,7 @@ class Store:
         self.readonly = readonly
         self.failed_keys: set[str] = set()
         if readonly:
-            if not self.path.is_file():
+            if not self.path.is_file() or self.path.stat().st_size == 0:
                 raise StoreError(
                     f"{self.run_dir}: no harvest store here ({STORE_FILE} missing); "
                     "run `distill harvest --out {dir}` first or check the path".replace(
@@ -237,33 +278,70 @@ class Store:
             except sqlite3.Error as e:
                 raise _friendly(e, self.path) from None
         else:
+            self._refuse_lost_store()
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                check_schema(self.db, self.path)
+                # A cheap whole-file check before writing: a harvest never adds to, nor reports
+                # success on, a damaged store.
+                problems = [r[0] for r in self.db.execute("PRAGMA quick_check(1)")]
+                if problems != ["ok"]:
+                    raise damaged(self.path, "; ".join(problems))
                 self.db.execute("PRAGMA journal_mode=WAL")
                 # NORMAL in WAL mode: a commit survives a process crash (kill -9); only an OS crash
                 # or power cut could lose the last commits, never corrupt the file.
                 self.db.execute("PRAGMA synchronous=NORMAL")
                 self.db.execute("PRAGMA busy_timeout=5000")
                 self._migrate()
+                # Keys with a recorded failure: a success for one of them removes that record.
+                self.failed_keys = {r[0] for r in self.db.execute("SELECT key FROM failures")}
+            except StoreError:
+                self.close()
+                raise
             except (sqlite3.Error, OSError) as e:
+                self.close()
                 raise _friendly(e, self.path) from None
-            # Keys with a recorded failure: a success for one of them removes that record.
-            self.failed_keys = {r[0] for r in self.db.execute("SELECT key FROM failures")}
         self.db.row_factory = sqlite3.Row
 
-    @staticmethod
-    def _open_ro(uri: str) -> sqlite3.Connection:
+    def _refuse_lost_store(self) -> None:
+        """A missing or empty store.sqlite is a new store only in a run directory without history."""
+        if self.path.is_file() and self.path.stat().st_size > 0:
+            return
+        seen = [n for n in HISTORY if (self.run_dir / n).exists()]
+        if self.run_dir.is_dir() and STORE_FILE in own_files(self.run_dir, marked_only=True):
+            seen.append(".distill.json")
+        if seen:
+            state = "empty" if self.path.exists() else "missing"
+            raise StoreError(
+                f"{self.path}: {state}, but this run directory had a store ({', '.join(seen)}); "
+                f"restore store.sqlite from a backup (or `distill doctor {self.run_dir}`), or use a new --out"
+            )
+
+    def _open_ro(self, uri: str) -> sqlite3.Connection:
         db = sqlite3.connect(uri, uri=True, check_same_thread=False)
-        db.execute("SELECT 1 FROM responses LIMIT 1").fetchall()
+        try:
+            check_schema(db, self.path)
+            db.execute("SELECT 1 FROM responses LIMIT 1").fetchall()
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def _migrate(self) -> None:
         migrate(self.db)
 
     def close(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(sqlite3.Error, AttributeError):
             self.db.close()
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Any SQLite error while reading is one line naming the file and `distill doctor`."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise _friendly(e, self.path) from None
 
     def __enter__(self) -> Store:
         return self
@@ -321,26 +399,35 @@ class Store:
     # -- reads ----------------------------------------------------------------------------------
 
     def done_keys(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT key FROM responses")}
+        with self._reading():
+            return {r[0] for r in self.db.execute("SELECT key FROM responses")}
 
     def count(self) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
+        with self._reading():
+            return int(self.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
 
     def iter_responses(self) -> Iterator[Response]:
         """Every stored response, in a stable order (prompt id, sample index, key)."""
-        cur = self.db.execute(
-            f"SELECT {', '.join(RESPONSE_COLUMNS)} FROM responses ORDER BY prompt_id, sample_index, key"
-        )
-        for r in cur:
-            row = dict(zip(RESPONSE_COLUMNS, r))
-            for col in _JSON_COLUMNS:
-                if row[col] is not None:
-                    row[col] = json.loads(row[col])
-            yield Response(**row)
+        with self._reading():
+            cur = self.db.execute(
+                f"SELECT {', '.join(RESPONSE_COLUMNS)} FROM responses ORDER BY prompt_id, sample_index, key"
+            )
+            for r in cur:
+                row = dict(zip(RESPONSE_COLUMNS, r))
+                try:
+                    for col in _JSON_COLUMNS:
+                        if row[col] is not None:
+                            row[col] = json.loads(row[col])
+                    resp = Response(**row)
+                except ValueError as e:  # garbage inside a row (pydantic's errors are ValueErrors)
+                    first = str(e).splitlines()[0]
+                    raise damaged(self.path, f"row {row['key']!r}: {first}") from None
+                yield resp
 
     def failures(self) -> list[dict[str, Any]]:
-        cur = self.db.execute("SELECT * FROM failures ORDER BY prompt_id, sample_index, key")
-        return [dict(r) for r in cur]
+        with self._reading():
+            cur = self.db.execute("SELECT * FROM failures ORDER BY prompt_id, sample_index, key")
+            return [dict(r) for r in cur]
 
     # -- Batch API jobs ---------------------------------------------------------------------------
 
@@ -394,40 +481,52 @@ class Store:
         if states is not None:
             sql += f" WHERE state IN ({', '.join('?' * len(states))})"
             args = states
-        try:
-            cur = self.db.execute(sql + " ORDER BY created_at, id", args)
-        except sqlite3.OperationalError:  # a read-only store of schema 1
-            return []
-        return [dict(r) for r in cur]
+        with self._reading():
+            try:
+                cur = self.db.execute(sql + " ORDER BY created_at, id", args)
+            except sqlite3.OperationalError as e:
+                if "no such table" in str(e):  # a read-only store of schema 1
+                    return []
+                raise
+            return [dict(r) for r in cur]
 
     def batch_requests(self, batch_id: str) -> list[dict[str, Any]]:
-        cur = self.db.execute(
-            "SELECT key, prompt_id, sample_index, request FROM batch_requests WHERE batch = ? "
-            "ORDER BY prompt_id, sample_index, key",
-            (batch_id,),
-        )
-        return [{**dict(r), "request": json.loads(r["request"])} for r in cur]
+        with self._reading():
+            cur = self.db.execute(
+                "SELECT key, prompt_id, sample_index, request FROM batch_requests WHERE batch = ? "
+                "ORDER BY prompt_id, sample_index, key",
+                (batch_id,),
+            )
+            try:
+                return [{**dict(r), "request": json.loads(r["request"])} for r in cur]
+            except ValueError as e:
+                raise damaged(self.path, f"batch {batch_id}: {e}") from None
 
     def keys_in_open_batches(self) -> set[str]:
         """Keys already sent (or being sent) in a batch that has not been collected yet."""
-        cur = self.db.execute(
-            "SELECT r.key FROM batch_requests r JOIN batches b ON b.id = r.batch "
-            f"WHERE b.state IN ({', '.join('?' * len(BATCH_OPEN_STATES))})",
-            BATCH_OPEN_STATES,
-        )
-        return {r[0] for r in cur}
+        with self._reading():
+            cur = self.db.execute(
+                "SELECT r.key FROM batch_requests r JOIN batches b ON b.id = r.batch "
+                f"WHERE b.state IN ({', '.join('?' * len(BATCH_OPEN_STATES))})",
+                BATCH_OPEN_STATES,
+            )
+            return {r[0] for r in cur}
 
     def batch_keys(self) -> set[str]:
         """Every key ever sent in a batch."""
-        try:
-            return {r[0] for r in self.db.execute("SELECT DISTINCT key FROM batch_requests")}
-        except sqlite3.OperationalError:  # a read-only store of schema 1
-            return set()
+        with self._reading():
+            try:
+                return {r[0] for r in self.db.execute("SELECT DISTINCT key FROM batch_requests")}
+            except sqlite3.OperationalError as e:
+                if "no such table" in str(e):  # a read-only store of schema 1
+                    return set()
+                raise
 
     def batch_attempts(self, key: str) -> int:
         """How many batches a key has been sent in."""
-        cur = self.db.execute("SELECT COUNT(*) FROM batch_requests WHERE key = ?", (key,))
-        return int(cur.fetchone()[0])
+        with self._reading():
+            cur = self.db.execute("SELECT COUNT(*) FROM batch_requests WHERE key = ?", (key,))
+            return int(cur.fetchone()[0])
 
 
 @contextlib.contextmanager
