@@ -8,6 +8,14 @@ from pathlib import Path
 from pipeline.export import EXPORT_COLUMNS
 from pipeline.record import Response
 from pipeline.store import MIGRATIONS, STORE_FILE, Store
+from tests.conftest import (
+    arithmetic_rows,
+    assert_one_line_error,
+    harvest_args,
+    run_cli,
+    write_jsonl,
+)
+from tests.openai_server import OpenAIServer
 
 
 def _columns(path: Path) -> list[str]:
@@ -71,3 +79,105 @@ def test_a_store_of_the_first_schema_opens_and_keeps_its_rows(tmp_path: Path) ->
             ("k", [{"role": "user", "content": "hi"}])
         ]
         assert st.batches() == [] and st.keys_in_open_batches() == set()
+
+
+# -- a store that is not what it should be is refused, untouched, in one line -----------------
+
+
+def _harvested(server: OpenAIServer, tmp_path: Path, n: int = 60) -> tuple[Path, Path]:
+    prompts = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(n))
+    run = tmp_path / "run"
+    proc = run_cli(*harvest_args(server, prompts, run))
+    assert proc.returncode == 0, proc.stderr
+    return prompts, run
+
+
+def test_a_foreign_sqlite_file_is_refused_untouched(server: OpenAIServer, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    db = sqlite3.connect(run / STORE_FILE)
+    db.executescript(
+        "CREATE TABLE contacts (name TEXT, phone TEXT); INSERT INTO contacts VALUES ('a', '1');"
+    )
+    db.close()
+    before = (run / STORE_FILE).read_bytes()
+    prompts = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(3))
+    proc = run_cli(*harvest_args(server, prompts, run))
+    assert_one_line_error(proc, str(run / STORE_FILE), "another application", "contacts")
+    assert (run / STORE_FILE).read_bytes() == before and server.requests == 0
+    proc = run_cli("export", str(run), "--to", str(tmp_path / "out"), "--format", "jsonl")
+    assert_one_line_error(proc, "another application")
+
+
+def test_a_responses_table_of_another_shape_is_refused_untouched(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    db = sqlite3.connect(run / STORE_FILE)
+    db.executescript("CREATE TABLE responses (key TEXT, answer TEXT); PRAGMA user_version=1;")
+    db.close()
+    before = (run / STORE_FILE).read_bytes()
+    prompts = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(3))
+    assert_one_line_error(run_cli(*harvest_args(server, prompts, run)), "not distill's")
+    assert_one_line_error(run_cli("build", str(run), "--to", str(tmp_path / "ds")), "not distill's")
+    assert (run / STORE_FILE).read_bytes() == before and server.requests == 0
+
+
+def test_an_emptied_or_lost_store_is_not_silently_a_new_one(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    prompts, run = _harvested(server, tmp_path, 5)
+    (run / STORE_FILE).write_bytes(b"")  # a disk that lost the file's content
+    sent = server.requests
+    proc = run_cli(*harvest_args(server, prompts, run))
+    assert_one_line_error(proc, str(run / STORE_FILE), "empty", "harvest.log", "new --out")
+    (run / STORE_FILE).unlink()
+    assert_one_line_error(run_cli(*harvest_args(server, prompts, run)), "missing")
+    assert server.requests == sent and not (run / STORE_FILE).exists()
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / STORE_FILE).write_bytes(b"")  # no history: a new store
+    assert run_cli(*harvest_args(server, prompts, fresh)).returncode == 0
+
+
+def _damage_a_response_page(path: Path) -> None:
+    db = sqlite3.connect(path)
+    pages = [
+        r[0]
+        for r in db.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'responses' AND pagetype = 'leaf'"
+        )
+    ]
+    db.close()
+    data = bytearray(path.read_bytes())
+    start = (pages[len(pages) // 2] - 1) * 4096
+    data[start + 8 : start + 600] = b"\xa5" * 592
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_store_is_never_reported_done_and_doctor_recovers_it(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    prompts, run = _harvested(server, tmp_path)
+    _damage_a_response_page(run / STORE_FILE)
+    sent = server.requests
+    proc = run_cli(*harvest_args(server, prompts, run))  # was: "60/60 done", exit 0
+    assert_one_line_error(proc, str(run / STORE_FILE), f"distill doctor {run}")
+    assert proc.returncode == 1 and server.requests == sent
+    for cmd in (
+        ["export", str(run), "--to", str(tmp_path / "e"), "--format", "jsonl"],
+        ["build", str(run), "--to", str(tmp_path / "ds")],
+    ):
+        assert_one_line_error(run_cli(*cmd), "damaged", f"distill doctor {run}")
+
+    proc = run_cli("doctor", str(run))
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--replace" in proc.stderr and (run / "store.recovered.sqlite").is_file()
+    proc = run_cli("doctor", str(run), "--replace")
+    assert proc.returncode == 0 and "damaged file is kept" in proc.stderr, proc.stderr
+    proc = run_cli(*harvest_args(server, prompts, run))  # re-asks only what was lost
+    assert proc.returncode == 0, proc.stderr
+    lost = server.requests - sent
+    assert 0 < lost < 60
+    assert run_cli("doctor", str(run)).returncode == 0
