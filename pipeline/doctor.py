@@ -67,12 +67,15 @@ def integrity_problems(path: Path) -> list[str]:
     """What SQLite's integrity check finds wrong with the file ([] when it is sound)."""
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db.text_factory = lambda b: b.decode(errors="replace")  # garbage in a message or name
         try:
             rows = db.execute("PRAGMA integrity_check").fetchall()
         finally:
             db.close()
     except sqlite3.Error as e:
         return [str(e)]
+    except UnicodeDecodeError:  # SQLite's message quotes garbage bytes
+        return ["the schema holds bytes that are not text (file is damaged)"]
     found = [str(r[0]) for r in rows]
     return [] if found == ["ok"] else found
 
@@ -176,9 +179,10 @@ def doctor(run_dir: Path, *, replace: bool = False) -> DoctorReport:
         dst = run_dir / RECOVERED
         try:
             recover(path, dst, report)
-        except (sqlite3.Error, OSError) as e:
+        except (sqlite3.Error, OSError, UnicodeDecodeError) as e:
+            why = " ".join(str(e).split())[:160]
             raise StoreError(
-                f"{path}: recovery failed ({e}); copy the file somewhere safe and report this"
+                f"{path}: recovery failed ({why}); copy the file somewhere safe and report this"
             ) from None
         report.written = dst
         if replace:

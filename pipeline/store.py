@@ -154,7 +154,7 @@ def request_key(
     )
 
 
-def _friendly(e: sqlite3.Error | OSError, path: Path) -> StoreError:
+def _friendly(e: sqlite3.Error | OSError | UnicodeDecodeError, path: Path) -> StoreError:
     text = str(e)
     if isinstance(e, OSError) and e.errno == errno.ENOSPC or "full" in text:
         return StoreError(
@@ -273,9 +273,9 @@ class Store:
             except sqlite3.OperationalError:
                 try:
                     self.db = self._open_ro(f"file:{self.path}?mode=ro&immutable=1")
-                except sqlite3.Error as e:
+                except (sqlite3.Error, UnicodeDecodeError) as e:
                     raise _friendly(e, self.path) from None
-            except sqlite3.Error as e:
+            except (sqlite3.Error, UnicodeDecodeError) as e:
                 raise _friendly(e, self.path) from None
         else:
             self._refuse_lost_store()
@@ -283,9 +283,10 @@ class Store:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
                 check_schema(self.db, self.path)
-                # A cheap whole-file check before writing: a harvest never adds to, nor reports
-                # success on, a damaged store.
-                problems = [r[0] for r in self.db.execute("PRAGMA quick_check(1)")]
+                # A whole-file check before writing: a harvest never adds to, nor reports success
+                # on, a damaged store. integrity_check, not quick_check: only it sees a damaged
+                # index (the keys index says what is done); 0.3 s on a 100k-row, 212 MB store.
+                problems = [r[0] for r in self.db.execute("PRAGMA integrity_check(1)")]
                 if problems != ["ok"]:
                     raise damaged(self.path, "; ".join(problems))
                 self.db.execute("PRAGMA journal_mode=WAL")
@@ -299,7 +300,7 @@ class Store:
             except StoreError:
                 self.close()
                 raise
-            except (sqlite3.Error, OSError) as e:
+            except (sqlite3.Error, OSError, UnicodeDecodeError) as e:
                 self.close()
                 raise _friendly(e, self.path) from None
         self.db.row_factory = sqlite3.Row
@@ -340,7 +341,7 @@ class Store:
         """Any SQLite error while reading is one line naming the file and `distill doctor`."""
         try:
             yield
-        except sqlite3.Error as e:
+        except (sqlite3.Error, UnicodeDecodeError) as e:  # garbage where text should be
             raise _friendly(e, self.path) from None
 
     def __enter__(self) -> Store:
