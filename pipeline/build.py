@@ -32,6 +32,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import StageConfig
 from pipeline.errors import ConfigError, InputError, StoreError
+from pipeline.outdir import claim, replace_own
 from pipeline.reasoning import content_text, join_think
 from pipeline.record import Response
 from pipeline.store import Store
@@ -921,13 +922,8 @@ def make_report(cfg: BuildConfig, cur: Curation, to: Path) -> BuildReport:
 
 
 def _prepare_out(to: Path) -> Path:
-    """A fresh temporary sibling of `to`; refuse to replace a folder that is not an earlier build."""
-    if to.exists() and (
-        not to.is_dir() or (any(to.iterdir()) and not (to / "build_report.json").exists())
-    ):
-        raise InputError(
-            f"{to}: exists and is not an earlier `distill build` output; choose an empty or new --to"
-        )
+    """A fresh temporary sibling of `to`; refuse a folder that is not new, empty or a build's."""
+    claim(to, "build", "--to")
     tmp = to.parent / f".{to.name}.building"
     try:
         if tmp.exists():
@@ -959,9 +955,7 @@ def build(cfg: BuildConfig) -> BuildReport:
         write_dataset(splits, cfg, tmp)
         (tmp / "README.md").write_text(dataset_card(rep, cfg), encoding="utf-8")
         (tmp / "build_report.json").write_text(rep.to_json(), encoding="utf-8")
-        if to.exists():
-            shutil.rmtree(to)
-        tmp.rename(to)
+        replace_own(to, "build", tmp)  # only the earlier build's files go; a user's stay
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -41,6 +41,7 @@ from pydantic import Field
 from pipeline.artifacts import read_dataset, read_finetune_run
 from pipeline.config import StageConfig, dump_config
 from pipeline.errors import ConfigError, InputError
+from pipeline.outdir import claim
 from pipeline.reasoning import final_answer
 
 
@@ -795,6 +796,7 @@ def evaluate(cfg: EvalConfig) -> Path:
     """Generate with both students, score them, write the report; returns the out folder."""
     started = time.monotonic()
     check_config(cfg)
+    claim(Path(cfg.out), "eval")
     prompts = load_prompts(cfg)
     students = resolve_students(cfg)
     device = pick_device(cfg)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import StoreError
+from pipeline.outdir import claim, record, replace_own
 from pipeline.reasoning import content_text
 from pipeline.record import Response
 from pipeline.store import Store
@@ -95,28 +96,27 @@ def export(run_dir: Path, to: Path, fmt: ExportFormat = "hf") -> Path:
         raise StoreError(
             f"{run_dir}: the store holds no responses yet; run `distill harvest` first"
         )
-    to = Path(to)
+    to = claim(Path(to), "export", "--to")
     if fmt == "jsonl":
-        to.mkdir(parents=True, exist_ok=True)
         path = to / "responses.jsonl"
         tmp = path.with_suffix(".jsonl.tmp")
         with tmp.open("w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         tmp.replace(path)
+        record(to, "export", [path.name])
         return path
     import datasets
 
     datasets.disable_progress_bars()
     ds = datasets.Dataset.from_list(rows, features=features())
     if fmt == "parquet":
-        to.mkdir(parents=True, exist_ok=True)
         path = to / "responses.parquet"
         ds.to_parquet(str(path))
+        record(to, "export", [path.name])
         return path
-    if to.exists():
-        if not (to / "dataset_info.json").exists() and any(to.iterdir()):
-            raise StoreError(f"{to}: exists and is not a dataset folder; choose an empty --to")
-        shutil.rmtree(to)
-    ds.save_to_disk(str(to))
+    tmp = to.parent / f".{to.name}.exporting"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.save_to_disk(str(tmp))
+    replace_own(to, "export", tmp)  # only the earlier export's files go; a user's stay
     return to

@@ -46,6 +46,7 @@ from pipeline import hardware
 from pipeline.artifacts import read_dataset, student_path
 from pipeline.config import StageConfig, dump_config
 from pipeline.errors import ConfigError, InputError, TrainingError
+from pipeline.outdir import claim
 from pipeline.plots import plot_loss_curves
 from pipeline.reasoning import EMPTY_THINK, content_text, has_think, join_think
 
@@ -516,7 +517,7 @@ def plan_run(cfg: FinetuneConfig) -> Setup:
         )
     if not cfg.out:
         raise ConfigError("no output folder: pass --out DIR or set finetune.out")
-    out, started = Path(cfg.out), time.time()
+    out, started = claim(Path(cfg.out), "finetune"), time.time()
     ckpt_dir = out / "checkpoints"
     last_ckpt = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     if cfg.resume and last_ckpt is None:

@@ -12,6 +12,7 @@ them stays. Folders written before markers existed are recognised by their signa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -21,11 +22,11 @@ MARKER = ".distill.json"
 
 # Files that identify a stage's output written before markers existed.
 SIGNATURES: dict[str, tuple[str, ...]] = {
-    "harvest": ("store.sqlite", "harvest.log"),
+    "harvest": ("store.sqlite", "harvest.log", "lock"),
     "build": ("build_report.json",),
     "export": ("responses.jsonl", "responses.parquet", "dataset_info.json"),
     "finetune": ("train_report.json",),
-    "merge": ("merge_report.json",),
+    "merge": (),  # a merged model folder looks like any model: refused as foreign unless marked
     "eval": ("report.json", "report.md"),
     "onpolicy": ("onpolicy_report.json",),
 }
@@ -60,7 +61,8 @@ def claim(out: Path, stage: str, flag: str = "--out") -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: is a file, not a folder; choose a folder for {flag}")
-    if out.is_dir() and any(out.iterdir()):
+    # A folder holding only a marker (a stage that stopped before writing) counts as empty.
+    if out.is_dir() and any(p.name != MARKER for p in out.iterdir()):
         found = owner(out)
         if found is None:
             raise InputError(
@@ -73,7 +75,7 @@ def claim(out: Path, stage: str, flag: str = "--out") -> Path:
             )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if not (out / MARKER).exists():
+        if owner(out) != stage:
             _write(out, stage, [])
     except OSError as e:
         raise InputError(
@@ -118,6 +120,6 @@ def replace_own(out: Path, stage: str, new: Path) -> None:
 
 
 def _write(out: Path, stage: str, files: list[str]) -> None:
-    tmp = out / f"{MARKER}.tmp"
+    tmp = out / f"{MARKER}.{os.getpid()}.tmp"  # several ranks of one training may write it
     tmp.write_text(json.dumps({"stage": stage, "files": files}, indent=1) + "\n", encoding="utf-8")
     tmp.replace(out / MARKER)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import RunLockedError, StoreError
-from pipeline.outdir import own_files
+from pipeline.outdir import claim, own_files, record
 from pipeline.record import Response, canonical_json, content_hash, utcnow
 
 STORE_FILE = "store.sqlite"
@@ -532,20 +532,17 @@ class Store:
 
 @contextlib.contextmanager
 def open_run(run_dir: Path, log: logging.Logger, config_yaml: str | None = None) -> Iterator[Store]:
-    """A run directory opened for writing: created if need be, locked (one writer at a time), its
-    store open, `log` appending to RUN/harvest.log, and RUN/config.yaml written if given."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StoreError(
-            f"{run_dir}: cannot create the run directory ({e.strerror}); choose another --out"
-        ) from None
+    """A run directory opened for writing: claimed for harvest (never another stage's folder),
+    locked (one writer at a time), its store open, `log` appending to RUN/harvest.log, and
+    RUN/config.yaml written if given."""
+    claim(run_dir, "harvest")
     lock = RunLock(run_dir)
     lock.acquire()
     handler = None
     try:
         with Store(run_dir) as store:
             try:
+                record(run_dir, "harvest", [STORE_FILE, "lock", "harvest.log", "config.yaml"])
                 handler = logging.FileHandler(run_dir / "harvest.log", encoding="utf-8")
                 if config_yaml is not None:
                     (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
