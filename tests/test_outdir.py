@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from pipeline.errors import InputError
 from pipeline.outdir import MARKER, claim, owner, record, replace_own
+from tests.conftest import (
+    arithmetic_rows,
+    assert_one_line_error,
+    harvest_args,
+    run_cli,
+    write_jsonl,
+)
+from tests.openai_server import OpenAIServer
 
 
 def test_new_and_empty_folders_are_claimed(tmp_path: Path) -> None:
@@ -64,3 +73,77 @@ def test_replacing_own_output_keeps_what_the_user_added(tmp_path: Path) -> None:
     assert (out / "build_report.json").read_text() == "2" and not first.exists()
     record(out, "build", ["card.md"])
     assert owner(out) == "build"
+
+
+# -- the stages, over the real CLI -----------------------------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def _run_and_dataset(server: OpenAIServer, tmp_path: Path) -> tuple[Path, Path, Path]:
+    prompts = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(20))
+    run, ds = tmp_path / "run", tmp_path / "ds"
+    assert run_cli(*harvest_args(server, prompts, run)).returncode == 0
+    proc = run_cli("build", str(run), "--to", str(ds))
+    assert proc.returncode == 0, proc.stderr
+    return prompts, run, ds
+
+
+def test_no_stage_writes_into_another_stages_folder(server: OpenAIServer, tmp_path: Path) -> None:
+    prompts, run, ds = _run_and_dataset(server, tmp_path)
+    ft = tmp_path / "ft"  # a fine-tune's folder as it was before markers existed
+    ft.mkdir()
+    (ft / "train_report.json").write_text('{"student": "x"}')
+    (ft / "config.yaml").write_text("finetune: {}\n")
+    cases = [
+        (
+            ["finetune", "--data", str(ds), "--student", str(tmp_path), "--out", str(run)],
+            run,
+            "harvest",
+        ),
+        (["eval", "--data", str(ds), "--finetuned", str(ft), "--out", str(ds)], ds, "build"),
+        (harvest_args(server, prompts, ft), ft, "finetune"),
+        (harvest_args(server, prompts, ds), ds, "build"),
+        (["build", str(run), "--to", str(run)], run, "harvest"),
+        (["export", str(run), "--to", str(ds), "--format", "jsonl"], ds, "build"),
+        (["export", str(run), "--to", str(ft)], ft, "finetune"),
+    ]
+    sent = server.requests
+    for args, folder, owner_stage in cases:
+        before = _snapshot(folder)
+        proc = run_cli(*args)
+        assert_one_line_error(
+            proc, str(folder), f"output of `distill {owner_stage}`", "choose another"
+        )
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert _snapshot(folder) == before, args  # byte-identical: nothing written, nothing removed
+    assert server.requests == sent
+
+
+def test_a_rebuild_or_reexport_keeps_the_users_files(server: OpenAIServer, tmp_path: Path) -> None:
+    _, run, ds = _run_and_dataset(server, tmp_path)
+    (ds / "notes.md").write_text("my notes")
+    assert run_cli("build", str(run), "--to", str(ds), "--eval-fraction", "0.2").returncode == 0
+    assert (ds / "notes.md").read_text() == "my notes" and (ds / "build_report.json").is_file()
+    assert json.loads((ds / "build_report.json").read_text())["config"]["eval_fraction"] == 0.2
+    exp = tmp_path / "exp"
+    assert run_cli("export", str(run), "--to", str(exp)).returncode == 0
+    (exp / "notes.md").write_text("mine too")
+    assert run_cli("export", str(run), "--to", str(exp)).returncode == 0
+    assert (exp / "notes.md").read_text() == "mine too" and (exp / "dataset_info.json").is_file()
+
+
+def test_export_to_an_existing_file_is_one_line(server: OpenAIServer, tmp_path: Path) -> None:
+    prompts = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(3))
+    run = tmp_path / "run"
+    assert run_cli(*harvest_args(server, prompts, run)).returncode == 0
+    target = tmp_path / "taken.txt"
+    target.write_text("keep")
+    for fmt in ("hf", "jsonl"):
+        proc = run_cli("export", str(run), "--to", str(target), "--format", fmt)
+        assert_one_line_error(proc, str(target), "is a file")  # was NotADirectoryError
+    assert target.read_text() == "keep"
