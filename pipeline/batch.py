@@ -56,7 +56,14 @@ from pipeline.errors import (
     InputError,
     TransientError,
 )
-from pipeline.harvest import HarvestConfig, checked_rows, plan, sample_seed, store_key
+from pipeline.harvest import (
+    HarvestConfig,
+    check_prompt_identity,
+    checked_rows,
+    plan,
+    sample_seed,
+    store_key,
+)
 from pipeline.prompts import PromptRow
 from pipeline.ratelimit import retrying
 from pipeline.store import BATCH_OPEN_STATES, Store, open_run
@@ -717,11 +724,13 @@ def run_batch(
     rows: list[PromptRow] = []
     if hcfg is not None:
         batch_teachers(hcfg, bcfg)
-        rows, _ = checked_rows(hcfg)  # input errors surface before the store is touched
+        rows, *_ = checked_rows(hcfg)  # input errors surface before the store is touched
     summary = BatchSummary(run_dir=str(run_dir), command=command)
     started = time.monotonic()
     with open_run(run_dir, log, None if hcfg is None else dump_config(hcfg)) as store:
         log.info("batch %s start", command)
+        if hcfg is not None:
+            check_prompt_identity(hcfg, store, rows)
         b = BatchRun(run_dir, bcfg, store, summary)
 
         async def go() -> None:

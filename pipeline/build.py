@@ -34,7 +34,7 @@ from pipeline.config import StageConfig
 from pipeline.errors import ConfigError, InputError, StoreError
 from pipeline.outdir import claim, replace_own
 from pipeline.reasoning import content_text, join_think
-from pipeline.record import Response
+from pipeline.record import Response, content_hash
 from pipeline.store import Store
 from pipeline.verify import check, load_function, verify
 
@@ -43,6 +43,7 @@ from pipeline.verify import check, load_function, verify
 # kept is never the wrong one.
 FILTERS = (
     "failed",  # the request failed: there is no answer (not a switch; always counted)
+    "replaced_prompt",  # asked with a prompt's old text, replaced (harvest --replace-changed-prompts)
     "unfinished",  # finish_reason not in finish_reasons (cut off by max_tokens, content filter)
     "empty",  # the answer is blank
     "refusal",  # the answer matches a refusal pattern
@@ -650,6 +651,7 @@ def _teachers(rows: list[Row]) -> list[dict[str, Any]]:
 
 EXPLAIN = {
     "failed": "the request failed (the store's `failures` table); no answer",
+    "replaced_prompt": "an answer to a prompt's old text (harvest --replace-changed-prompts)",
     "unfinished": "finish_reason not in {finish_reasons} (cut off or filtered)",
     "empty": "blank answer",
     "refusal": "matches a refusal pattern",
@@ -849,21 +851,29 @@ def curate(cfg: BuildConfig, run: Path) -> Curation:
     with Store(run, readonly=True) as store:
         rows = [Row(s) for s in store.iter_responses()]
         failures = store.failures()
+        current = store.prompt_hashes()
     if not rows and not failures:
         raise StoreError(f"{run}: the store holds no responses yet; run `distill harvest` first")
+    # Only the current text of each prompt id counts: answers to a replaced text are set aside.
+    replaced = [
+        r for r in rows if current.get(r.prompt_id, "") not in ("", content_hash(r.store.messages))
+    ]
+    for r in replaced:
+        r.removed_by, r.reason = "replaced_prompt", "the prompt's text was replaced"
+    rows = [r for r in rows if r.removed_by is None]
     unit = _lengths(rows, cfg.tokenizer)
     fixed = fixed_splits(rows, cfg)
     apply_filters(cfg, rows, custom)
     select(cfg, rows)
     if cfg.filter_eval:
         kept_prompts = sorted({r.prompt_id for r in rows if r.removed_by is None})
-        return Curation(rows, failures, unit, split_prompts(kept_prompts, cfg, fixed))
+        return Curation(rows + replaced, failures, unit, split_prompts(kept_prompts, cfg, fixed))
     # Held-out prompts as the teacher answered them: the split is made before filtering.
     eval_ids = split_prompts(sorted({r.prompt_id for r in rows}), cfg, fixed)
     for r in rows:
         if r.prompt_id in eval_ids:
             r.removed_by, r.reason = None, ""
-    return Curation(rows, failures, unit, eval_ids)
+    return Curation(rows + replaced, failures, unit, eval_ids)
 
 
 def make_report(cfg: BuildConfig, cur: Curation, to: Path) -> BuildReport:

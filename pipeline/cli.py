@@ -77,6 +77,12 @@ def cli() -> None:
 @click.option("--max-cost", type=float, help="Stop before this run's spend (USD) would pass this.")
 @click.option("--max-duration", type=float, help="Stop sending after this many seconds.")
 @click.option(
+    "--replace-changed-prompts",
+    is_flag=True,
+    default=None,
+    help="A prompt id whose text changed: harvest the new text; build uses only it.",
+)
+@click.option(
     "--dry-run", is_flag=True, default=None, help="Count requests, tokens and cost; send nothing."
 )
 @click.option(

@@ -123,6 +123,10 @@ class HarvestConfig(TeacherConfig):
         ge=0,
         description="On the first SIGINT/SIGTERM, seconds to wait for requests in flight before giving up on them.",
     )
+    replace_changed_prompts: bool = Field(
+        False,
+        description="When a prompt id now has other text than was harvested under it before: harvest the new text and make build use only it (without this, the run stops and names the id).",
+    )
     dry_run: bool = Field(
         False,
         description="Print what would be sent (requests, estimated tokens and cost) and send nothing.",
@@ -216,6 +220,7 @@ class Summary:
     status: str = "done"  # done | partial | failed
     prompts: int = 0
     duplicates_dropped: int = 0
+    prompt_conflicts: int = 0  # same text under other ids or references (warned, sent once)
     teachers: list[str] = field(default_factory=list)
     total: int = 0  # prompt x sample x teacher keys wanted
     already_done: int = 0
@@ -252,6 +257,8 @@ class Summary:
             f"in {self.elapsed_s:.1f}s, {self.completions_per_s:.1f}/s, "
             f"{self.prompt_tokens + self.completion_tokens} tokens, ${self.cost_usd:.4f} -> {self.run_dir}"
         )
+        if self.prompt_conflicts:
+            text += f"; {self.prompt_conflicts} prompt conflicts (warnings above)"
         if self.stopped:
             text += f"; stopped: {self.stopped}"
         if self.in_open_batches:
@@ -663,9 +670,10 @@ def run_loop(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
-def checked_rows(cfg: HarvestConfig) -> tuple[list[PromptRow], int]:
-    """The prompt rows (and how many duplicates were dropped), with every input error raised
-    before the store is touched: a teacher without a model, a bad file, a row naming no teacher."""
+def checked_rows(cfg: HarvestConfig) -> tuple[list[PromptRow], int, list[str]]:
+    """The prompt rows, how many duplicates were dropped and the conflicts among them (same text
+    under other ids or references: warned on stderr), with every input error raised before the
+    store is touched: a teacher without a model, a bad file, a row naming no teacher."""
     teachers = cfg.all_teachers()
     for t in teachers:
         if not t.model:
@@ -674,18 +682,48 @@ def checked_rows(cfg: HarvestConfig) -> tuple[list[PromptRow], int]:
             )
     system = read_text_arg(cfg.system_prompt, cfg.system_prompt_file, "system prompt")
     template = read_text_arg(cfg.user_template, cfg.user_template_file, "user template")
+    conflicts: list[str] = []
     rows, dropped = load_prompts(
-        list(cfg.prompts), system_prompt=system, user_template=template, limit=cfg.limit
+        list(cfg.prompts),
+        system_prompt=system,
+        user_template=template,
+        limit=cfg.limit,
+        conflicts=conflicts,
     )
     for row in rows:
         routes_to(cfg, teachers, row)
-    return rows, dropped
+    for i, text in enumerate(conflicts, start=1):
+        print(f"warning: prompt conflict {i}/{len(conflicts)}: {text}", file=sys.stderr)
+    return rows, dropped, conflicts
+
+
+def check_prompt_identity(cfg: HarvestConfig, store: Store, rows: list[PromptRow]) -> None:
+    """Stop before sending anything when a prompt id now has other text than was harvested under
+    it (build would mix the two); with replace_changed_prompts, the new text wins at once. A
+    prompt's text is otherwise recorded with its first answer (the store's add_response)."""
+    known = store.prompt_hashes()
+    now = [(r.id, content_hash(r.messages), r.source) for r in rows]
+    changed = [(pid, src) for pid, h, src in now if known.get(pid, h) != h]
+    if changed and not cfg.replace_changed_prompts:
+        pid, src = changed[0]
+        more = f" (and {len(changed) - 1} more ids)" if len(changed) > 1 else ""
+        raise InputError(
+            f"{src}: prompt id {pid!r} has other text than was harvested under it before{more}; "
+            "give the new text a new id, or pass --replace-changed-prompts to harvest it and make "
+            "`distill build` use only the new text"
+        )
+    store.prompt_sources = {pid: src for pid, _, src in now}
+    if changed and not store.readonly:
+        store.replace_prompts([(pid, h, src) for pid, h, src in now if (pid, src) in changed])
+        for pid, src in changed:
+            log.info("prompt %s: its text is now the one at %s", pid, src)
 
 
 def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
     """Run a harvest (or a dry run) and return its summary. Raises DistillError on a user error."""
-    rows, dropped = checked_rows(cfg)
+    rows, dropped, conflicts = checked_rows(cfg)
     summary = Summary(run_dir=str(cfg.out), prompts=len(rows), duplicates_dropped=dropped)
+    summary.prompt_conflicts = len(conflicts)
     summary.teachers = [t.label for t in cfg.all_teachers()]
     if cfg.dry_run:
         return _dry_run(cfg, rows, summary)
@@ -698,6 +736,9 @@ def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
             dropped,
             summary.teachers,
         )
+        for text in conflicts:
+            log.warning("prompt conflict: %s", text)
+        check_prompt_identity(cfg, store, rows)
         h = Harvest(cfg, store, summary, sys.stderr.isatty() if pretty is None else pretty)
         todo = plan(cfg, rows, store.done_keys(), frozenset(store.keys_in_open_batches()))
         summary.total, summary.already_done = todo.total, todo.already_done
@@ -726,6 +767,7 @@ def _dry_run(cfg: HarvestConfig, rows: list[PromptRow], summary: Summary) -> Sum
     done: set[str] = set()
     if (Path(cfg.out) / "store.sqlite").exists():
         with Store(cfg.out, readonly=True) as store:
+            check_prompt_identity(cfg, store, rows)
             done = store.done_keys()
     todo = plan(cfg, rows, done)
     summary.total, summary.already_done = todo.total, todo.already_done

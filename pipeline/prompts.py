@@ -234,17 +234,20 @@ def load_prompts(
     system_prompt: str | None = None,
     user_template: str | None = None,
     limit: int | None = None,
+    conflicts: list[str] | None = None,
 ) -> tuple[list[PromptRow], int]:
     """All rows of all files, in order, without exact duplicates. Returns (rows, duplicates dropped).
 
     `limit` keeps the first N unique rows. An empty result is an error: there is nothing to do.
+    A row asking the same as an earlier one under another id or reference is sent once, as the
+    earlier one; each such conflict is described in `conflicts` (when given) for a warning.
     """
     if not paths:
         raise InputError(
             "no prompt files given; pass --prompts FILE (or set prompts: in the config)"
         )
     rows: list[PromptRow] = []
-    seen_messages: set[str] = set()
+    seen_messages: dict[str, PromptRow] = {}
     seen_ids: dict[str, tuple[str, str]] = {}
     dropped = 0
     for path in paths:
@@ -258,9 +261,19 @@ def load_prompts(
                         f"{src}: prompt id {row.id!r} is also used by a different prompt at {first_src}; ids must be unique"
                     )
             if digest in seen_messages:
+                first = seen_messages[digest]
+                if conflicts is not None and (first.id, first.reference) != (row.id, row.reference):
+                    what = f"ids {first.id!r} and {row.id!r}" if first.id != row.id else ""
+                    if first.reference != row.reference:
+                        refs = f"references {first.reference!r} and {row.reference!r}"
+                        what = f"{what}, {refs}" if what else refs
+                    conflicts.append(
+                        f"{src}: same prompt as {first.source} but {what}; only {first.source} "
+                        "is used: change the text or remove one of them"
+                    )
                 dropped += 1
                 continue
-            seen_messages.add(digest)
+            seen_messages[digest] = row
             seen_ids[row.id] = (src, digest)
             rows.append(row)
             if limit is not None and len(rows) >= limit:

@@ -112,6 +112,17 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX batch_requests_key ON batch_requests (key);
     """,
+    # 3: each prompt id's content, so a rerun that gives an id other text is stopped, not mixed:
+    # `hash` is content_hash(request messages) of the text harvested under the id now (build uses
+    # only rows of that text), `source` the file:line it came from. Backfilled from `responses`.
+    """
+    CREATE TABLE prompts (
+        id TEXT PRIMARY KEY,
+        hash TEXT NOT NULL,
+        source TEXT,
+        first_seen TEXT NOT NULL
+    );
+    """,
 ]
 
 # Batch states whose requests are still out (not to be submitted again).
@@ -258,6 +269,7 @@ class Store:
         self.path = self.run_dir / STORE_FILE
         self.readonly = readonly
         self.failed_keys: set[str] = set()
+        self.prompt_sources: dict[str, str] = {}  # prompt id -> file:line, kept in `prompts`
         if readonly:
             if not self.path.is_file() or self.path.stat().st_size == 0:
                 raise StoreError(
@@ -366,6 +378,17 @@ class Store:
         try:
             self.db.execute("BEGIN IMMEDIATE")
             cur = self.db.execute(sql, values)
+            # The first answer to a prompt id fixes its text (a replacement is recorded apart).
+            self.db.execute(
+                "INSERT INTO prompts (id, hash, source, first_seen) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(id) DO NOTHING",
+                (
+                    resp.prompt_id,
+                    content_hash(resp.messages),
+                    self.prompt_sources.get(resp.prompt_id),
+                    resp.created_at,
+                ),
+            )
             if resp.key in self.failed_keys:
                 self.db.execute("DELETE FROM failures WHERE key = ?", (resp.key,))
             self.db.execute("COMMIT")
@@ -424,6 +447,32 @@ class Store:
                     first = str(e).splitlines()[0]
                     raise damaged(self.path, f"row {row['key']!r}: {first}") from None
                 yield resp
+
+    def prompt_hashes(self) -> dict[str, str]:
+        """Each prompt id's current content hash ({} for a store from before they were kept)."""
+        with self._reading():
+            try:
+                return dict(self.db.execute("SELECT id, hash FROM prompts").fetchall())
+            except sqlite3.OperationalError as e:
+                if "no such table" in str(e):  # a read-only store of schema 1 or 2
+                    return {}
+                raise
+
+    def replace_prompts(self, prompts: list[tuple[str, str, str]]) -> None:
+        """Make (id, content hash, file:line) each prompt's current text (build uses only it)."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany(
+                "INSERT INTO prompts (id, hash, source, first_seen) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET hash = excluded.hash, source = excluded.source "
+                "WHERE hash != excluded.hash",
+                [(pid, h, src, utcnow()) for pid, h, src in prompts],
+            )
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise _friendly(e, self.path) from None
 
     def failures(self) -> list[dict[str, Any]]:
         with self._reading():
@@ -581,11 +630,26 @@ def migrate(db: sqlite3.Connection) -> None:
             for stmt in script.split(";"):
                 if stmt.strip():
                     db.execute(stmt)
+            if i == 3:
+                _backfill_prompts(db)
             db.execute(f"PRAGMA user_version={i}")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+
+def _backfill_prompts(db: sqlite3.Connection) -> None:
+    """Migration 3 for a store harvested before: each id's content is that of its latest row."""
+    rows = db.execute(
+        "SELECT prompt_id, messages, min(created_at) OVER (PARTITION BY prompt_id) FROM responses "
+        "ORDER BY prompt_id, created_at"
+    )
+    latest = {pid: (content_hash(json.loads(msgs)), first) for pid, msgs, first in rows}
+    db.executemany(
+        "INSERT INTO prompts (id, hash, source, first_seen) VALUES (?, ?, 'store', ?)",
+        [(pid, h, first) for pid, (h, first) in latest.items()],
+    )
 
 
 def create_store_file(path: Path) -> None:

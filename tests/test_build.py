@@ -80,6 +80,7 @@ def prompt_rows() -> list[dict[str, Any]]:
 # The counts the script above must produce (3 samples per prompt).
 EXPECTED = {
     "failed": 3,  # Q12's three samples
+    "replaced_prompt": 0,
     "unfinished": 1,
     "empty": 1,
     "refusal": 1,
