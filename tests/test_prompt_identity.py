@@ -1,0 +1,126 @@
+"""A prompt id means one text: an edited prompt is stopped or replaced, never mixed with the old."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from pipeline.record import Response, content_hash
+from pipeline.store import MIGRATIONS, STORE_FILE, Store
+from tests.conftest import assert_one_line_error, harvest_args, run_cli, write_jsonl
+from tests.openai_server import OpenAIServer
+
+ROWS = [
+    {"id": "a", "prompt": "What is 1 + 2?", "reference": "3"},
+    {"id": "b", "prompt": "What is 2 + 4?", "reference": "6"},
+]
+
+
+def _dataset_prompts(ds: Path) -> dict[str, list[str]]:
+    import datasets
+
+    out: dict[str, list[str]] = {}
+    for split in datasets.load_from_disk(str(ds)).values():
+        for row in split:
+            out.setdefault(row["prompt_id"], []).append(row["messages"][0]["content"])
+    return out
+
+
+def test_an_edited_prompt_stops_before_sending(server: OpenAIServer, tmp_path: Path) -> None:
+    prompts = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    run = tmp_path / "run"
+    assert run_cli(*harvest_args(server, prompts, run)).returncode == 0
+    edited = [ROWS[0], {**ROWS[1], "prompt": "What is 2 + 5?", "reference": "7"}]
+    write_jsonl(prompts, edited)
+    sent, before = server.requests, (run / STORE_FILE).read_bytes()
+    proc = run_cli(*harvest_args(server, prompts, run))  # was: both texts kept under id b
+    assert_one_line_error(proc, f"{prompts}:2", "'b'", "new id", "--replace-changed-prompts")
+    assert proc.returncode == 2 and server.requests == sent
+    assert (run / STORE_FILE).read_bytes() == before
+    dry = run_cli(*harvest_args(server, prompts, run, "--dry-run"))
+    assert_one_line_error(dry, "'b'")
+
+
+def test_replace_changed_prompts_harvests_the_new_text_and_build_uses_only_it(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    prompts = write_jsonl(tmp_path / "p.jsonl", ROWS)
+    run = tmp_path / "run"
+    assert run_cli(*harvest_args(server, prompts, run)).returncode == 0
+    write_jsonl(prompts, [ROWS[0], {**ROWS[1], "prompt": "What is 2 + 5?", "reference": "7"}])
+    sent = server.requests
+    proc = run_cli(*harvest_args(server, prompts, run, "--replace-changed-prompts"))
+    assert proc.returncode == 0, proc.stderr
+    assert server.requests == sent + 1  # only the new text is asked
+    proc = run_cli("build", str(run), "--to", str(tmp_path / "ds"), "--eval-size", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["removed"]["replaced_prompt"] == 1  # counted, not "duplicate"
+    got = _dataset_prompts(tmp_path / "ds")
+    assert got == {"a": ["What is 1 + 2?"], "b": ["What is 2 + 5?"]}
+
+    # Back to the first text: it becomes current again, though nothing needs asking.
+    write_jsonl(prompts, ROWS)
+    proc = run_cli(*harvest_args(server, prompts, run, "--replace-changed-prompts"))
+    assert proc.returncode == 0 and server.requests == sent + 1, proc.stderr
+    assert (
+        run_cli("build", str(run), "--to", str(tmp_path / "ds"), "--eval-size", "1").returncode == 0
+    )
+    assert _dataset_prompts(tmp_path / "ds")["b"] == ["What is 2 + 4?"]
+
+
+def test_same_text_under_other_ids_or_references_is_a_counted_warning(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    rows = [
+        ROWS[0],
+        {"id": "a2", "prompt": "What is 1 + 2?", "reference": "3"},  # same text, other id
+        ROWS[1],
+        {"id": "b", "prompt": "What is 2 + 4?", "reference": "7"},  # same id and text, other ref
+        ROWS[1],  # an exact repeat: a plain duplicate, no warning
+    ]
+    prompts = write_jsonl(tmp_path / "p.jsonl", rows)
+    proc = run_cli(*harvest_args(server, prompts, tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning: prompt conflict")]
+    assert len(warnings) == 2, proc.stderr
+    assert f"{prompts}:2" in warnings[0] and f"{prompts}:1" in warnings[0]
+    assert "'a'" in warnings[0] and "'a2'" in warnings[0]
+    assert f"{prompts}:4" in warnings[1] and "'6'" in warnings[1] and "'7'" in warnings[1]
+    assert "2 prompt conflicts" in proc.stderr.splitlines()[-1]
+    assert server.requests == 2
+
+
+def test_an_older_store_gets_its_prompt_texts_on_open(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / STORE_FILE, isolation_level=None)
+    for script in MIGRATIONS[:2]:  # a store of schema 2, as harvested before
+        db.executescript(script)
+    db.execute("PRAGMA user_version=2")
+    msgs = [{"role": "user", "content": "hi"}]
+    r = Response(
+        key="k",
+        prompt_id="p",
+        sample_index=0,
+        teacher="t",
+        base_url="http://x/v1",
+        model="m",
+        params_hash="h",
+        params={},
+        messages=msgs,
+        response="hello",
+        created_at="2026-01-01T00:00:00.000Z",
+    )
+    cols = Response.columns()
+    values = [
+        json.dumps(getattr(r, c)) if c in ("params", "messages") else getattr(r, c) for c in cols
+    ]
+    db.execute(
+        f"INSERT INTO responses ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", values
+    )
+    db.close()
+    with Store(tmp_path) as st:
+        assert st.prompt_hashes() == {"p": content_hash(msgs)}
+    db = sqlite3.connect(tmp_path / STORE_FILE)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    db.close()
