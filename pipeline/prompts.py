@@ -1,7 +1,9 @@
 """Prompt files -> prompt rows: the harvester's input, in any of the formats users have.
 
 Formats (by extension): .jsonl, .json (an array), .csv, .parquet, .txt (one prompt a line), or a
-folder saved with `datasets.save_to_disk`. A row is `{"id"?, "prompt" | "messages", "reference"?,
+folder saved with `datasets.save_to_disk`. Any other name is read by its content (JSON lines, a
+JSON array, a CSV header naming prompt/messages, Parquet's magic bytes) or refused: a JSONL file
+named .yaml is never sent line by line as text. A UTF-8 byte order mark is accepted everywhere. A row is `{"id"?, "prompt" | "messages", "reference"?,
 "meta"?}`; any other field is kept in `meta` and can be used by the user template.
 
     rows, dropped = load_prompts([Path("prompts/demo/train.jsonl")], system_prompt="...")
@@ -15,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ class PromptRow:
 
 
 def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -53,7 +55,7 @@ def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _rows_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file") from None
     if isinstance(data, dict) and isinstance(data.get("prompts"), list):
@@ -65,7 +67,7 @@ def _rows_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _rows_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         for row in reader:
             yield (
@@ -86,7 +88,7 @@ def _rows_parquet(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _rows_txt(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for n, line in enumerate(f, start=1):
             if line.strip():
                 yield f"{path}:{n}", {"prompt": line.rstrip("\n")}
@@ -118,9 +120,10 @@ def _read(path: Path) -> Iterator[tuple[str, Any]]:
         ".json": _rows_json,
         ".csv": _rows_csv,
         ".parquet": _rows_parquet,
+        ".txt": _rows_txt,
     }
-    reader = readers.get(suffix, _rows_txt)
     try:
+        reader = readers.get(suffix) or _sniff(path)
         return iter(list(reader(path)))
     except UnicodeDecodeError:
         raise InputError(f"{path}: not UTF-8 text; convert it or use .parquet") from None
@@ -128,6 +131,30 @@ def _read(path: Path) -> Iterator[tuple[str, Any]]:
         raise InputError(f"{path}: permission denied; make the prompt file readable") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory but not a saved dataset") from None
+
+
+def _sniff(path: Path) -> Callable[[Path], Iterator[tuple[str, Any]]]:
+    """The reader for a file whose name does not say its format, from its first bytes."""
+    with path.open("rb") as f:
+        head = f.read(65536)
+    if head.startswith(b"PAR1"):
+        return _rows_parquet
+    text = head.decode("utf-8-sig", errors="replace")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if first.startswith("["):
+        return _rows_json
+    if first.startswith("{"):
+        try:
+            return _rows_jsonl if isinstance(json.loads(first), dict) else _rows_json
+        except json.JSONDecodeError:
+            return _rows_json  # an object spread over lines: {"prompts": [...]}
+    header = next(csv.reader([first]), [])
+    if len(header) > 1 and {"prompt", "messages"} & {h.strip() for h in header}:
+        return _rows_csv
+    raise InputError(
+        f"{path}: cannot tell its format from the name or the content; name it .jsonl, .json, "
+        ".csv, .parquet, or .txt (one prompt a line)"
+    )
 
 
 def _fields(raw: dict[str, Any]) -> dict[str, Any]:
@@ -219,7 +246,7 @@ def read_text_arg(inline: str | None, path: Path | None, what: str) -> str | Non
     if path is None:
         return inline
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InputError(
             f"{path}: {what} file not found; fix the path (shipped ones are in prompts/)"

@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.errors import InputError
 from pipeline.prompts import load_prompts
-from tests.conftest import write_jsonl
+from tests.conftest import assert_one_line_error, harvest_args, run_cli, write_jsonl
+from tests.openai_server import OpenAIServer
 
 ROWS = [
     {"id": "a", "prompt": "What is 1 + 2?", "reference": "3"},
@@ -122,3 +123,55 @@ def test_missing_file_and_missing_template_field(tmp_path: Path) -> None:
     f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}])
     with pytest.raises(InputError, match=r"p.jsonl:1: user template uses \{question\}"):
         load_prompts([f], user_template="{question}")
+
+
+@pytest.mark.parametrize("name", ["prompts", "prompts.yaml", "prompts.data"])
+def test_a_format_the_name_does_not_say_is_read_by_content(tmp_path: Path, name: str) -> None:
+    jsonl = write_jsonl(tmp_path / name, ROWS)  # was: each JSON line sent as a text prompt
+    _check(load_prompts([jsonl])[0])
+    jsonl.write_text(json.dumps(ROWS, indent=2))
+    _check(load_prompts([jsonl])[0])
+    jsonl.write_text("id,prompt,reference\na,What is 1 + 2?,3\n")
+    rows, _ = load_prompts([jsonl])
+    assert rows[0].id == "a" and rows[0].messages[-1]["content"] == "What is 1 + 2?"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "P1"}, {"prompt": "P2"}]), jsonl)
+    rows, _ = load_prompts([jsonl])
+    assert [r.messages[-1]["content"] for r in rows] == ["P1", "P2"]
+
+
+def test_content_that_is_no_prompt_format_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "config.yaml"
+    f.write_text("harvest:\n  model: gpt\n")
+    with pytest.raises(InputError) as e:
+        load_prompts([f])
+    assert str(f) in str(e.value) and ".jsonl" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "plain.txt").write_text('{"id": 1}\n')  # a name that says text is read as text
+    rows, _ = load_prompts([tmp_path / "plain.txt"])
+    assert rows[0].messages[0]["content"] == '{"id": 1}'
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".txt", ""])
+def test_a_utf8_byte_order_mark_is_accepted_everywhere(tmp_path: Path, suffix: str) -> None:
+    body = {
+        ".jsonl": "".join(json.dumps(r) + "\n" for r in ROWS),
+        ".json": json.dumps(ROWS),
+        ".csv": "id,prompt,reference\na,What is 1 + 2?,3\n",
+        ".txt": "What is 1 + 2?\n",
+        "": "".join(json.dumps(r) + "\n" for r in ROWS),
+    }[suffix]
+    f = tmp_path / f"bom{suffix}"
+    f.write_bytes(b"\xef\xbb\xbf" + body.encode())  # was: JSONL with a BOM rejected
+    rows, _ = load_prompts([f])
+    assert rows[0].messages[-1]["content"] == "What is 1 + 2?"
+    if suffix in (".jsonl", ".json", ".csv", ""):
+        assert rows[0].id == "a"  # the first column's name is not "\ufeffid"
+
+
+def test_harvest_refuses_a_file_of_no_prompt_format_before_sending(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    f = tmp_path / "harvest.yaml"
+    f.write_text("harvest:\n  model: gpt\n")  # passed to --prompts by mistake
+    proc = run_cli(*harvest_args(server, f, tmp_path / "run"))
+    assert_one_line_error(proc, str(f), "cannot tell its format")
+    assert proc.returncode == 2 and server.requests == 0  # was: each line paid for as a prompt
