@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, DistillError
+from pipeline.outdir import claim, record
 
 if TYPE_CHECKING:
     from pipeline.harvest import HarvestConfig
@@ -136,7 +137,8 @@ def harvest_missing(hcfg: HarvestConfig, student: Path) -> None:
         return
     port = urlparse(hcfg.base_url).port
     _say(f"2/6 teacher: transformers serve on {hcfg.base_url}; harvesting {missing} answers")
-    log = Path(hcfg.out) / "teacher_server.log"
+    log = claim(Path(hcfg.out), "harvest") / "teacher_server.log"  # the log goes in the run dir
+    record(log.parent, "harvest", [log.name])
     with serve_teacher(student, port=port, log_path=log) as url:
         assert url.rstrip("/") == hcfg.base_url.rstrip("/"), (url, hcfg.base_url)
         summary = harvest(hcfg)
