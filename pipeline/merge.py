@@ -25,7 +25,7 @@ from pydantic import Field
 from pipeline.artifacts import read_finetune_run
 from pipeline.config import StageConfig
 from pipeline.errors import ConfigError, InputError, TrainingError
-from pipeline.outdir import claim
+from pipeline.outdir import MARKER, claim
 
 
 class MergeConfig(StageConfig):
@@ -82,7 +82,11 @@ def merge(cfg: MergeConfig) -> Path:
         raise ConfigError("no destination: pass --to DIR or set merge.to")
     run = read_finetune_run(cfg.out, cfg.student)
     adapter, student, to = run.adapter, run.student, Path(cfg.to)
-    claim(to, "merge", "--to")
+    claim(to, "merge", "--to")  # never another stage's folder or a folder of foreign files
+    if any(p.name != MARKER for p in to.iterdir()):
+        raise ConfigError(
+            f"{to} is not empty (an earlier merge); pass an empty or new folder to --to"
+        )
     converter = None if cfg.gguf == "no" else find_gguf_converter(cfg.gguf_converter)
     if cfg.gguf == "yes" and converter is None:
         raise ConfigError(
