@@ -428,7 +428,10 @@ def test_bad_input_is_one_line_and_no_traceback(run_dir: Path, tmp_path: Path) -
         (with_config("bad_refusal.yaml"), "does not compile"),
         (with_config("bad_hook.yaml"), "cannot import no_such_module_xyz"),
         (with_config("bad_hook_file.yaml"), "not found"),
-        (["build", str(run_dir), "--to", str(not_ours)], "did not write; choose an empty or new --to"),
+        (
+            ["build", str(run_dir), "--to", str(not_ours)],
+            "did not write; choose an empty or new --to",
+        ),
         (["build", str(run_dir)], "no output folder"),
         (
             [

@@ -230,7 +230,9 @@ def test_nll_matches_an_unbatched_forward_pass(
 def test_merged_model_scores_like_its_adapter(
     setup: dict[str, Path], report: dict[str, Any]
 ) -> None:
-    out = evaluate(_cfg(setup, "eval_merged", finetuned=setup["merged"], base=setup["base"], limit=2))
+    out = evaluate(
+        _cfg(setup, "eval_merged", finetuned=setup["merged"], base=setup["base"], limit=2)
+    )
     merged = read_report(out)
     assert merged["students"]["adapter"] is False
     assert merged["prompts"] == 2

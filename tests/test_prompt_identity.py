@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
-from pipeline.record import Response, content_hash
-from pipeline.store import MIGRATIONS, STORE_FILE, Store
+from pipeline.store import STORE_FILE
 from tests.conftest import assert_one_line_error, harvest_args, run_cli, write_jsonl
 from tests.openai_server import OpenAIServer
 
@@ -90,37 +88,3 @@ def test_same_text_under_other_ids_or_references_is_a_counted_warning(
     assert f"{prompts}:4" in warnings[1] and "'6'" in warnings[1] and "'7'" in warnings[1]
     assert "2 prompt conflicts" in proc.stderr.splitlines()[-1]
     assert server.requests == 2
-
-
-def test_an_older_store_gets_its_prompt_texts_on_open(tmp_path: Path) -> None:
-    db = sqlite3.connect(tmp_path / STORE_FILE, isolation_level=None)
-    for script in MIGRATIONS[:2]:  # a store of schema 2, as harvested before
-        db.executescript(script)
-    db.execute("PRAGMA user_version=2")
-    msgs = [{"role": "user", "content": "hi"}]
-    r = Response(
-        key="k",
-        prompt_id="p",
-        sample_index=0,
-        teacher="t",
-        base_url="http://x/v1",
-        model="m",
-        params_hash="h",
-        params={},
-        messages=msgs,
-        response="hello",
-        created_at="2026-01-01T00:00:00.000Z",
-    )
-    cols = Response.columns()
-    values = [
-        json.dumps(getattr(r, c)) if c in ("params", "messages") else getattr(r, c) for c in cols
-    ]
-    db.execute(
-        f"INSERT INTO responses ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", values
-    )
-    db.close()
-    with Store(tmp_path) as st:
-        assert st.prompt_hashes() == {"p": content_hash(msgs)}
-    db = sqlite3.connect(tmp_path / STORE_FILE)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-    db.close()

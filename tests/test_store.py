@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 
 from pipeline.export import EXPORT_COLUMNS
-from pipeline.record import Response
+from pipeline.record import Response, content_hash
 from pipeline.store import MIGRATIONS, STORE_FILE, Store
 from tests.conftest import (
     arithmetic_rows,
@@ -79,6 +79,8 @@ def test_a_store_of_the_first_schema_opens_and_keeps_its_rows(tmp_path: Path) ->
             ("k", [{"role": "user", "content": "hi"}])
         ]
         assert st.batches() == [] and st.keys_in_open_batches() == set()
+        # migration 3 backfills each prompt id's text from its rows
+        assert st.prompt_hashes() == {"p": content_hash([{"role": "user", "content": "hi"}])}
 
 
 # -- a store that is not what it should be is refused, untouched, in one line -----------------
