@@ -222,6 +222,11 @@ def eval_cmd(config_path: Path | None, **flags: Any) -> None:
     "--gradient-checkpointing/--no-gradient-checkpointing", "gradient_checkpointing", default=None
 )
 @click.option("--packing/--no-packing", "packing", default=None)
+@click.option(
+    "--train-on",
+    type=click.Choice(["last", "all"]),
+    help="Assistant turns that carry loss: last (the teacher's answer, default) or all.",
+)
 @click.option("--eval-steps", type=int)
 @click.option("--save-steps", type=int)
 @click.option("--logging-steps", type=int)

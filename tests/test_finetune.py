@@ -64,10 +64,10 @@ def labelled_text(tok, row: dict) -> str:
     return tok.decode([t for t in row["labels"] if t != -100])
 
 
-def mask_of(tok, messages: list[dict]) -> tuple[str, dict, str]:
+def mask_of(tok, messages: list[dict], train_on: str = "last") -> tuple[str, dict, str]:
     template, how = training_template(tok)
-    msgs, has_reasoning = prepare_messages(messages, renders_reasoning(tok, template))
-    row = tokenize_row(tok, template, how, msgs, has_reasoning)
+    msgs = prepare_messages(messages, renders_reasoning(tok, template))
+    row = tokenize_row(tok, template, how, msgs, train_on)
     return how, row, labelled_text(tok, row)
 
 
@@ -104,10 +104,26 @@ def test_mask_unknown_template_found_by_rendering(tiny_model):  # noqa: F811
     assert how == "rendering"
     assert text == "The answer is 12.<|eot_id|>"
     assert row["labels"][-1] == tok.convert_tokens_to_ids("<|eot_id|>")  # EOS is trained
-    # A two-turn conversation trains both assistant turns and neither user turn.
-    two = [*QA, {"role": "user", "content": "And 1 + 1?"}, {"role": "assistant", "content": "2."}]
-    _, row2, text2 = mask_of(tok, two)
-    assert text2 == "The answer is 12.<|eot_id|>2.<|eot_id|>"
+
+
+TWO_TURNS = [*QA, {"role": "user", "content": "And 1 + 1?"}, {"role": "assistant", "content": "2."}]
+
+
+@pytest.mark.parametrize(
+    "arch, template, last, both",
+    [
+        ("llama", "unknown", "2.<|eot_id|>", "The answer is 12.<|eot_id|>2.<|eot_id|>"),
+        ("qwen2", "known", "\n2.<|im_end|>\n", "\nThe answer is 12.<|im_end|>\n\n2.<|im_end|>\n"),
+    ],
+)
+def test_only_the_teachers_last_turn_is_trained(tiny_model, arch, template, last, both):  # noqa: F811
+    """In a multi-turn prompt only the last assistant turn is the teacher's: by default it alone
+    carries loss (both ways of finding the mask); train_on all trains every assistant turn."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model(arch, template))
+    assert mask_of(tok, TWO_TURNS)[2] == last
+    assert mask_of(tok, TWO_TURNS, "all")[2] == both
 
 
 def test_reasoning_rendered_natively_or_folded_inline(tiny_model):  # noqa: F811
@@ -145,6 +161,14 @@ def test_empty_think_added_by_template_is_not_trained(tiny_model, tmp_path):  # 
     assert plain == "The answer is 12.<|im_end|>\n"  # no "<think>" in the loss
     turn = [QA[1], {"role": "assistant", "content": "12", "reasoning_content": "add"}]
     assert mask_of(tok, turn)[2] == "<think>\nadd\n</think>\n\n12<|im_end|>\n"
+    # Per turn, not per row: an earlier turn's trace does not make a later empty block trained.
+    mixed = [
+        *turn,
+        {"role": "user", "content": "And 1 + 1?"},
+        {"role": "assistant", "content": "2"},
+    ]
+    assert mask_of(tok, mixed)[2] == "2<|im_end|>\n"
+    assert mask_of(tok, mixed, "all")[2] == "<think>\nadd\n</think>\n\n12<|im_end|>\n2<|im_end|>\n"
 
 
 def test_mask_checks_stop_bad_templates(tiny_model):  # noqa: F811
