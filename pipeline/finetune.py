@@ -8,6 +8,7 @@ and writes to OUT:
 
     adapter/            the LoRA adapter (PEFT) + tokenizer with the student's chat template
     config.yaml         the FinetuneConfig used
+    plan.json           the settings as resolved (batch, precision, schedule); --resume reuses them
     train_report.json   steps, tokens seen, tokens/s, peak memory, final losses, chosen settings
     log_history.json    the Trainer's log history;  loss.png  train/eval loss vs step
     checkpoints/        Trainer checkpoints (for --resume);  tensorboard/  TensorBoard logs
@@ -530,6 +531,7 @@ class Tokenized:
 
 def finetune(cfg: FinetuneConfig) -> Path:
     """Train a LoRA adapter on `cfg.data` for `cfg.student`; returns the output folder."""
+    cfg = resumed_config(cfg)
     setup = plan_run(cfg)
     data = prepare_data(cfg, setup)
     model, packing = load_model(cfg, setup, data)
@@ -549,6 +551,61 @@ def main_process() -> bool:
 def say(msg: str) -> None:
     if main_process():
         print(msg, flush=True)
+
+
+# What a resumed run must share with the run it continues, saved in OUT/plan.json when training
+# starts: the schedule (a longer max_steps would resume at the old schedule's final learning rate,
+# 0), the adapter's shape, the data, and the plan's batch and precision (auto-fit could choose
+# differently when free memory changed).
+PLAN_FILE = "plan.json"
+RESUME_KEYS = (
+    "max_steps", "epochs", "lr", "lr_scheduler", "warmup", "weight_decay", "lora_r", "lora_alpha",
+    "lora_dropout", "lora_target_modules", "use_dora", "effective_batch_size", "max_length",
+    "train_on", "seed", "device", "dtype", "quantize", "batch_size", "grad_accum",
+    "gradient_checkpointing", "packing", "attn_implementation",
+)  # fmt: skip
+
+
+def saved_plan(cfg: FinetuneConfig, plan: hardware.Plan, packing: bool) -> dict[str, Any]:
+    """The settings this run trains with, auto values resolved (what OUT/plan.json holds)."""
+    settings = cfg.model_dump(mode="json", include=set(RESUME_KEYS))
+    settings.update(
+        device=plan.device,
+        dtype=plan.dtype,
+        quantize="4bit" if plan.quantize else "none",
+        batch_size=plan.batch_size,
+        grad_accum=plan.grad_accum,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        packing=packing,
+        world_size=plan.world_size,
+    )
+    return settings
+
+
+def resumed_config(cfg: FinetuneConfig) -> FinetuneConfig:
+    """With --resume, the settings the run started with (OUT/plan.json): a key left unset (or
+    auto) takes the saved value; one set to another value stops the run, saying how to go on."""
+    path = Path(cfg.out or ".") / PLAN_FILE
+    if not cfg.resume or not cfg.out or not path.is_file():
+        return cfg
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if saved.get("world_size", world) != world:
+        raise ConfigError(
+            f"--resume: {cfg.out} trained with {saved['world_size']} process(es), this launch has "
+            f"{world}; resume with the same launch, or start a fresh run with another --out"
+        )
+    given = cfg.model_dump(mode="json")
+    for key in RESUME_KEYS:
+        if key not in saved or key not in cfg.model_fields_set or given[key] in (None, "auto"):
+            continue
+        if given[key] != saved[key]:
+            raise ConfigError(
+                f"--resume: {key} {given[key]!r} differs from {saved[key]!r} that {cfg.out} "
+                f"started with ({path}); resume without changing it, or start a fresh run with "
+                "another --out"
+            )
+    return cfg.model_copy(update={k: saved[k] for k in RESUME_KEYS if k in saved})
 
 
 def plan_run(cfg: FinetuneConfig) -> Setup:
@@ -698,7 +755,7 @@ def build_trainer(
     cfg: FinetuneConfig, setup: Setup, data: Tokenized, model: Any, packing: bool
 ) -> DistillTrainer:
     """Step 4: datasets (packed here unless the kernel takes TRL's packing), TrainingArguments,
-    the LoRA config and the trainer. Writes OUT/config.yaml."""
+    the LoRA config and the trainer. Writes OUT/config.yaml and OUT/plan.json."""
     from peft import LoraConfig
 
     plan, out = setup.plan, setup.out
@@ -753,6 +810,8 @@ def build_trainer(
     out.mkdir(parents=True, exist_ok=True)
     if main_process():
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        plan_json = json.dumps(saved_plan(cfg, plan, packing), indent=1)
+        (out / PLAN_FILE).write_text(plan_json, encoding="utf-8")
     # TensorBoard's callback reads its folder from the environment, when the trainer is built;
     # a user's own value wins.
     tb_dir_set = "tensorboard" in loggers and "TENSORBOARD_LOGGING_DIR" not in os.environ

@@ -332,18 +332,45 @@ def test_merge_runs_the_gguf_converter_when_given(trained, tmp_path):
     assert again.exit_code == 2 and "not empty" in again.output
 
 
-def test_resume_continues_from_last_checkpoint(trained):
+def test_resume_refuses_a_changed_setting(trained):
+    """A longer max_steps would resume at the finished schedule's learning rate (0); a changed
+    batch would silently change training: both stop with how to start fresh."""
     out = trained["out"]
     more = [*trained["args"], "--max-steps", "4", *FAST]
     refused = CliRunner().invoke(cli, more)  # without --resume an existing run is not overwritten
     assert refused.exit_code == 2 and "--resume" in refused.output
-    result = CliRunner().invoke(cli, [*more, "--resume"])
+    for flags, key in ((more, "max_steps 4"), ([*trained["args"], *FAST, "--batch-size", "2"], "batch_size 2")):  # fmt: skip
+        result = CliRunner().invoke(cli, [*flags, "--resume"])
+        assert result.exit_code == 2, result.output
+        line = result.output.strip()
+        assert "\n" not in line and key in line and "another --out" in line
+    assert json.loads((out / "train_report.json").read_text())["steps"] == 2  # nothing ran
+
+
+def test_resume_reuses_the_saved_plan(tiny_model, data_dir, tmp_path):  # noqa: F811
+    """An interrupted run resumes with the batch it started with, not a fresh auto-fit."""
+    student = tiny_model("llama", "unknown")
+    out = tmp_path / "out"
+    args = ["finetune", "--data", str(data_dir), "--student", str(student), "--out", str(out)]
+    first = CliRunner().invoke(cli, [*args, "--max-steps", "3", *FAST])
+    assert first.exit_code == 0, first.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert (plan["batch_size"], plan["grad_accum"], plan["max_steps"]) == (4, 1, 3)
+    # Interrupted after step 2: the last checkpoint and the adapter are gone.
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "checkpoint-3")
+    shutil.rmtree(out / "adapter")
+    # Resumed with neither --max-steps nor --batch-size: auto-fit alone would pick 16 x 1.
+    rest = FAST[4:]
+    assert rest[0] == "--max-length"
+    result = CliRunner().invoke(cli, [*args, *rest, "--resume"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "train_report.json").read_text())
-    assert report["steps"] == 4
-    assert report["resumed_from"].endswith("checkpoint-2")
+    assert report["steps"] == 3 and report["resumed_from"].endswith("checkpoint-2")
+    assert (report["settings"]["batch_size"], report["settings"]["grad_accum"]) == (4, 1)
     steps = [e["step"] for e in json.loads((out / "log_history.json").read_text()) if "loss" in e]
-    assert steps == [1, 2, 3, 4]  # history carried over from the checkpoint, then steps 3 and 4
+    assert steps == [1, 2, 3]  # history carried over from the checkpoint, then step 3
 
 
 def test_known_template_qwen_trains_end_to_end(tiny_model, data_dir, tmp_path):  # noqa: F811
