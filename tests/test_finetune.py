@@ -313,6 +313,28 @@ def test_merge_gives_same_logits_as_adapter(trained, tmp_path):
     assert (merged_dir / "tokenizer.json").exists() and (merged_dir / "model.safetensors").exists()
 
 
+def test_merge_keeps_a_bf16_students_dtype(trained, tmp_path):
+    """A bf16 student merges in fp32 but is saved bf16: half the bytes of an fp32 save."""
+    from transformers import AutoModelForCausalLM
+
+    bf16 = tmp_path / "bf16-student"
+    model = AutoModelForCausalLM.from_pretrained(trained["student"], dtype=torch.bfloat16)
+    model.save_pretrained(bf16)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (trained["student"] / name).exists():
+            (bf16 / name).write_bytes((trained["student"] / name).read_bytes())
+    sizes = {}
+    for student, to in ((bf16, tmp_path / "m16"), (trained["student"], tmp_path / "m32")):
+        args = ["merge", str(trained["out"]), "--to", str(to), "--student", str(student)]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        sizes[to.name] = (to / "model.safetensors").stat().st_size
+        dtypes = {t.dtype for t in load_file(str(to / "model.safetensors")).values()}
+        assert dtypes == ({torch.bfloat16} if to.name == "m16" else {torch.float32})
+    assert sizes["m16"] < 0.55 * sizes["m32"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m16").dtype == torch.bfloat16
+
+
 def test_merge_runs_the_gguf_converter_when_given(trained, tmp_path):
     # llama.cpp is not installed here; a stand-in script at the same boundary (argv in, file out).
     fake = tmp_path / "convert_hf_to_gguf.py"
