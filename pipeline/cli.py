@@ -169,6 +169,9 @@ def export(run_dir: Path, to: Path, fmt: str) -> None:
 )
 @click.option("--examples", type=int, help="Side-by-side examples in report.md.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option(
+    "--load-in-4bit", is_flag=True, default=None, help="Load the students in 4-bit (CUDA)."
+)
 @click.option("--seed", type=int)
 @click.option(
     "--judge/--no-judge", default=None, help="LLM judge through the teacher client (costs money)."

@@ -58,8 +58,7 @@ class Hardware:
 
     @property
     def bf16(self) -> bool:
-        """bf16 tensor cores arrived with Ampere (8.0); T4 (7.5) and V100 (7.0) lack them."""
-        return self.device == "cuda" and (self.compute_capability or (0, 0)) >= (8, 0)
+        return self.device == "cuda" and native_bf16(self.compute_capability)
 
     def describe(self) -> str:
         if self.device == "cuda":
@@ -69,6 +68,12 @@ class Hardware:
                 f"compute capability {cc}), {self.world_size} process(es)"
             )
         return f"{self.device}: {self.name}, {self.cpu_memory_bytes / GiB:.1f} GiB RAM"
+
+
+def native_bf16(compute_capability: tuple[int, int] | None) -> bool:
+    """bf16 tensor cores arrived with Ampere (8.0); T4 (7.5) and V100 (7.0) lack them. Not
+    `torch.cuda.is_bf16_supported()`: it says True on a T4, where bf16 is emulated (slow)."""
+    return (compute_capability or (0, 0)) >= (8, 0)
 
 
 # Machines the tests and docs reason about (memory as the driver reports it).
