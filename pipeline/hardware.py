@@ -253,9 +253,10 @@ def estimate_memory(
     """Peak bytes for LoRA training with this batch (sequences x `seq_len` tokens)."""
     width = 4 if dtype == "fp32" else 2
     if quantize:
-        # NF4 with double quantization: ~4.13 bits per weight in the decoder's linear layers;
-        # embeddings, norms and the LM head stay in 16-bit.
-        weights = int(shape.linear_params * 0.516) + (shape.n_params - shape.linear_params) * 2
+        # NF4 with double quantization: ~4.13 bits per weight in the decoder's linear layers.
+        # peft's prepare_model_for_kbit_training then casts every other parameter (embeddings,
+        # norms, the LM head) from 16-bit to fp32: about +2 GiB for a 7B.
+        weights = int(shape.linear_params * 0.516) + (shape.n_params - shape.linear_params) * 4
     else:
         weights = shape.n_params * width
     lora = shape.lora_params(lora_r) * (4 + 4 + 8)
