@@ -169,6 +169,9 @@ def export(run_dir: Path, to: Path, fmt: str) -> None:
 )
 @click.option("--examples", type=int, help="Side-by-side examples in report.md.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option(
+    "--load-in-4bit", is_flag=True, default=None, help="Load the students in 4-bit (CUDA)."
+)
 @click.option("--seed", type=int)
 @click.option(
     "--judge/--no-judge", default=None, help="LLM judge through the teacher client (costs money)."
@@ -222,6 +225,11 @@ def eval_cmd(config_path: Path | None, **flags: Any) -> None:
     "--gradient-checkpointing/--no-gradient-checkpointing", "gradient_checkpointing", default=None
 )
 @click.option("--packing/--no-packing", "packing", default=None)
+@click.option(
+    "--train-on",
+    type=click.Choice(["last", "all"]),
+    help="Assistant turns that carry loss: last (the teacher's answer, default) or all.",
+)
 @click.option("--eval-steps", type=int)
 @click.option("--save-steps", type=int)
 @click.option("--logging-steps", type=int)

@@ -32,6 +32,7 @@ import math
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +42,7 @@ from pydantic import Field
 from pipeline.artifacts import read_dataset, read_finetune_run
 from pipeline.config import StageConfig, dump_config
 from pipeline.errors import ConfigError, InputError
+from pipeline.hardware import native_bf16
 from pipeline.reasoning import final_answer
 
 
@@ -100,6 +102,10 @@ class EvalConfig(StageConfig):
     examples: int = Field(5, ge=0, description="Side-by-side examples shown in report.md.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Where the students run (auto: CUDA when visible, else CPU)."
+    )
+    load_in_4bit: bool = Field(
+        False,
+        description="Load the students in 4-bit NF4 (CUDA + bitsandbytes), e.g. a QLoRA student on the card it trained on.",
     )
     seed: int = Field(0, description="Random seed (matters only when greedy is false).")
     judge: bool = Field(
@@ -267,31 +273,66 @@ def _checked(students: Students, where: str) -> Students:
 
 
 def pick_device(cfg: EvalConfig) -> str:
+    """Where the students run; with load_in_4bit, checks CUDA and bitsandbytes are there."""
     import torch
 
-    if cfg.device != "auto":
-        return cfg.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.load_in_4bit:
+        if device != "cuda":
+            raise ConfigError(
+                f"load_in_4bit needs a CUDA GPU (device is {device}); turn load_in_4bit off"
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception:  # not installed, or installed without a CUDA build
+            raise ConfigError(
+                "load_in_4bit needs bitsandbytes: pip install 'distill[qlora]', or turn "
+                "load_in_4bit off"
+            ) from None
+    return device
 
 
-def load_student(which: str, students: Students, device: str):  # type: ignore[no-untyped-def]
-    """(model, tokenizer) in eval mode; an adapter is merged into its base for speed."""
+def eval_dtype(device: str, capability: Callable[[], tuple[int, int]] | None = None) -> str:
+    """bf16 on GPUs with bf16 in hardware, fp16 on older ones (T4, V100), fp32 elsewhere (CPU
+    half precision is slow). `capability` is torch.cuda.get_device_capability by default."""
+    if device != "cuda":
+        return "fp32"
+    import torch
+
+    return "bf16" if native_bf16((capability or torch.cuda.get_device_capability)()) else "fp16"
+
+
+def load_student(which: str, students: Students, device: str, load_in_4bit: bool = False):  # type: ignore[no-untyped-def]
+    """(model, tokenizer) in eval mode; an adapter is merged into its base for speed (kept apart
+    on a 4-bit base, as in QLoRA training)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one progress bar per phase is ours; no "Loading weights"
-    # bf16 where the GPU has it; fp32 elsewhere (CPU half precision is slow, fp16 can overflow).
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        eval_dtype(device)
+    ]
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
     path = students.base if which == "base" or students.adapter else students.finetuned
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     tok_path = path
     if which == "finetuned" and students.adapter:
         from peft import PeftModel
 
         with warnings.catch_warnings():  # peft trips a transformers deprecation notice
             warnings.simplefilter("ignore", FutureWarning)
-            model = PeftModel.from_pretrained(model, str(students.finetuned)).merge_and_unload()
+            peft = PeftModel.from_pretrained(model, str(students.finetuned))
+        model = peft if load_in_4bit else peft.merge_and_unload()  # type: ignore[assignment]
         # The fine-tune stage saves its tokenizer (and chat template) next to the adapter.
         if (students.finetuned / "tokenizer_config.json").is_file():
             tok_path = students.finetuned
@@ -302,7 +343,8 @@ def load_student(which: str, students: Students, device: str):  # type: ignore[n
         )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model.to(device)  # type: ignore[arg-type]
+    if not load_in_4bit:  # a 4-bit model is placed on the GPU as it loads
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model, tok
 
@@ -771,7 +813,7 @@ def run_students(
     per: dict[str, list[dict[str, Any]]] = {}
     teacher: dict[str, Any] = {}
     for which in STUDENTS:
-        model, tok = load_student(which, students, device)
+        model, tok = load_student(which, students, device, cfg.load_in_4bit)
         stops = eos_ids(model, tok, shared_stops)
         answers = generate(model, tok, prompts, cfg, LABELS[which], stops)
         nll = teacher_nll(model, tok, prompts, cfg, LABELS[which], stops) if cfg.nll else None

@@ -7,6 +7,7 @@ students differ without training anything.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -17,7 +18,15 @@ from click.testing import CliRunner
 
 from pipeline.cli import cli
 from pipeline.errors import ConfigError, InputError
-from pipeline.evaluate import EvalConfig, evaluate, headline, load_prompts, read_report, rouge_l
+from pipeline.evaluate import (
+    EvalConfig,
+    eval_dtype,
+    evaluate,
+    headline,
+    load_prompts,
+    read_report,
+    rouge_l,
+)
 from tests.tinymodels import make_tiny_model
 
 SYSTEM = "You are a tiny test model. Answer with the number only."
@@ -311,6 +320,30 @@ def test_bad_inputs_give_one_line(setup: dict[str, Path]) -> None:
     msg = _bad(setup, "--format-regex", "(unclosed")
     assert "format_regex" in msg and "(unclosed" in msg
     assert "answer_patterns" in _bad(setup, "--answer-patterns", "[a-")
+
+
+@pytest.mark.parametrize(
+    "capability, dtype",
+    [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((8, 6), "bf16"), ((9, 0), "bf16")],
+)
+def test_eval_dtype_by_compute_capability(capability: tuple[int, int], dtype: str) -> None:
+    """A T4 (7.5) gets fp16 although torch.cuda.is_bf16_supported() says True there (emulated)."""
+    assert eval_dtype("cuda", lambda: capability) == dtype
+
+
+def test_eval_dtype_off_the_gpu_is_fp32() -> None:
+    def no_gpu() -> tuple[int, int]:
+        raise AssertionError("capability asked off the GPU")
+
+    assert eval_dtype("cpu", no_gpu) == "fp32" and eval_dtype("mps", no_gpu) == "fp32"
+
+
+def test_load_in_4bit_needs_cuda_and_bitsandbytes(setup: dict[str, Path]) -> None:
+    msg = _bad(setup, "--load-in-4bit")
+    assert "load_in_4bit needs a CUDA GPU" in msg and "device is cpu" in msg
+    if importlib.util.find_spec("bitsandbytes") is None:
+        msg = _bad(setup, "--load-in-4bit", "--device", "cuda")
+        assert "pip install 'distill[qlora]'" in msg
 
 
 def test_bad_inputs_raise_typed_errors(setup: dict[str, Path]) -> None:
