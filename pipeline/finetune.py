@@ -790,7 +790,7 @@ def write_report(
     report = {
         "student": setup.student,
         "data": cfg.data,
-        "dataset": dataset_record(cfg.data),  # what eval checks its held-out prompts against
+        "dataset": dataset_record(str(cfg.data)),  # what eval checks its held-out prompts against
         "steps": state.global_step,
         "epochs": round(float(state.epoch or 0), 4),
         "tokens_seen": tokens_seen,
