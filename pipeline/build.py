@@ -36,7 +36,7 @@ from pipeline.errors import ConfigError, InputError, StoreError
 from pipeline.reasoning import content_text, join_think
 from pipeline.record import Response
 from pipeline.store import Store
-from pipeline.verify import MODES, Verdict, check, load_function
+from pipeline.verify import MODES, Verdict, check_prompt, load_function
 
 # The order filters run in, and the order of every count in the report and the card. Verification
 # and the custom hook come before deduplication, so that of two near-identical answers the one
@@ -402,21 +402,15 @@ def _row_filters(
 def check_row(cfg: BuildConfig, r: Row) -> Verdict:
     """The verifier's verdict on a row's final answer, with the build's mode and tolerances; a
     mode that cannot apply (math on a text reference) or a failing custom check names the prompt."""
-    try:
-        return check(
-            r.answer,
-            r.store.reference,
-            mode=cfg.verify,
-            rel_tol=cfg.rel_tol,
-            abs_tol=cfg.abs_tol,
-            patterns=cfg.answer_patterns,
-        )
-    except ConfigError as e:
-        raise ConfigError(f"prompt {r.prompt_id}: {e}") from None
-    except Exception as e:  # the user's verify function may raise anything
-        raise ConfigError(
-            f"prompt {r.prompt_id}: verify {cfg.verify!r} raised {type(e).__name__}: {e}; fix the function"
-        ) from None
+    return check_prompt(
+        r.prompt_id,
+        r.answer,
+        r.store.reference,
+        mode=cfg.verify,
+        rel_tol=cfg.rel_tol,
+        abs_tol=cfg.abs_tol,
+        patterns=cfg.answer_patterns,
+    )
 
 
 def apply_filters(

@@ -548,21 +548,19 @@ class Verification:
 
     def check(self, text: str, reference: str | None, prompt_id: str) -> bool | None:
         """Is the final answer of `text` the reference? None when there is no reference."""
-        from pipeline.verify import check
+        from pipeline.verify import check_prompt
 
         if reference is None:
             return None
-        try:
-            v = check(
-                text,
-                reference,
-                mode=self.mode,
-                rel_tol=self.rel_tol,
-                abs_tol=self.abs_tol,
-                patterns=self.patterns,
-            )
-        except ConfigError as e:
-            raise ConfigError(f"prompt {prompt_id}: {e}") from None
+        v = check_prompt(
+            prompt_id,
+            text,
+            reference,
+            mode=self.mode,
+            rel_tol=self.rel_tol,
+            abs_tol=self.abs_tol,
+            patterns=self.patterns,
+        )
         return v.verified is True
 
 
