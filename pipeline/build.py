@@ -30,12 +30,13 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipeline.artifacts import fingerprint
 from pipeline.config import StageConfig
 from pipeline.errors import ConfigError, InputError, StoreError
 from pipeline.reasoning import content_text, join_think
 from pipeline.record import Response
 from pipeline.store import Store
-from pipeline.verify import check, load_function, verify
+from pipeline.verify import MODES, Verdict, check_prompt, load_function
 
 # The order filters run in, and the order of every count in the report and the card. Verification
 # and the custom hook come before deduplication, so that of two near-identical answers the one
@@ -142,8 +143,14 @@ class BuildConfig(StageConfig):
         default_factory=list,
         description="Regexes tried first to find the final answer (group 1, else the whole match; the last match wins); then \\boxed{}, 'The answer is', the last number.",
     )
+    verify: str = Field(
+        "auto",
+        description="How a final answer is checked against the prompt's reference (the switch is filters.verify): auto (math when the reference reads as math, else text), math, text, regex (answer_patterns only), or your own 'module:function' / 'path/to/file.py:function' returning True, False or None. `distill eval` uses the same setting.",
+    )
     rel_tol: float = Field(
-        1e-6, ge=0, description="Relative tolerance of numeric answer comparison."
+        1e-6,
+        ge=0,
+        description="Relative tolerance of numeric answer comparison (integers always compare exactly).",
     )
     abs_tol: float = Field(
         1e-9, ge=0, description="Absolute tolerance of numeric answer comparison."
@@ -174,10 +181,15 @@ class BuildConfig(StageConfig):
     )
     seed: int = Field(0, description="Seed of the train/eval split (a hash of seed and prompt id).")
     eval_fraction: float = Field(
-        0.1, ge=0, lt=1, description="Share of prompts (not rows) held out for eval."
+        0.1,
+        ge=0,
+        lt=1,
+        description="Share of prompts (not rows) held out for eval: a prompt is eval when sha256(seed:prompt id), read as a number in [0, 1), is below it, so adding, removing or filtering prompts never moves another one.",
     )
     eval_size: int | None = Field(
-        None, ge=0, description="Number of prompts held out for eval (overrides eval_fraction)."
+        None,
+        ge=0,
+        description="Exactly this many prompts held out for eval (overrides eval_fraction): the lowest hashes, a rank, so the split moves when the prompts change; prefer eval_fraction for splits that stay put.",
     )
     split_field: str | None = Field(
         None,
@@ -201,6 +213,21 @@ class BuildConfig(StageConfig):
                     )
         return data
 
+    @field_validator("verify")
+    @classmethod
+    def _verify_mode(cls, mode: str) -> str:
+        if mode not in MODES and ":" not in mode:
+            raise ValueError(
+                f"verify {mode!r}: expected one of {', '.join(MODES)} or 'module:function'"
+            )
+        return mode
+
+    @model_validator(mode="after")
+    def _regex_needs_patterns(self) -> BuildConfig:
+        if self.verify == "regex" and not self.answer_patterns:
+            raise ValueError("verify: regex needs answer_patterns; add at least one regex")
+        return self
+
     @field_validator("refusal_patterns", "answer_patterns")
     @classmethod
     def _compiles(cls, patterns: list[str]) -> list[str]:
@@ -223,6 +250,7 @@ class Row:
     answer_len: int = 0
     reasoning_len: int = 0
     verified: bool | None = None
+    verdict: str = ""  # why the verifier said no (the verify filter's reason)
     removed_by: str | None = None
     reason: str = ""
 
@@ -252,6 +280,7 @@ class BuildReport:
     reasons: dict[str, dict[str, int]] = field(default_factory=dict)
     kept: int = 0
     verified: dict[str, int] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
     prompts: dict[str, int] = field(default_factory=dict)
     split: dict[str, Any] = field(default_factory=dict)
     teachers: list[dict[str, Any]] = field(default_factory=list)
@@ -366,9 +395,22 @@ def _row_filters(
     if too is not None:
         return "length", too
     if on.verify and r.verified is False:
-        v = check(r.answer, r.store.reference, patterns=cfg.answer_patterns)
-        return "verify", v.reason
+        return "verify", r.verdict
     return None
+
+
+def check_row(cfg: BuildConfig, r: Row) -> Verdict:
+    """The verifier's verdict on a row's final answer, with the build's mode and tolerances; a
+    mode that cannot apply (math on a text reference) or a failing custom check names the prompt."""
+    return check_prompt(
+        r.prompt_id,
+        r.answer,
+        r.store.reference,
+        mode=cfg.verify,
+        rel_tol=cfg.rel_tol,
+        abs_tol=cfg.abs_tol,
+        patterns=cfg.answer_patterns,
+    )
 
 
 def apply_filters(
@@ -379,7 +421,8 @@ def apply_filters(
     kept_texts: dict[str, list[tuple[str, frozenset[Any]]]] = {}
     for r in rows:
         if r.store.reference is not None:
-            r.verified = bool(r.answer) and verify(r.answer, r.store.reference, cfg.answer_patterns)
+            v = check_row(cfg, r)
+            r.verified, r.verdict = bool(r.answer) and v.verified is True, v.reason
         removed = _row_filters(cfg, r, refusals)
         if removed is None and custom is not None:
             reason = _custom_reason(custom, cfg.custom_filter or "", r)
@@ -458,26 +501,28 @@ def fixed_splits(rows: list[Row], cfg: BuildConfig) -> dict[str, bool]:
     return out
 
 
+def prompt_hash(seed: int, prompt_id: str) -> float:
+    """sha256("seed:prompt id") read as a number in [0, 1): where a prompt falls in the split."""
+    digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def split_prompts(
     prompt_ids: list[str], cfg: BuildConfig, fixed: dict[str, bool] | None = None
 ) -> set[str]:
-    """The eval prompt ids: those fixed by split_field, then the n lowest by hash(seed, prompt id)
-    of the rest. Row order plays no part."""
+    """The eval prompt ids: those fixed by split_field, then, of the rest, those whose
+    prompt_hash is below eval_fraction: a pure function of (seed, prompt id, eval_fraction), so
+    adding, removing or filtering prompts never moves another one. eval_size instead takes the n
+    lowest hashes (a rank: exact, but it moves when the prompts change)."""
     fixed = fixed or {}
     forced = {p for p in prompt_ids if fixed.get(p)}
     ids = sorted({p for p in prompt_ids if p not in fixed})
-    if fixed and not ids:
-        return forced
-    if cfg.eval_size is not None:
-        n = cfg.eval_size
-    else:
-        n = round(cfg.eval_fraction * len(ids))
-        if cfg.eval_fraction > 0 and n == 0:
-            n = 1
-    n = min(n, max(0, len(ids) - 1))  # always leave something to train on
-    if forced:
-        n = min(n, len(ids))  # the fixed eval prompts already leave the rest to train on
-    ranked = sorted(ids, key=lambda p: hashlib.sha256(f"{cfg.seed}:{p}".encode()).hexdigest())
+    if cfg.eval_size is None:
+        return forced | {p for p in ids if prompt_hash(cfg.seed, p) < cfg.eval_fraction}
+    n = cfg.eval_size
+    if not forced:
+        n = min(n, max(0, len(ids) - 1))  # always leave something to train on
+    ranked = sorted(ids, key=lambda p: (prompt_hash(cfg.seed, p), p))
     return forced | set(ranked[:n])
 
 
@@ -736,7 +781,10 @@ def _card_curation(rep: BuildReport, cfg: BuildConfig) -> list[str]:
         f"| **kept** | **{rep.kept}** | |",
         "",
         f"Of the rows kept, {v['true']} match their reference answer, {v['false']} do not "
-        f"(kept only when the verify filter is off) and {v['none']} have no reference.",
+        f"(kept only when the verify filter is off) and {v['none']} have no reference. "
+        f"Checked with verify: {rep.verification['mode']} (rel_tol {rep.verification['rel_tol']:g}, "
+        f"abs_tol {rep.verification['abs_tol']:g}); {rep.verification['rows_without_reference']} "
+        "of the stored answers had no reference to check.",
         "",
     ]
 
@@ -746,8 +794,9 @@ def _card_split(rep: BuildReport) -> list[str]:
     lines = [
         "## Split",
         "",
-        f"By prompt id, so no sample of an eval prompt is trained on: the {sp['eval_prompts']} prompts with the "
-        f'lowest sha256("{sp["seed"]}:<prompt id>") are eval.',
+        f"By prompt id, so no sample of an eval prompt is trained on: a prompt is eval when "
+        f'sha256("{sp["seed"]}:<prompt id>") as a number in [0, 1) meets the rule: {sp["rule"]}. '
+        "The prompt ids of each split are in `splits.json`.",
         "",
         "| split | rows | prompts |",
         "|---|---|---|",
@@ -845,6 +894,8 @@ def _check_paths(cfg: BuildConfig) -> tuple[Path, Path]:
 def curate(cfg: BuildConfig, run: Path) -> Curation:
     """Read the store, run the filters and the selection, and choose the eval prompts."""
     custom = load_function(cfg.custom_filter, "custom_filter") if cfg.custom_filter else None
+    if cfg.verify not in MODES:  # a custom check that cannot load fails before anything is read
+        load_function(cfg.verify, "verify")
     with Store(run, readonly=True) as store:
         rows = [Row(s) for s in store.iter_responses()]
         failures = store.failures()
@@ -895,15 +946,32 @@ def make_report(cfg: BuildConfig, cur: Curation, to: Path) -> BuildReport:
         "kept": len(kept_prompts),
         "lost": len(all_prompts) - len(kept_prompts),
     }
+    with_ref = sum(r.store.reference is not None for r in rows)
+    rep.verification = {
+        "mode": cfg.verify,
+        "rel_tol": cfg.rel_tol,
+        "abs_tol": cfg.abs_tol,
+        "answer_patterns": cfg.answer_patterns,
+        "rows_with_reference": with_ref,
+        "rows_without_reference": len(rows) - with_ref,  # counted, never checked nor removed
+    }
     eval_rows = sum(r.prompt_id in cur.eval_ids for r in kept)
+    ids = split_ids(cur)
     rep.split = {
         "by": f"{cfg.split_field}, then prompt_id" if cfg.split_field else "prompt_id",
+        "rule": (
+            f"the {cfg.eval_size} lowest hashes (eval_size: a rank, moves when prompts change)"
+            if cfg.eval_size is not None
+            else f"hash < eval_fraction {cfg.eval_fraction:g} (a prompt never moves)"
+        ),
         "eval_filtered": cfg.filter_eval,
         "seed": cfg.seed,
         "train_rows": len(kept) - eval_rows,
         "eval_rows": eval_rows,
-        "train_prompts": len(kept_prompts) - len(cur.eval_ids),
-        "eval_prompts": len(cur.eval_ids),
+        "train_prompts": len(ids["train"]),
+        "eval_prompts": len(ids["eval"]),
+        "train_fingerprint": fingerprint(ids["train"]),
+        "eval_fingerprint": fingerprint(ids["eval"]),
     }
     rep.teachers = _teachers(rows)
     dates = sorted(r.store.created_at for r in rows)
@@ -918,6 +986,12 @@ def make_report(cfg: BuildConfig, cur: Curation, to: Path) -> BuildReport:
     }
     rep.config = cfg.model_dump(mode="json", exclude={"to", "json_report"})
     return rep
+
+
+def split_ids(cur: Curation) -> dict[str, list[str]]:
+    """The prompt ids of each split, sorted: what `distill build` writes to splits.json."""
+    kept = {r.prompt_id for r in cur.kept}
+    return {"train": sorted(kept - cur.eval_ids), "eval": sorted(kept & cur.eval_ids)}
 
 
 def _prepare_out(to: Path) -> Path:
@@ -959,6 +1033,8 @@ def build(cfg: BuildConfig) -> BuildReport:
         write_dataset(splits, cfg, tmp)
         (tmp / "README.md").write_text(dataset_card(rep, cfg), encoding="utf-8")
         (tmp / "build_report.json").write_text(rep.to_json(), encoding="utf-8")
+        splits_json = json.dumps(split_ids(cur), indent=1, ensure_ascii=False) + "\n"
+        (tmp / "splits.json").write_text(splits_json, encoding="utf-8")
         if to.exists():
             shutil.rmtree(to)
         tmp.rename(to)

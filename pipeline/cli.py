@@ -160,9 +160,11 @@ def export(run_dir: Path, to: Path, fmt: str) -> None:
     help="Answer-extraction regex (repeatable).",
 )
 @click.option("--format-regex", help="Declared answer format (re.search on each answer).")
-@click.option("--system-prompt", help="System prompt the students see (default: none).")
+@click.option("--system-prompt", help="System prompt the students see (default: the dataset's).")
 @click.option(
-    "--keep-system", is_flag=True, default=None, help="Keep the dataset's system message."
+    "--keep-system/--drop-system",
+    default=None,
+    help="Students see the dataset's system message, as in training (default), or none.",
 )
 @click.option(
     "--nll/--no-nll", default=None, help="Compute NLL/perplexity of the teacher's answers."

@@ -46,7 +46,7 @@ from pydantic import Field
 from trl import SFTConfig, SFTTrainer
 
 from pipeline import hardware
-from pipeline.artifacts import read_dataset, student_path
+from pipeline.artifacts import dataset_record, read_dataset, student_path
 from pipeline.config import StageConfig, dump_config
 from pipeline.errors import ConfigError, InputError, TrainingError
 from pipeline.plots import plot_loss_curves
@@ -901,6 +901,7 @@ def write_report(
     report = {
         "student": setup.student,
         "data": cfg.data,
+        "dataset": dataset_record(str(cfg.data)),  # what eval checks its held-out prompts against
         "steps": state.global_step,
         "epochs": round(float(state.epoch or 0), 4),
         "tokens_seen": tokens_seen,

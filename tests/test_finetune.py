@@ -256,6 +256,12 @@ def test_finetune_cli_trains_saves_and_reports(trained):
     assert report["tokens_seen"] > 0 and report["train_tokens_per_s"] > 0
     assert report["peak_memory_bytes"] > 0 and report["wall_time_s"] > 0
     assert report["final_eval_loss"] is not None and report["final_train_loss"] > 0
+    # Which data it trained on: what `distill eval` checks its held-out prompts against.
+    from pipeline.artifacts import fingerprint, read_dataset
+
+    train_ids = sorted(set(read_dataset(report["data"])["train"]["prompt_id"]))
+    assert report["dataset"]["prompt_ids"] == train_ids
+    assert report["dataset"]["fingerprint"] == fingerprint(train_ids)
     s = report["settings"]
     assert (s["device"], s["dtype"], s["quantize"], s["batch_size"], s["grad_accum"]) == (
         "cpu", "fp32", "none", 4, 1,
