@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import ConfigError
+from pipeline.redact import redact
 
 SECTIONS = ("harvest", "batch", "build", "finetune", "merge", "eval")
 """The sections a config file may hold, in pipeline order; reference.py maps each to its model."""
@@ -112,5 +113,6 @@ def load_config(
 
 
 def dump_config(cfg: BaseModel, exclude: set[str] | None = None) -> str:
-    """YAML of a config as used (for a run's record). Holds no secrets: keys stay in the environment."""
-    return yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False)
+    """YAML of a config as used (for a run's record). Holds no secrets: keys stay in the environment,
+    and credentials in a URL (`http://user:pw@host`) are masked."""
+    return redact(yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False))

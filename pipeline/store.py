@@ -33,6 +33,7 @@ from typing import Any
 
 from pipeline.errors import RunLockedError, StoreError
 from pipeline.record import Response, canonical_json, content_hash, utcnow
+from pipeline.redact import RedactingFilter, redact
 
 STORE_FILE = "store.sqlite"
 
@@ -312,7 +313,16 @@ class Store:
                 "INSERT INTO failures (key, prompt_id, sample_index, teacher, status, error, attempts, updated_at) "
                 "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET status=excluded.status, "
                 "error=excluded.error, attempts=failures.attempts+excluded.attempts, updated_at=excluded.updated_at",
-                (key, prompt_id, sample_index, teacher, status, error[:2000], attempts, utcnow()),
+                (
+                    key,
+                    prompt_id,
+                    sample_index,
+                    teacher,
+                    status,
+                    redact(error)[:2000],
+                    attempts,
+                    utcnow(),
+                ),
             )
         except sqlite3.Error as e:
             raise _friendly(e, self.path) from None
@@ -454,6 +464,7 @@ def open_run(run_dir: Path, log: logging.Logger, config_yaml: str | None = None)
                     f"{run_dir}: cannot write to the run directory ({e.strerror})"
                 ) from None
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            handler.addFilter(RedactingFilter())
             log.addHandler(handler)
             log.setLevel(logging.INFO)
             log.propagate = False

@@ -7,7 +7,9 @@ deterministically from the last user message unless `responder` is set, and can:
 - honour `n`, return logprobs, report usage with reasoning tokens;
 - demand an API key (401), know only some models (404), reject chosen prompts (400);
 - enforce a requests/s token bucket (429 with Retry-After / retry-after-ms and x-ratelimit-* headers);
-- inject faults at given rates: 5xx, dropped connections, hangs, garbage bodies, empty choices.
+- inject faults at given rates: 5xx, dropped connections, hangs, garbage bodies, empty choices;
+- play a leaky proxy (`echo_status`): answer every request with that status (400/401/500), quoting
+  the request's Authorization header and URL in the body, as some servers do.
 Every request is counted, so tests can assert "the second run sent nothing".
 """
 
@@ -81,6 +83,7 @@ class OpenAIServer:
     hang_seconds: float = 3600.0
     throttle_first: int = 0  # answer the first N requests 429 ...
     throttle_ms: int = 500  # ... with retry-after-ms of this
+    echo_status: int | None = None  # answer everything with this status, echoing Authorization
 
     def __post_init__(self) -> None:
         self.requests = 0  # chat completion requests received
@@ -147,6 +150,14 @@ class OpenAIServer:
                 },
             )
         self.headers_seen.append({"authorization": request.headers.get("Authorization", "")})
+        if self.echo_status is not None:
+            self._count(self.echo_status)
+            auth = request.headers.get("Authorization", "")
+            quoted = f"request {request.method} {request.url} with Authorization: {auth}"
+            return web.json_response(
+                {"error": {"message": f"refused {quoted}", "headers": dict(request.headers)}},
+                status=self.echo_status,
+            )
         if (
             self.api_key is not None
             and request.headers.get("Authorization") != f"Bearer {self.api_key}"
