@@ -63,7 +63,7 @@ from pipeline.harvest import HarvestConfig, checked_rows, plan, sample_seed, sto
 from pipeline.prompts import PromptRow
 from pipeline.ratelimit import retrying
 from pipeline.redact import redact
-from pipeline.store import BATCH_OPEN_STATES, Store, open_run
+from pipeline.store import BATCH_OPEN_STATES, STORE_FILE, Store, open_run
 from pipeline.teacher import (
     Completion,
     TeacherConfig,
@@ -229,7 +229,7 @@ class BatchAPI:
         # A try that timed out may still have stored the file: look for it before sending again.
         async for attempt in retrying(self.t.max_retries):
             with attempt:
-                if attempt.retry_state.attempt_number > 1:
+                if attempt.retry_state.attempt_number > 1 and self.reached:  # else none stored
                     found = await self.find_file(filename)
                     if found is not None:
                         return found
@@ -268,7 +268,7 @@ class BatchAPI:
         # A try that timed out may still have created the batch: never create it twice.
         async for attempt in retrying(self.t.max_retries):
             with attempt:
-                if attempt.retry_state.attempt_number > 1:
+                if attempt.retry_state.attempt_number > 1 and self.reached:
                     found = await self.find_batch(local_id, since)
                     if found is not None:
                         return found
@@ -735,6 +735,11 @@ def run_batch(
         rows, _ = checked_rows(hcfg)  # input errors surface before the store is touched
     summary = BatchSummary(run_dir=str(run_dir), command=command)
     started = time.monotonic()
+    if hcfg is None and not (run_dir / STORE_FILE).is_file():  # collect, cancel: nothing to do
+        raise InputError(
+            f"{run_dir}: no harvest store here ({STORE_FILE} missing); "
+            f"run `distill batch submit {run_dir}` first or check the path"
+        )
     with open_run(run_dir, log, None if hcfg is None else dump_config(hcfg)) as store:
         log.info("batch %s start", command)
         b = BatchRun(run_dir, bcfg, store, summary)

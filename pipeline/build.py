@@ -470,6 +470,11 @@ def split_prompts(
         return forced
     if cfg.eval_size is not None:
         n = cfg.eval_size
+        if n and not forced and n >= len(ids):  # not silently: it would leave one train prompt
+            raise ConfigError(
+                f"--eval-size {n} is not below the {len(ids)} prompts to split (after filters): "
+                f"nothing would be left to train on; pass --eval-size {max(0, len(ids) - 1)} or less"
+            )
     else:
         n = round(cfg.eval_fraction * len(ids))
         if cfg.eval_fraction > 0 and n == 0:
@@ -836,7 +841,7 @@ def _check_paths(cfg: BuildConfig) -> tuple[Path, Path]:
         )
     run = Path(cfg.run)
     if not run.is_dir():
-        raise StoreError(
+        raise InputError(
             f"{run}: run directory not found; pass the folder given to `distill harvest --out`"
         )
     return run, Path(cfg.to)

@@ -7,6 +7,7 @@ exit code (see pipeline/errors.py); anything else is a bug and keeps its traceba
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -532,10 +533,15 @@ def reference(readme: Path | None) -> None:
     from pipeline.reference import full_reference, write_reference
 
     if readme is not None:
-        write_reference(readme)
+        run_stage(write_reference, readme)
     else:
         click.echo(full_reference(), nl=False)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops every command as Ctrl-C does: 130
     cli(prog_name="distill")

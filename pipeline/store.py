@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import RunLockedError, StoreError
+from pipeline.errors import InputError, RunLockedError, StoreError
 from pipeline.record import Response, canonical_json, content_hash, utcnow
 from pipeline.redact import RedactingFilter, redact
 
@@ -219,8 +219,8 @@ class Store:
         self.readonly = readonly
         self.failed_keys: set[str] = set()
         if readonly:
-            if not self.path.is_file():
-                raise StoreError(
+            if not self.path.is_file():  # a wrong path: bad input (exit 2) in every command
+                raise InputError(
                     f"{self.run_dir}: no harvest store here ({STORE_FILE} missing); "
                     "run `distill harvest --out {dir}` first or check the path".replace(
                         "{dir}", str(self.run_dir)
@@ -308,21 +308,13 @@ class Store:
         error: str,
         attempts: int,
     ) -> None:
+        error = redact(error)  # servers quote requests back, keys included
         try:
             self.db.execute(
                 "INSERT INTO failures (key, prompt_id, sample_index, teacher, status, error, attempts, updated_at) "
                 "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET status=excluded.status, "
                 "error=excluded.error, attempts=failures.attempts+excluded.attempts, updated_at=excluded.updated_at",
-                (
-                    key,
-                    prompt_id,
-                    sample_index,
-                    teacher,
-                    status,
-                    redact(error)[:2000],
-                    attempts,
-                    utcnow(),
-                ),
+                (key, prompt_id, sample_index, teacher, status, error[:2000], attempts, utcnow()),
             )
         except sqlite3.Error as e:
             raise _friendly(e, self.path) from None

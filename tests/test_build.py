@@ -444,6 +444,7 @@ def test_bad_input_is_one_line_and_no_traceback(run_dir: Path, tmp_path: Path) -
             ["build", str(run_dir), "--to", str(tmp_path / "o"), "--eval-fraction", "1.5"],
             "eval_fraction",
         ),
+        (["build", str(run_dir), "--to", str(tmp_path / "o"), "--eval-size", "999"], "999"),
     ]
     for args, needle in cases:
         res = runner.invoke(cli, args)
