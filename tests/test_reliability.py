@@ -231,18 +231,8 @@ def test_batch_against_a_closed_port_exits_1_naming_the_cause(tmp_path: Path) ->
     p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(3))
     url = f"http://127.0.0.1:{closed_port()}/v1"
     run = tmp_path / "run"
-    proc = run_cli(
-        "batch",
-        "submit",
-        str(run),
-        "--prompts",
-        str(p),
-        "--base-url",
-        url,
-        "--model",
-        "m",
-        timeout=60,
-    )
+    where = ["--prompts", str(p), "--base-url", url, "--model", "m"]
+    proc = run_cli("batch", "submit", str(run), *where, timeout=60)
     assert proc.returncode == EXIT_FAILED
     assert_one_line_error(proc, url, "connection refused")
     assert "connection refused" in (run / "harvest.log").read_text()
