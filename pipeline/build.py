@@ -520,6 +520,11 @@ def split_prompts(
     if cfg.eval_size is None:
         return forced | {p for p in ids if prompt_hash(cfg.seed, p) < cfg.eval_fraction}
     n = cfg.eval_size
+    if n and not forced and n >= len(ids):  # not silently: it would leave one train prompt
+        raise ConfigError(
+            f"--eval-size {n} is not below the {len(ids)} prompts to split (after filters): "
+            f"nothing would be left to train on; pass --eval-size {max(0, len(ids) - 1)} or less"
+        )
     if not forced:
         n = min(n, max(0, len(ids) - 1))  # always leave something to train on
     ranked = sorted(ids, key=lambda p: (prompt_hash(cfg.seed, p), p))
@@ -885,7 +890,7 @@ def _check_paths(cfg: BuildConfig) -> tuple[Path, Path]:
         )
     run = Path(cfg.run)
     if not run.is_dir():
-        raise StoreError(
+        raise InputError(
             f"{run}: run directory not found; pass the folder given to `distill harvest --out`"
         )
     return run, Path(cfg.to)

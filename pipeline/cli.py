@@ -1,11 +1,13 @@
 """The `distill` command line: parse flags, load config, call one stage function, report.
 
 Each command turns the project's own errors (`DistillError`) into one line on stderr and an
-exit code (see pipeline/errors.py); anything else is a bug and keeps its traceback.
+exit code (see pipeline/errors.py); anything else is a bug and keeps its traceback. Ctrl-C is
+`interrupted` and exit 130 in every command. Every line printed passes redact.py.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,18 +15,27 @@ from typing import Any, TypeVar
 
 import click
 
-from pipeline.errors import DistillError
+from pipeline.errors import EXIT_INTERRUPTED, DistillError
+from pipeline.redact import redact
 
 T = TypeVar("T")
 
 
 def run_stage(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Call a stage; a DistillError becomes `error: <message>` and its exit code."""
+    """Call a stage; a DistillError becomes `error: <message>` and its exit code, Ctrl-C 130."""
     try:
         return fn(*args, **kwargs)
     except DistillError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(redact(f"error: {e}"), err=True)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: rerun to continue", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def say(text: str, err: bool = False) -> None:
+    """Print a summary line or JSON, redacted like everything else that leaves the process."""
+    click.echo(redact(text), err=err)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -95,9 +106,9 @@ def harvest(config_path: Path | None, **flags: Any) -> None:
     flags["stop"] = list(flags["stop"]) or None
     cfg = run_stage(load_config, HarvestConfig, config_path, "harvest", flags)
     summary = run_stage(harvest, cfg)
-    click.echo(summary.line(), err=True)
+    say(summary.line(), err=True)
     if cfg.json_summary:
-        click.echo(summary_json(summary))
+        say(summary_json(summary))
     sys.exit(summary.exit_code)
 
 
@@ -423,9 +434,9 @@ def _run_batch(
         flags["prompts"] = list(flags.get("prompts") or []) or None
         hcfg = run_stage(harvest_config, run_dir, config_path, flags)
     summary = run_stage(run_batch, command, run_dir, bcfg, hcfg)
-    click.echo(summary.line(), err=True)
+    say(summary.line(), err=True)
     if bcfg.json_summary:
-        click.echo(summary_json(summary))
+        say(summary_json(summary))
     sys.exit(summary.exit_code)
 
 
@@ -532,10 +543,15 @@ def reference(readme: Path | None) -> None:
     from pipeline.reference import full_reference, write_reference
 
     if readme is not None:
-        write_reference(readme)
+        run_stage(write_reference, readme)
     else:
         click.echo(full_reference(), nl=False)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops every command as Ctrl-C does: 130
     cli(prog_name="distill")

@@ -44,7 +44,7 @@ from email.utils import parsedate_to_datetime
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_exponential_jitter
 
-from pipeline.errors import TransientError
+from pipeline.errors import TransientError, Unreachable
 
 
 class Bucket:
@@ -339,12 +339,18 @@ class Limiter:
             self.last_decrease = now
 
 
+UNREACHABLE_TRIES = 3  # a server never reached: 3 tries, 1.5 s then 3 s apart, then stop the run
+UNREACHABLE_WAIT = 1.5
+
+
 def _wait(base: wait_exponential_jitter):
     """Exponential backoff with jitter, but never less than the server's Retry-After."""
 
     def wait(state: RetryCallState) -> float:
         backoff = base(state)
         exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, Unreachable):  # seconds, not minutes: a wrong URL stays wrong
+            return UNREACHABLE_WAIT * state.attempt_number
         if isinstance(exc, TransientError) and exc.retry_after is not None:
             # The limiter already pauses everyone until Retry-After; add a little jitter.
             return max(exc.retry_after, 0.05) + 0.05 * backoff
@@ -360,11 +366,14 @@ def _wait(base: wait_exponential_jitter):
 
 def _stop(max_retries: int):
     """Stop after `max_retries` failures, not counting 429s (the server said "later", not "no")
-    unless they pile up: a 429 costs nothing, but a run must not spin on it forever."""
+    unless they pile up: a 429 costs nothing, but a run must not spin on it forever. A server
+    never reached (`Unreachable`) gets UNREACHABLE_TRIES tries whatever `max_retries` says."""
     counts = {"failures": 0, "throttles": 0}
 
     def stop(state: RetryCallState) -> bool:
         exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, Unreachable):
+            return state.attempt_number >= UNREACHABLE_TRIES
         if isinstance(exc, TransientError) and exc.status == 429:
             counts["throttles"] += 1
         else:

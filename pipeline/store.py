@@ -31,8 +31,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import RunLockedError, StoreError
+from pipeline.errors import InputError, RunLockedError, StoreError
 from pipeline.record import Response, canonical_json, content_hash, utcnow
+from pipeline.redact import RedactingFilter, redact
 
 STORE_FILE = "store.sqlite"
 
@@ -218,8 +219,8 @@ class Store:
         self.readonly = readonly
         self.failed_keys: set[str] = set()
         if readonly:
-            if not self.path.is_file():
-                raise StoreError(
+            if not self.path.is_file():  # a wrong path: bad input (exit 2) in every command
+                raise InputError(
                     f"{self.run_dir}: no harvest store here ({STORE_FILE} missing); "
                     "run `distill harvest --out {dir}` first or check the path".replace(
                         "{dir}", str(self.run_dir)
@@ -307,6 +308,7 @@ class Store:
         error: str,
         attempts: int,
     ) -> None:
+        error = redact(error)  # servers quote requests back, keys included
         try:
             self.db.execute(
                 "INSERT INTO failures (key, prompt_id, sample_index, teacher, status, error, attempts, updated_at) "
@@ -454,6 +456,7 @@ def open_run(run_dir: Path, log: logging.Logger, config_yaml: str | None = None)
                     f"{run_dir}: cannot write to the run directory ({e.strerror})"
                 ) from None
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            handler.addFilter(RedactingFilter())
             log.addHandler(handler)
             log.setLevel(logging.INFO)
             log.propagate = False

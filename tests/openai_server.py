@@ -12,6 +12,8 @@ deterministically from the last user message unless `responder` is set, and can:
   (503 like TGI, or a header-less 429), or queue past `queue_slots` (latency grows with load);
 - ignore `logprobs`, cap `top_logprobs`, score text on /v1/completions (vLLM's `prompt_logprobs`
   or `echo` + `logprobs`), and list batches (GET /v1/batches) for the probe.
+- play a leaky proxy (`echo_status`): answer every request with that status (400/401/500), quoting
+  the request's Authorization header and URL in the body, as some servers do.
 Every request is counted, so tests can assert "the second run sent nothing".
 """
 
@@ -92,6 +94,7 @@ class OpenAIServer:
     max_top_logprobs: int = 20  # 400 when a request asks for more
     scoring: str | None = None  # /v1/completions scores prompts: None | "prompt_logprobs" | "echo"
     batches: bool = False  # answer GET /v1/batches
+    echo_status: int | None = None  # answer everything with this status, echoing Authorization
 
     def __post_init__(self) -> None:
         self.requests = 0  # chat completion requests received
@@ -161,6 +164,14 @@ class OpenAIServer:
                 },
             )
         self.headers_seen.append({"authorization": request.headers.get("Authorization", "")})
+        if self.echo_status is not None:
+            self._count(self.echo_status)
+            auth = request.headers.get("Authorization", "")
+            quoted = f"request {request.method} {request.url} with Authorization: {auth}"
+            return web.json_response(
+                {"error": {"message": f"refused {quoted}", "headers": dict(request.headers)}},
+                status=self.echo_status,
+            )
         if (
             self.api_key is not None
             and request.headers.get("Authorization") != f"Bearer {self.api_key}"

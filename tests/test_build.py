@@ -218,7 +218,8 @@ def test_split_by_prompt_leaks_nothing_and_is_seeded(run_dir: Path, tmp_path: Pa
     assert split_prompts(list(reversed(ids)) + ids[:50], cfg) == chosen  # row order plays no part
     assert split_prompts(ids, BuildConfig(eval_fraction=0.1, seed=2)) != chosen
     assert len(split_prompts(ids, BuildConfig(eval_size=5, seed=1))) == 5  # eval_size: a count
-    assert split_prompts(["only"], BuildConfig(eval_size=3)) == set()  # leaves something to train
+    with pytest.raises(ConfigError, match="nothing would be left to train on"):
+        split_prompts(["only"], BuildConfig(eval_size=3))  # refused, not silently one train prompt
 
 
 def test_split_stays_put_when_prompts_are_added_or_filtered(run_dir: Path, tmp_path: Path) -> None:
@@ -527,6 +528,7 @@ def test_bad_input_is_one_line_and_no_traceback(run_dir: Path, tmp_path: Path) -
             ["build", str(run_dir), "--to", str(tmp_path / "o"), "--eval-fraction", "1.5"],
             "eval_fraction",
         ),
+        (["build", str(run_dir), "--to", str(tmp_path / "o"), "--eval-size", "999"], "999"),
     ]
     for args, needle in cases:
         res = runner.invoke(cli, args)
