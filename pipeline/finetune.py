@@ -462,8 +462,9 @@ class DistillTrainer(SFTTrainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()  # type: ignore[misc]
-        if self.kd is not None and "kd_index" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "kd_index"]
+        columns: list[str] = list(self._signature_columns or [])
+        if self.kd is not None and "kd_index" not in columns:
+            self._signature_columns = [*columns, "kd_index"]  # type: ignore[assignment]
 
     def compute_loss(  # type: ignore[override]
         self,
