@@ -125,7 +125,7 @@ class BuildConfig(StageConfig):
     )
     tokenizer: Path | None = Field(
         None,
-        description="Local folder of the student's tokenizer: lengths are counted in its tokens (else in characters).",
+        description="Local folder of the student's tokenizer: lengths are counted in its tokens (else in characters); when the run has logprobs, the teacher's top-k for every answer token are aligned to it (kd_targets, for `distill finetune --loss kd`).",
     )
     min_answer_length: int | None = Field(
         None, ge=0, description="Drop answers shorter than this (tokens or characters)."
@@ -287,10 +287,13 @@ class BuildReport:
     harvested: dict[str, str | None] = field(default_factory=dict)
     lengths: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    kd: dict[str, Any] = field(default_factory=dict)  # teacher targets (kd_targets), if built
 
     def to_json(self) -> str:
         d = dict(self.__dict__)
         d.pop("to")  # the output path is not part of the dataset: a copy elsewhere stays identical
+        if not d["kd"]:
+            d.pop("kd")
         return json.dumps(d, indent=2, ensure_ascii=False) + "\n"
 
     def line(self) -> str:
@@ -312,14 +315,7 @@ def _lengths(rows: list[Row], tokenizer_dir: Path | None) -> str:
         for r in rows:
             r.answer_len, r.reasoning_len = len(r.answer), len(r.reasoning)
         return "characters"
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    except Exception as e:  # transformers raises OSError, ValueError, ... for a bad folder
-        raise InputError(
-            f"tokenizer {tokenizer_dir}: cannot load it ({type(e).__name__}); give a local model folder with tokenizer files"
-        ) from None
+    tok = _load_tokenizer(tokenizer_dir)
     answers = tok([r.answer for r in rows], add_special_tokens=False)["input_ids"] if rows else []
     reasonings = (
         tok([r.reasoning for r in rows], add_special_tokens=False)["input_ids"] if rows else []
@@ -636,6 +632,10 @@ def write_dataset(
 
     datasets.disable_progress_bars()
     feats = _features(cfg.reasoning)
+    if any("kd_check" in r for rows in splits.values() for r in rows):
+        feats["kd_targets"] = datasets.Value("binary")
+        feats["kd_check"] = datasets.Value("string")
+        feats["kd_resegment"] = datasets.List(datasets.Value("int32"))
     dss = {
         name: datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in feats}, features=feats)
         for name, rows in splits.items()
@@ -732,6 +732,7 @@ def dataset_card(rep: BuildReport, cfg: BuildConfig) -> str:
         *_card_curation(rep, cfg),
         *_card_split(rep),
         *_card_format(cfg),
+        *_card_kd(rep),
         "",
         "The full counts and the config used are in `build_report.json`.",
         "",
@@ -856,6 +857,157 @@ def _card_format(cfg: BuildConfig) -> list[str]:
         *(f"- `{name}`: {doc[name]}" for name in ("prompt_id", "sample_index", "teacher", "key")),
         "- `verified`: the final answer matched `reference` (null: no reference)",
         f"- `reference`: {doc['reference']}",
+    ]
+
+
+# -- teacher targets for top-k distillation ----------------------------------------------------------
+
+KD_WHY = {
+    "no_logprobs": "the answer was harvested without logprobs",
+    "text_mismatch": "the teacher's tokens do not spell the answer as stored",
+    "edge": "a student token crosses the answer's start or end",
+    "no_shared_boundary": "no teacher token covers exactly this student token (different tokenizers)",
+    "reasoning_unaligned": "reasoning tokens the teacher's logprobs do not spell (none returned for the trace, or it was reformatted)",
+    "not_in_template": "the student's chat template does not render the answer as stored",
+}
+
+
+def _load_tokenizer(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, ... for a bad folder
+        raise InputError(
+            f"tokenizer {tokenizer_dir}: cannot load it ({type(e).__name__}); give a local model folder with tokenizer files"
+        ) from None
+
+
+def kd_targets(
+    cfg: BuildConfig, cur: Curation, splits: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """The teacher's top-k for every answer token, on the student's tokens of the row as
+    `distill finetune` renders it (pipeline/kd.py aligns); adds kd.KD_COLUMNS to each output row.
+
+    Built when the run has logprobs and `tokenizer` names the student; returns the report's `kd`
+    section ({} when not built): coverage, and why the other answer tokens have no target.
+    """
+    from pipeline import kd
+
+    if cfg.tokenizer is None or not any(r.store.logprobs for r in cur.kept):
+        return {}
+    if cfg.format not in ("hf", "parquet"):
+        return {
+            "stored": False,
+            "why": f"format {cfg.format} has no binary column: use hf or parquet",
+        }
+    # The rendering finetune uses (its training template), so the positions point at its tokens.
+    from pipeline.finetune import prepare_messages, renders_reasoning, training_template
+
+    tok = _load_tokenizer(cfg.tokenizer)
+    template, how = training_template(tok)
+    native = renders_reasoning(tok, template)
+    outs = {name: iter(rows) for name, rows in splits.items()}
+    totals: dict[str, Counter[str]] = {"train": Counter(), "eval": Counter()}
+    modes: Counter[str] = Counter()
+    stored = 0
+    for r in cur.kept:
+        name = "eval" if r.prompt_id in cur.eval_ids else "train"
+        row = next(outs[name])
+        msgs = prepare_messages(row["messages"], native)
+        text = tok.apply_chat_template(msgs, chat_template=template, tokenize=False)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        al = _align_row(r, msgs[-1], text, ids, offsets, tok, native)
+        row["kd_check"] = kd.ids_check(ids)
+        row["kd_targets"] = (
+            kd.pack_targets(al.positions, al.ids, al.logprobs) if al.positions else None
+        )
+        row["kd_resegment"] = (
+            [al.resegment[0], al.resegment[1], *al.resegment[2]] if al.resegment else None
+        )
+        stored += len(row["kd_targets"] or b"")
+        totals[name].update(al.counts)
+        modes[al.mode] += 1
+    total = totals["train"] + totals["eval"]
+
+    def tokens(c: Counter[str]) -> int:
+        return sum(v for k, v in c.items() if k != "alts_dropped")
+
+    n = tokens(total)
+    return {
+        "tokenizer": str(cfg.tokenizer),
+        "tokenizer_id": kd.tokenizer_id(tok),
+        "answer_tokens": n,
+        "target_tokens": total["target"],
+        "coverage": round(total["target"] / n, 4) if n else 0.0,
+        "coverage_by_split": {
+            k: round(c["target"] / tokens(c), 4) if tokens(c) else None for k, c in totals.items()
+        },
+        "no_target": {k: total[k] for k in KD_WHY if total[k]},
+        "alts_dropped": total["alts_dropped"],
+        "rows_by_alignment": dict(sorted(modes.items())),
+        "bytes": stored,
+        "bytes_per_1000_answer_tokens": round(1000 * stored / n) if n else None,
+    }
+
+
+def _align_row(
+    r: Row, turn: dict[str, Any], text: str, ids: list[int], offsets: Any, tok: Any, native: bool
+):  # type: ignore[no-untyped-def]
+    """The alignment of one row's teacher logprobs: over its reasoning and answer when the
+    teacher's tokens spell both, else over the answer alone (the trace then counted unaligned)."""
+    from pipeline import kd
+
+    rows = r.store.token_logprobs()
+    end = text.rfind(r.answer)
+    if end < 0:
+        al = kd.Alignment()
+        al.counts["not_in_template"] = len(tok(r.answer, add_special_tokens=False)["input_ids"])
+        return al
+    spans = []  # (start, text the teacher's tokens should spell), widest first
+    trace = turn.get("reasoning_content") if native else turn.get("content")
+    if trace and trace != r.answer:
+        start = text.rfind(trace, 0, end + len(r.answer))
+        if start >= 0:
+            spans.append((start, text[start : max(end + len(r.answer), start + len(trace))]))
+    spans.append((end, r.answer))
+    aligned = [
+        kd.align_topk(s, rows, tok, answer_start=a, input_ids=ids, offsets=offsets)
+        for a, s in spans
+    ]
+    best = max(aligned, key=lambda al: al.counts["target"])
+    if best is not aligned[0]:
+
+        def size(al: kd.Alignment) -> int:
+            return sum(v for k, v in al.counts.items() if k != "alts_dropped")
+
+        best.counts["reasoning_unaligned"] += size(aligned[0]) - size(best)
+    return best
+
+
+def _card_kd(rep: BuildReport) -> list[str]:
+    k = rep.kd
+    if not k:
+        return []
+    lines = ["", "## Teacher targets (top-k distillation)", ""]
+    if not k.get("stored", True):
+        return [*lines, f"Not stored: {k['why']}."]
+    why = "; ".join(f"{name} {v} ({KD_WHY[name]})" for name, v in k["no_target"].items())
+    return [
+        *lines,
+        f"`kd_targets` holds the teacher's top-k log-probabilities for {k['target_tokens']} of "
+        f"{k['answer_tokens']} answer tokens (coverage {k['coverage']:.1%}), aligned to the "
+        f"tokenizer `{k['tokenizer']}` (vocabulary id `{k['tokenizer_id']}`): train with "
+        "`distill finetune --loss kd` and a student with that tokenizer.",
+        "",
+        f"Without a target: {why or 'none'}. Rows by alignment: "
+        + ", ".join(f"{m} {v}" for m, v in k["rows_by_alignment"].items())
+        + f". {k['bytes']} bytes ({k['bytes_per_1000_answer_tokens']} per 1,000 answer tokens).",
+        "",
+        "- `kd_targets`: int32 n, int32 k, int32 positions[n], int32 ids[n,k], float16 logprobs[n,k] "
+        "(pipeline/kd.py `read_targets`); `kd_check`: length and crc32 of the row's student tokens; "
+        "`kd_resegment`: [start, end, teacher ids] where the teacher's segmentation replaces the student's",
     ]
 
 
@@ -1032,6 +1184,7 @@ def build(cfg: BuildConfig) -> BuildReport:
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
     for r in cur.kept:
         splits["eval" if r.prompt_id in cur.eval_ids else "train"].append(output_row(r, cfg))
+    rep.kd = kd_targets(cfg, cur, splits)
 
     tmp = _prepare_out(to)
     try:

@@ -259,6 +259,16 @@ def eval_cmd(config_path: Path | None, **flags: Any) -> None:
     default=None,
     help="Run model code shipped with the student.",
 )
+@click.option(
+    "--loss",
+    type=click.Choice(["sft", "kd"]),
+    help="sft (default) or kd: CE mixed with KL to the teacher's top-k (needs a build with --tokenizer).",
+)
+@click.option("--kd-alpha", type=float, help="Weight of the KD term (default 0.5).")
+@click.option(
+    "--kd-temperature", type=float, help="Student temperature in the KD term (default 1)."
+)
+@click.option("--kd-tail/--no-kd-tail", "kd_tail", default=None, help="Tail bucket (default on).")
 def finetune(config_path: Path | None, **flags: Any) -> None:
     """Fine-tune a student with LoRA/QLoRA on the built dataset, sized to this machine."""
     from pipeline.config import load_config
@@ -328,7 +338,7 @@ def merge(config_path: Path | None, **flags: Any) -> None:
 @click.option(
     "--tokenizer",
     type=click.Path(path_type=Path),
-    help="Student tokenizer folder: length bounds in its tokens.",
+    help="Student tokenizer folder: length bounds in its tokens, and the teacher's top-k logprobs aligned to it (for --loss kd).",
 )
 @click.option(
     "--select",

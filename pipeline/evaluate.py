@@ -154,6 +154,7 @@ METRICS: list[tuple[str, str, str, str]] = [
     ("rouge_l", "ROUGE-L F1 vs teacher (0-1)", "higher", "{:.3f}"),
     ("nll", "NLL of teacher answers (nats/token)", "lower", "{:.3f}"),
     ("perplexity", "perplexity of teacher answers", "lower", "{:.2f}"),
+    ("teacher_kl", "KL teacher top-k -> student (nats/token)", "lower", "{:.3f}"),
     ("format_compliance", "format compliance", "higher", "{:.1%}"),
     ("judge_score", "LLM judge score (0-1)", "higher", "{:.3f}"),
     ("answer_tokens", "mean answer length (tokens)", "closer to teacher", "{:.1f}"),
@@ -546,6 +547,59 @@ def teacher_nll(  # type: ignore[no-untyped-def]
                 counts[pi] += n
             bar.update(task, advance=len(batch))
     return list(zip(sums, counts, strict=True))
+
+
+def heldout_teacher_kl(model, tok, prompts: list[Prompt], cfg: EvalConfig) -> float | None:  # type: ignore[no-untyped-def]
+    """Mean per-token KL(teacher top-k + tail || student) over the split's teacher answers, on the
+    rows as `distill finetune` renders them (the positions the targets were aligned to); None when
+    the split has no kd_targets or this student's tokens differ from those aligned to."""
+    import torch
+
+    from pipeline import kd
+    from pipeline.finetune import (
+        prepare_messages,
+        renders_reasoning,
+        tokenize_row,
+        training_template,
+    )
+
+    rows = read_dataset(cfg.data, cfg.split)[cfg.split]
+    if not set(kd.KD_COLUMNS) <= set(rows.column_names):
+        return None
+    keep = {p.prompt_id for p in prompts}
+    rows = rows.filter(lambda ex: str(ex["prompt_id"]) in keep)
+    template, how = training_template(tok)
+    native = renders_reasoning(tok, template)
+    tokenized = [
+        tokenize_row(tok, template, how, prepare_messages(ex["messages"], native)) for ex in rows
+    ]
+    try:
+        table = kd.attach_targets(
+            tokenized, rows.select_columns(list(kd.KD_COLUMNS)), rows["prompt_id"], "-"
+        )
+    except InputError:  # another tokenizer or template than the targets': no comparable KL
+        return None
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(tokenized), cfg.batch_size):
+            batch = tokenized[start : start + cfg.batch_size]
+            width = max(len(r["input_ids"]) for r in batch)
+
+            def padded(key: str, fill: int) -> torch.Tensor:
+                return torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in batch])  # noqa: B023
+
+            ids, labels, index = (
+                padded("input_ids", 0),
+                padded("labels", -100),
+                padded("kd_index", -1),
+            )
+            lengths = torch.tensor([[len(r["input_ids"])] for r in batch])
+            mask = torch.arange(width) < lengths  # right padding, masked out
+            logits = model(input_ids=ids.to(device), attention_mask=mask.long().to(device)).logits
+            s, n = kd.teacher_kl(logits.float(), *table.gather(index.to(device), labels.to(device)))
+            total, count = total + s, count + n
+    return total / count if count else None
 
 
 # -- scores ----------------------------------------------------------------------------------------
@@ -1102,6 +1156,8 @@ def run_students(
         answers = generate(model, tok, prompts, cfg, LABELS[which], stops)
         nll = teacher_nll(model, tok, prompts, cfg, LABELS[which], stops) if cfg.nll else None
         metrics[which], per[which] = score(prompts, answers, nll, cfg, ver)
+        if cfg.nll:  # the split carries the teacher's top-k (build --tokenizer): KL beside NLL
+            metrics[which]["teacher_kl"] = heldout_teacher_kl(model, tok, prompts, cfg)
         if which == "base":
             teacher = teacher_metrics(prompts, tok, cfg, ver)
         del model

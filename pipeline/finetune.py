@@ -33,6 +33,7 @@ The choices that lose people days are made here, before any step runs, and print
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -128,6 +129,20 @@ class FinetuneConfig(StageConfig):
     seed: int = Field(42, description="Seed for adapter init, shuffling and dropout.")
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the student (only for students you trust)."
+    )
+    loss: Literal["sft", "kd"] = Field(
+        "sft",
+        description="sft: cross-entropy on the teacher's tokens; kd: mixed with forward KL to the teacher's top-k logprobs (a dataset built with --tokenizer from a --logprobs harvest).",
+    )
+    kd_alpha: float = Field(
+        0.5, ge=0, le=1, description="Weight of the KD term: alpha * KL + (1 - alpha) * CE."
+    )
+    kd_temperature: float = Field(
+        1.0, gt=0, description="Divides the student's logits in the KD term (keep 1: see docs)."
+    )
+    kd_tail: bool = Field(
+        True,
+        description="KD with one tail bucket for the mass outside the teacher's top-k (else both renormalized over the top-k).",
     )
 
 
@@ -487,6 +502,19 @@ class DistillTrainer(SFTTrainer):
     The rest of the training loop stays TRL's.
     """
 
+    kd: Any = None  # kd.TargetTable with --loss kd (set by use_kd), else None: plain SFT
+    kd_alpha, kd_temperature, kd_tail = 0.5, 1.0, True
+
+    def use_kd(self, table: Any, cfg: FinetuneConfig) -> None:
+        self.kd, self.kd_alpha, self.kd_temperature = table, cfg.kd_alpha, cfg.kd_temperature
+        self.kd_tail = cfg.kd_tail
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()  # type: ignore[misc]
+        columns: list[str] = list(self._signature_columns or [])
+        if self.kd is not None and "kd_index" not in columns:
+            self._signature_columns = [*columns, "kd_index"]  # type: ignore[assignment]
+
     def compute_loss(  # type: ignore[override]
         self,
         model: Any,
@@ -494,9 +522,54 @@ class DistillTrainer(SFTTrainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        return super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        if self.kd is None:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        return self.kd_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def kd_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any
+    ) -> Any:
+        """alpha * KL(teacher top-k + tail || student) + (1 - alpha) * CE, on the same tokens.
+
+        CE is normalized like TRL's (summed, divided by the trained tokens of the whole
+        accumulated batch); the KD term is this micro-batch's mean KL weighted by its share of
+        those tokens, so both sum to per-token means over the optimizer step. Both terms are
+        logged (kd_loss, ce_loss: per-token means of the micro-batch).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        from pipeline.kd import topk_kd_loss
+
+        mode = "train" if model.training else "eval"
+        kd_index = inputs.pop("kd_index")
+        labels = inputs["labels"]
+        forward = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**forward, use_cache=False)
+        logits = outputs.logits
+        gold = labels[:, 1:]
+        ce_sum = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), gold.flatten(), ignore_index=-100, reduction="sum"
         )
+        local = (gold != -100).sum()
+        total = local if num_items_in_batch is None else num_items_in_batch
+        total = torch.as_tensor(total, device=ce_sum.device).clamp(min=1)
+        t_ids, t_lps, t_mask = self.kd.gather(kd_index, labels)
+        kd, stats = topk_kd_loss(
+            logits, t_ids, t_lps, t_mask, temperature=self.kd_temperature, tail=self.kd_tail
+        )
+        loss = self.kd_alpha * kd * (local / total) + (1 - self.kd_alpha) * ce_sum / total
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as TRL: DDP averages the gradients
+        m = self._metrics[mode]
+        m["ce_loss"].append(float(ce_sum.detach()) / max(int(local), 1))
+        if stats["kd_tokens"]:
+            m["kd_loss"].append(stats["kd_loss"])
+            m["teacher_topk_mass"].append(stats["teacher_topk_mass"])
+        m["kd_token_share"].append(stats["kd_tokens"] / max(int(local), 1))
+        return (loss, outputs) if return_outputs else loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,6 +600,7 @@ class Tokenized:
     eval_rows: list[dict]
     eot_id: int  # the end-of-turn token every trained span ends on
     label_tokens: int  # trained tokens in one pass over the train split
+    kd: Any = None  # kd.TargetTable of train and eval rows with --loss kd (rows carry kd_index)
 
 
 def finetune(cfg: FinetuneConfig) -> Path:
@@ -536,6 +610,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
     data = prepare_data(cfg, setup)
     model, packing = load_model(cfg, setup, data)
     trainer = build_trainer(cfg, setup, data, model, packing[0])
+    if data.kd is not None:
+        trainer.use_kd(data.kd, cfg)
     result, train_time, final_eval = train(cfg, setup, trainer)
     trainer.save_model(str(setup.out / "adapter"))
     if trainer.is_world_process_zero():
@@ -707,7 +783,52 @@ def prepare_data(cfg: FinetuneConfig, setup: Setup) -> Tokenized:
         )
         check_masks(eval_rows, tokenizer, eval_pids, str(cfg.student))
     label_tokens = sum(sum(t != -100 for t in r["labels"]) for r in train_rows)
-    return Tokenized(tokenizer, how, native, train_rows, eval_rows, eot_id, label_tokens)
+    kd_table = None
+    if cfg.loss == "kd":
+        pids = {"train": train_pids, "eval": eval_pids if eval_rows else []}
+        kd_table = kd_targets(cfg, ds, tokenizer, {"train": train_rows, "eval": eval_rows}, pids)
+        # The teacher's segmentation may have been spliced in: count the trained tokens again.
+        label_tokens = sum(sum(t != -100 for t in r["labels"]) for r in train_rows)
+    return Tokenized(tokenizer, how, native, train_rows, eval_rows, eot_id, label_tokens, kd_table)
+
+
+def kd_targets(cfg: FinetuneConfig, ds: Any, tokenizer: Any, rows: dict, pids: dict) -> Any:
+    """--loss kd: the teacher's targets from the dataset onto the tokenized rows (kd.attach_targets),
+    after checking they were aligned to this student's tokenizer and cover something."""
+    from pipeline import kd
+
+    rebuild = f"distill build RUN --to {cfg.data} --tokenizer {cfg.student}"
+    info = json.loads((Path(str(cfg.data)) / "build_report.json").read_text()).get("kd", {})
+    if not set(kd.KD_COLUMNS) <= set(ds["train"].column_names) or not info.get("stored", True):
+        raise InputError(
+            f"{cfg.data} has no teacher targets for --loss kd; harvest with --logprobs "
+            f"--top-logprobs K, then rebuild: {rebuild}"
+        )
+    if info.get("tokenizer_id") != kd.tokenizer_id(tokenizer):
+        raise InputError(
+            f"{cfg.data}: teacher targets were aligned to tokenizer {info.get('tokenizer')}, not "
+            f"to {cfg.student}'s; rebuild for this student: {rebuild}"
+        )
+    if not info.get("target_tokens"):
+        why = ", ".join(f"{k} {v}" for k, v in info.get("no_target", {}).items())
+        raise InputError(
+            f"{cfg.data}: no answer token carries a teacher target ({why or 'no answers'}); "
+            f"harvest with --logprobs --top-logprobs K and rebuild: {rebuild}"
+        )
+    # One table for both splits; only the kd columns are read (not the messages again).
+    splits = [name for name in ("train", "eval") if rows[name]]
+    table = kd.attach_targets(
+        [r for name in splits for r in rows[name]],
+        itertools.chain(*(ds[name].select_columns(list(kd.KD_COLUMNS)) for name in splits)),
+        [p for name in splits for p in pids[name]],
+        rebuild,
+    )
+    say(
+        f"  - loss kd: alpha {cfg.kd_alpha}, temperature {cfg.kd_temperature}, "
+        f"{'top-k + tail' if cfg.kd_tail else 'top-k renormalized'}; {table.target_tokens} of "
+        f"{table.answer_tokens} trained tokens carry a teacher target"
+    )
+    return table
 
 
 def load_model(cfg: FinetuneConfig, setup: Setup, data: Tokenized) -> tuple[Any, tuple[bool, str]]:
@@ -762,6 +883,7 @@ def build_trainer(
     # Varlen kernels take TRL's own packing (one flattened row per batch); others get rows packed
     # here. TRL refuses a custom collator together with its packing.
     trl_packing = packing and cfg.attn_implementation in VARLEN_ATTENTION
+    trl_packing = trl_packing and data.kd is None  # kd_index needs this module's collator
     train_ds, eval_ds, collator = training_datasets(cfg, data, packing and not trl_packing)
     loggers = report_to(cfg)
     args = SFTConfig(
@@ -840,7 +962,7 @@ def training_datasets(cfg: FinetuneConfig, data: Tokenized, pack: bool) -> tuple
     train_ds = Dataset.from_list(data.train_rows)
     eval_ds = Dataset.from_list(data.eval_rows) if data.eval_rows else None
     if not pack:
-        return train_ds, eval_ds, None
+        return train_ds, eval_ds, with_kd_index(data, None)
     from trl.data_utils import pack_dataset
 
     # Blocks no longer than the longest row: these kernels compute every block's full
@@ -848,7 +970,19 @@ def training_datasets(cfg: FinetuneConfig, data: Tokenized, pack: bool) -> tuple
     block = min(cfg.max_length, max(len(r["input_ids"]) for r in data.train_rows))
     train_ds = pack_dataset(train_ds, block, "bfd")
     eval_ds = pack_dataset(eval_ds, block, "bfd") if eval_ds is not None else None
-    return train_ds, eval_ds, packed_rows_collator(data.tokenizer.pad_token_id)
+    return train_ds, eval_ds, with_kd_index(data, packed_rows_collator(data.tokenizer.pad_token_id))
+
+
+def with_kd_index(data: Tokenized, collator: Any) -> Any:
+    """With --loss kd, the collator (TRL's default when None) plus the rows' kd_index, padded
+    with -1 (kd.kd_collator); the collator unchanged otherwise."""
+    if data.kd is None:
+        return collator
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from pipeline.kd import kd_collator
+
+    return kd_collator(collator or DataCollatorForLanguageModeling(data.tokenizer.pad_token_id))
 
 
 def report_to(cfg: FinetuneConfig) -> str:
@@ -914,6 +1048,7 @@ def write_report(
         "final_train_loss": final_loss,
         "mean_train_loss": result.training_loss,
         "final_eval_loss": final_eval.get("eval_loss"),
+        "loss": kd_summary(cfg, data, history, final_eval),
         "wall_time_s": round(time.time() - setup.started, 3),
         "resumed_from": setup.last_ckpt if cfg.resume else None,
         "settings": {
@@ -942,6 +1077,27 @@ def write_report(
     )
     if not math.isfinite(float(final_loss)):
         raise TrainingError(f"training loss is {final_loss}; lower --lr or use --dtype fp32/bf16")
+
+
+def kd_summary(cfg: FinetuneConfig, data: Tokenized, history: list, final_eval: dict) -> dict:
+    """The loss used and, with kd, both terms at the end (the last logged values) and coverage."""
+    if data.kd is None:
+        return {"kind": "sft"}
+    last = {
+        k: next((h[k] for h in reversed(history) if k in h), None) for k in ("kd_loss", "ce_loss")
+    }
+    return {
+        "kind": "kd",
+        "kd_alpha": cfg.kd_alpha,
+        "kd_temperature": cfg.kd_temperature,
+        "kd_tail": cfg.kd_tail,
+        "target_tokens": data.kd.target_tokens,
+        "answer_tokens": data.kd.answer_tokens,
+        "final_train_kd_loss": last["kd_loss"],
+        "final_train_ce_loss": last["ce_loss"],
+        "final_eval_kd_loss": final_eval.get("eval_kd_loss"),
+        "final_eval_ce_loss": final_eval.get("eval_ce_loss"),
+    }
 
 
 def peak_memory() -> tuple[int, str]:
