@@ -14,13 +14,14 @@ STAMP  := $(VENV)/.installed-$(TORCH)
 CONFIG ?= configs/demo.yaml
 ARGS   ?=
 
-.PHONY: install test test-all lint format bench demo harvest build finetune merge eval reference clean help
+.PHONY: install test test-all lint format bench demo demo-kd harvest build finetune merge eval reference clean help
 
 help:
 	@echo "make demo      the whole pipeline offline on SmolLM2-135M (no key, no GPU)"
 	@echo "make test      the test suite (fast; 'make test-all' adds the slow ones)"
 	@echo "make lint      ruff + mypy"
 	@echo "make bench     benchmarks (ratios against a baseline in the same run)"
+	@echo "make demo-kd   KD vs SFT students side by side (a tiny teacher with real logprobs)"
 	@echo "make harvest|build|finetune|eval CONFIG=configs/x.yaml ARGS='--flag v'"
 
 install: $(STAMP)
@@ -55,6 +56,11 @@ bench: install
 
 demo: install
 	$(BIN)/python -m pipeline demo $(ARGS)
+
+# KD vs SFT side by side (bench/kd.py): the teacher is the model-backed test server, since the
+# demo's GGUF teacher cannot return top-k logprobs offline. Report: data/demo-kd/report.md.
+demo-kd: install
+	$(BIN)/python -m bench.kd data/demo-kd
 
 harvest: install
 	$(BIN)/distill harvest --config $(CONFIG) $(ARGS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -72,3 +73,28 @@ def timed(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
 
 def env_note() -> str:
     return f"{os.cpu_count()} cores, python {sys.version.split()[0]}"
+
+
+async def plain_openai(url: str, n: int, concurrency: int) -> tuple[float, int]:
+    """(answers/s, failed) for the plain client with a semaphore."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=5)
+    sem = asyncio.Semaphore(concurrency)
+    failed = 0
+
+    async def one(i: int) -> None:
+        nonlocal failed
+        async with sem:
+            try:
+                await client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": f"What is {i} + {i + 1}?"}]
+                )
+            except openai.APIError:
+                failed += 1
+
+    t = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    elapsed = time.perf_counter() - t
+    await client.close()
+    return (n - failed) / elapsed, failed

@@ -16,33 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import prompt_file, server_process
+from bench.common import plain_openai, prompt_file, server_process
 
 LIMIT = 20.0
-
-
-async def plain_openai(url: str, n: int, concurrency: int) -> tuple[float, int]:
-    import openai
-
-    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=5)
-    sem = asyncio.Semaphore(concurrency)
-    failed = 0
-
-    async def one(i: int) -> None:
-        nonlocal failed
-        async with sem:
-            try:
-                await client.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": f"q{i}"}]
-                )
-            except openai.APIError:
-                failed += 1
-
-    t = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
-    elapsed = time.perf_counter() - t
-    await client.close()
-    return (n - failed) / elapsed, failed
 
 
 def run_ours(url: str, prompts: Path, out: Path, **kw: object) -> tuple[float, int]:

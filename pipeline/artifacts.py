@@ -8,7 +8,9 @@ Every stage that opens these goes through here, so their layout and errors are d
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,38 @@ def read_dataset(path: str | Path, split: str = "train") -> Any:
     if len(ds[split]) == 0:
         raise InputError(f"{p}: the {split} split is empty; harvest and build more rows")
     return ds
+
+
+def fingerprint(prompt_ids: Iterable[str]) -> str:
+    """sha256 of the sorted distinct prompt ids, one a line: names a split's prompts in a report."""
+    return hashlib.sha256("\n".join(sorted(set(prompt_ids))).encode()).hexdigest()
+
+
+def read_build_report(path: str | Path) -> dict[str, Any]:
+    """The build_report.json next to a dataset, or {} (a dataset not written by `distill build`)."""
+    return _read_json(Path(path) / "build_report.json")
+
+
+def dataset_record(path: str | Path, split: str = "train") -> dict[str, Any]:
+    """Which data a fine-tune trained on, for its train_report.json: the dataset folder, the split,
+    its prompt ids and their fingerprint (`distill eval` refuses an eval split that shares any)."""
+    ds = read_dataset(path, split)[split]
+    cols = ds.column_names
+    ids = sorted({str(p) for p in ds["prompt_id"]}) if "prompt_id" in cols else []
+    return {
+        "path": str(Path(path).absolute()),
+        "split": split,
+        "rows": len(ds),
+        "prompts": len(ids),
+        "fingerprint": fingerprint(ids),
+        "prompt_ids": ids,
+    }
+
+
+def trained_prompt_ids(report: dict[str, Any]) -> set[str] | None:
+    """The prompt ids a fine-tune run trained on (from its train_report.json), None if unrecorded."""
+    ids = (report.get("dataset") or {}).get("prompt_ids")
+    return {str(p) for p in ids} if isinstance(ids, list) and ids else None
 
 
 @dataclass

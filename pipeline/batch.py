@@ -53,8 +53,11 @@ from pipeline.errors import (
     EXIT_OK,
     EXIT_PARTIAL,
     ConfigError,
+    DistillError,
     InputError,
+    TeacherError,
     TransientError,
+    Unreachable,
 )
 from pipeline.harvest import (
     HarvestConfig,
@@ -66,11 +69,13 @@ from pipeline.harvest import (
 )
 from pipeline.prompts import PromptRow
 from pipeline.ratelimit import retrying
-from pipeline.store import BATCH_OPEN_STATES, Store, open_run
+from pipeline.redact import redact
+from pipeline.store import BATCH_OPEN_STATES, STORE_FILE, Store, open_run
 from pipeline.teacher import (
     Completion,
     TeacherConfig,
     chat_body,
+    connect_failure,
     cost,
     parse_completion,
     raise_for_status,
@@ -192,6 +197,14 @@ class BatchAPI:
             headers=headers,
             timeout=httpx.Timeout(t.timeout, connect=min(30.0, t.timeout)),
         )
+        self.reached = False  # any HTTP answer yet: after one, a lost connection is transient
+
+    def transport_error(self, what: str, e: httpx.TransportError) -> TransientError:
+        """A connection that never worked is `Unreachable` (the run stops in seconds)."""
+        if isinstance(e, httpx.ConnectError) and not self.reached:
+            why = connect_failure(e, self.t.base_url)
+            return Unreachable(f"{what}: {why}; check the base URL and that the server is up")
+        return TransientError(f"{what}: connection error: {e}")
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -203,7 +216,8 @@ class BatchAPI:
         except httpx.TimeoutException:
             raise TransientError(f"{what}: timed out after {self.t.timeout:g}s") from None
         except httpx.TransportError as e:
-            raise TransientError(f"{what}: connection error: {e}") from None
+            raise self.transport_error(what, e) from None
+        self.reached = True
         if resp.status_code >= 400:
             raise_for_status(resp, self.t, what)
         try:
@@ -222,7 +236,7 @@ class BatchAPI:
         # A try that timed out may still have stored the file: look for it before sending again.
         async for attempt in retrying(self.t.max_retries):
             with attempt:
-                if attempt.retry_state.attempt_number > 1:
+                if attempt.retry_state.attempt_number > 1 and self.reached:  # else none stored
                     found = await self.find_file(filename)
                     if found is not None:
                         return found
@@ -261,7 +275,7 @@ class BatchAPI:
         # A try that timed out may still have created the batch: never create it twice.
         async for attempt in retrying(self.t.max_retries):
             with attempt:
-                if attempt.retry_state.attempt_number > 1:
+                if attempt.retry_state.attempt_number > 1 and self.reached:
                     found = await self.find_batch(local_id, since)
                     if found is not None:
                         return found
@@ -298,6 +312,7 @@ class BatchAPI:
             with attempt:
                 try:
                     async with self.client.stream("GET", f"files/{file_id}/content") as resp:
+                        self.reached = True
                         if resp.status_code >= 400:
                             await resp.aread()
                             raise_for_status(resp, self.t, "download")
@@ -307,7 +322,7 @@ class BatchAPI:
                 except httpx.TimeoutException:
                     raise TransientError(f"download: timed out after {self.t.timeout:g}s") from None
                 except httpx.TransportError as e:
-                    raise TransientError(f"download: connection error: {e}") from None
+                    raise self.transport_error("download", e) from None
         os.replace(tmp, dest)
 
 
@@ -421,7 +436,7 @@ class BatchRun:
             {
                 "id": local_id,
                 "teacher": t.label,
-                "teacher_config": priced.model_dump_json(),
+                "teacher_config": redact(priced.model_dump_json()),  # no URL credentials on disk
                 "state": "prepared",
                 "request_count": len(requests),
             },
@@ -727,6 +742,11 @@ def run_batch(
         rows, *_ = checked_rows(hcfg)  # input errors surface before the store is touched
     summary = BatchSummary(run_dir=str(run_dir), command=command)
     started = time.monotonic()
+    if hcfg is None and not (run_dir / STORE_FILE).is_file():  # collect, cancel: nothing to do
+        raise InputError(
+            f"{run_dir}: no harvest store here ({STORE_FILE} missing); "
+            f"run `distill batch submit {run_dir}` first or check the path"
+        )
     with open_run(run_dir, log, None if hcfg is None else dump_config(hcfg)) as store:
         log.info("batch %s start", command)
         if hcfg is not None:
@@ -757,10 +777,19 @@ def run_batch(
             finally:
                 await b.aclose()
 
-        asyncio.run(go())
+        try:
+            try:
+                asyncio.run(go())
+            except TransientError as e:
+                if isinstance(e, DistillError):
+                    raise
+                raise TeacherError(f"{e}; gave up after retries: rerun later") from None
+        except DistillError as e:  # the log tells the whole story, fatal errors included
+            log.error("batch %s failed: %s (exit %d)", command, e, e.exit_code)
+            raise
         b.tally(b.wanted)
         summary.elapsed_s = round(time.monotonic() - started, 3)
-        log.info("%s", summary.line())
+        log.info("%s (exit %d)", summary.line(), summary.exit_code)
     return summary
 
 

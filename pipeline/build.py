@@ -30,13 +30,14 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipeline.artifacts import fingerprint
 from pipeline.config import StageConfig
 from pipeline.errors import ConfigError, InputError, StoreError
 from pipeline.outdir import claim, replace_own
 from pipeline.reasoning import content_text, join_think
 from pipeline.record import Response, content_hash
 from pipeline.store import Store
-from pipeline.verify import check, load_function, verify
+from pipeline.verify import MODES, Verdict, check_prompt, load_function
 
 # The order filters run in, and the order of every count in the report and the card. Verification
 # and the custom hook come before deduplication, so that of two near-identical answers the one
@@ -126,7 +127,7 @@ class BuildConfig(StageConfig):
     )
     tokenizer: Path | None = Field(
         None,
-        description="Local folder of the student's tokenizer: lengths are counted in its tokens (else in characters).",
+        description="Local folder of the student's tokenizer: lengths are counted in its tokens (else in characters); when the run has logprobs, the teacher's top-k for every answer token are aligned to it (kd_targets, for `distill finetune --loss kd`).",
     )
     min_answer_length: int | None = Field(
         None, ge=0, description="Drop answers shorter than this (tokens or characters)."
@@ -144,8 +145,14 @@ class BuildConfig(StageConfig):
         default_factory=list,
         description="Regexes tried first to find the final answer (group 1, else the whole match; the last match wins); then \\boxed{}, 'The answer is', the last number.",
     )
+    verify: str = Field(
+        "auto",
+        description="How a final answer is checked against the prompt's reference (the switch is filters.verify): auto (math when the reference reads as math, else text), math, text, regex (answer_patterns only), or your own 'module:function' / 'path/to/file.py:function' returning True, False or None. `distill eval` uses the same setting.",
+    )
     rel_tol: float = Field(
-        1e-6, ge=0, description="Relative tolerance of numeric answer comparison."
+        1e-6,
+        ge=0,
+        description="Relative tolerance of numeric answer comparison (integers always compare exactly).",
     )
     abs_tol: float = Field(
         1e-9, ge=0, description="Absolute tolerance of numeric answer comparison."
@@ -176,10 +183,15 @@ class BuildConfig(StageConfig):
     )
     seed: int = Field(0, description="Seed of the train/eval split (a hash of seed and prompt id).")
     eval_fraction: float = Field(
-        0.1, ge=0, lt=1, description="Share of prompts (not rows) held out for eval."
+        0.1,
+        ge=0,
+        lt=1,
+        description="Share of prompts (not rows) held out for eval: a prompt is eval when sha256(seed:prompt id), read as a number in [0, 1), is below it, so adding, removing or filtering prompts never moves another one.",
     )
     eval_size: int | None = Field(
-        None, ge=0, description="Number of prompts held out for eval (overrides eval_fraction)."
+        None,
+        ge=0,
+        description="Exactly this many prompts held out for eval (overrides eval_fraction): the lowest hashes, a rank, so the split moves when the prompts change; prefer eval_fraction for splits that stay put.",
     )
     split_field: str | None = Field(
         None,
@@ -203,6 +215,21 @@ class BuildConfig(StageConfig):
                     )
         return data
 
+    @field_validator("verify")
+    @classmethod
+    def _verify_mode(cls, mode: str) -> str:
+        if mode not in MODES and ":" not in mode:
+            raise ValueError(
+                f"verify {mode!r}: expected one of {', '.join(MODES)} or 'module:function'"
+            )
+        return mode
+
+    @model_validator(mode="after")
+    def _regex_needs_patterns(self) -> BuildConfig:
+        if self.verify == "regex" and not self.answer_patterns:
+            raise ValueError("verify: regex needs answer_patterns; add at least one regex")
+        return self
+
     @field_validator("refusal_patterns", "answer_patterns")
     @classmethod
     def _compiles(cls, patterns: list[str]) -> list[str]:
@@ -225,6 +252,7 @@ class Row:
     answer_len: int = 0
     reasoning_len: int = 0
     verified: bool | None = None
+    verdict: str = ""  # why the verifier said no (the verify filter's reason)
     removed_by: str | None = None
     reason: str = ""
 
@@ -254,16 +282,20 @@ class BuildReport:
     reasons: dict[str, dict[str, int]] = field(default_factory=dict)
     kept: int = 0
     verified: dict[str, int] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
     prompts: dict[str, int] = field(default_factory=dict)
     split: dict[str, Any] = field(default_factory=dict)
     teachers: list[dict[str, Any]] = field(default_factory=list)
     harvested: dict[str, str | None] = field(default_factory=dict)
     lengths: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    kd: dict[str, Any] = field(default_factory=dict)  # teacher targets (kd_targets), if built
 
     def to_json(self) -> str:
         d = dict(self.__dict__)
         d.pop("to")  # the output path is not part of the dataset: a copy elsewhere stays identical
+        if not d["kd"]:
+            d.pop("kd")
         return json.dumps(d, indent=2, ensure_ascii=False) + "\n"
 
     def line(self) -> str:
@@ -285,14 +317,7 @@ def _lengths(rows: list[Row], tokenizer_dir: Path | None) -> str:
         for r in rows:
             r.answer_len, r.reasoning_len = len(r.answer), len(r.reasoning)
         return "characters"
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    except Exception as e:  # transformers raises OSError, ValueError, ... for a bad folder
-        raise InputError(
-            f"tokenizer {tokenizer_dir}: cannot load it ({type(e).__name__}); give a local model folder with tokenizer files"
-        ) from None
+    tok = _load_tokenizer(tokenizer_dir)
     answers = tok([r.answer for r in rows], add_special_tokens=False)["input_ids"] if rows else []
     reasonings = (
         tok([r.reasoning for r in rows], add_special_tokens=False)["input_ids"] if rows else []
@@ -368,9 +393,22 @@ def _row_filters(
     if too is not None:
         return "length", too
     if on.verify and r.verified is False:
-        v = check(r.answer, r.store.reference, patterns=cfg.answer_patterns)
-        return "verify", v.reason
+        return "verify", r.verdict
     return None
+
+
+def check_row(cfg: BuildConfig, r: Row) -> Verdict:
+    """The verifier's verdict on a row's final answer, with the build's mode and tolerances; a
+    mode that cannot apply (math on a text reference) or a failing custom check names the prompt."""
+    return check_prompt(
+        r.prompt_id,
+        r.answer,
+        r.store.reference,
+        mode=cfg.verify,
+        rel_tol=cfg.rel_tol,
+        abs_tol=cfg.abs_tol,
+        patterns=cfg.answer_patterns,
+    )
 
 
 def apply_filters(
@@ -381,7 +419,8 @@ def apply_filters(
     kept_texts: dict[str, list[tuple[str, frozenset[Any]]]] = {}
     for r in rows:
         if r.store.reference is not None:
-            r.verified = bool(r.answer) and verify(r.answer, r.store.reference, cfg.answer_patterns)
+            v = check_row(cfg, r)
+            r.verified, r.verdict = bool(r.answer) and v.verified is True, v.reason
         removed = _row_filters(cfg, r, refusals)
         if removed is None and custom is not None:
             reason = _custom_reason(custom, cfg.custom_filter or "", r)
@@ -460,26 +499,33 @@ def fixed_splits(rows: list[Row], cfg: BuildConfig) -> dict[str, bool]:
     return out
 
 
+def prompt_hash(seed: int, prompt_id: str) -> float:
+    """sha256("seed:prompt id") read as a number in [0, 1): where a prompt falls in the split."""
+    digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def split_prompts(
     prompt_ids: list[str], cfg: BuildConfig, fixed: dict[str, bool] | None = None
 ) -> set[str]:
-    """The eval prompt ids: those fixed by split_field, then the n lowest by hash(seed, prompt id)
-    of the rest. Row order plays no part."""
+    """The eval prompt ids: those fixed by split_field, then, of the rest, those whose
+    prompt_hash is below eval_fraction: a pure function of (seed, prompt id, eval_fraction), so
+    adding, removing or filtering prompts never moves another one. eval_size instead takes the n
+    lowest hashes (a rank: exact, but it moves when the prompts change)."""
     fixed = fixed or {}
     forced = {p for p in prompt_ids if fixed.get(p)}
     ids = sorted({p for p in prompt_ids if p not in fixed})
-    if fixed and not ids:
-        return forced
-    if cfg.eval_size is not None:
-        n = cfg.eval_size
-    else:
-        n = round(cfg.eval_fraction * len(ids))
-        if cfg.eval_fraction > 0 and n == 0:
-            n = 1
-    n = min(n, max(0, len(ids) - 1))  # always leave something to train on
-    if forced:
-        n = min(n, len(ids))  # the fixed eval prompts already leave the rest to train on
-    ranked = sorted(ids, key=lambda p: hashlib.sha256(f"{cfg.seed}:{p}".encode()).hexdigest())
+    if cfg.eval_size is None:
+        return forced | {p for p in ids if prompt_hash(cfg.seed, p) < cfg.eval_fraction}
+    n = cfg.eval_size
+    if n and not forced and n >= len(ids):  # not silently: it would leave one train prompt
+        raise ConfigError(
+            f"--eval-size {n} is not below the {len(ids)} prompts to split (after filters): "
+            f"nothing would be left to train on; pass --eval-size {max(0, len(ids) - 1)} or less"
+        )
+    if not forced:
+        n = min(n, max(0, len(ids) - 1))  # always leave something to train on
+    ranked = sorted(ids, key=lambda p: (prompt_hash(cfg.seed, p), p))
     return forced | set(ranked[:n])
 
 
@@ -588,6 +634,10 @@ def write_dataset(
 
     datasets.disable_progress_bars()
     feats = _features(cfg.reasoning)
+    if any("kd_check" in r for rows in splits.values() for r in rows):
+        feats["kd_targets"] = datasets.Value("binary")
+        feats["kd_check"] = datasets.Value("string")
+        feats["kd_resegment"] = datasets.List(datasets.Value("int32"))
     dss = {
         name: datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in feats}, features=feats)
         for name, rows in splits.items()
@@ -685,6 +735,7 @@ def dataset_card(rep: BuildReport, cfg: BuildConfig) -> str:
         *_card_curation(rep, cfg),
         *_card_split(rep),
         *_card_format(cfg),
+        *_card_kd(rep),
         "",
         "The full counts and the config used are in `build_report.json`.",
         "",
@@ -739,7 +790,10 @@ def _card_curation(rep: BuildReport, cfg: BuildConfig) -> list[str]:
         f"| **kept** | **{rep.kept}** | |",
         "",
         f"Of the rows kept, {v['true']} match their reference answer, {v['false']} do not "
-        f"(kept only when the verify filter is off) and {v['none']} have no reference.",
+        f"(kept only when the verify filter is off) and {v['none']} have no reference. "
+        f"Checked with verify: {rep.verification['mode']} (rel_tol {rep.verification['rel_tol']:g}, "
+        f"abs_tol {rep.verification['abs_tol']:g}); {rep.verification['rows_without_reference']} "
+        "of the stored answers had no reference to check.",
         "",
     ]
 
@@ -749,8 +803,9 @@ def _card_split(rep: BuildReport) -> list[str]:
     lines = [
         "## Split",
         "",
-        f"By prompt id, so no sample of an eval prompt is trained on: the {sp['eval_prompts']} prompts with the "
-        f'lowest sha256("{sp["seed"]}:<prompt id>") are eval.',
+        f"By prompt id, so no sample of an eval prompt is trained on: a prompt is eval when "
+        f'sha256("{sp["seed"]}:<prompt id>") as a number in [0, 1) meets the rule: {sp["rule"]}. '
+        "The prompt ids of each split are in `splits.json`.",
         "",
         "| split | rows | prompts |",
         "|---|---|---|",
@@ -808,6 +863,157 @@ def _card_format(cfg: BuildConfig) -> list[str]:
     ]
 
 
+# -- teacher targets for top-k distillation ----------------------------------------------------------
+
+KD_WHY = {
+    "no_logprobs": "the answer was harvested without logprobs",
+    "text_mismatch": "the teacher's tokens do not spell the answer as stored",
+    "edge": "a student token crosses the answer's start or end",
+    "no_shared_boundary": "no teacher token covers exactly this student token (different tokenizers)",
+    "reasoning_unaligned": "reasoning tokens the teacher's logprobs do not spell (none returned for the trace, or it was reformatted)",
+    "not_in_template": "the student's chat template does not render the answer as stored",
+}
+
+
+def _load_tokenizer(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, ... for a bad folder
+        raise InputError(
+            f"tokenizer {tokenizer_dir}: cannot load it ({type(e).__name__}); give a local model folder with tokenizer files"
+        ) from None
+
+
+def kd_targets(
+    cfg: BuildConfig, cur: Curation, splits: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """The teacher's top-k for every answer token, on the student's tokens of the row as
+    `distill finetune` renders it (pipeline/kd.py aligns); adds kd.KD_COLUMNS to each output row.
+
+    Built when the run has logprobs and `tokenizer` names the student; returns the report's `kd`
+    section ({} when not built): coverage, and why the other answer tokens have no target.
+    """
+    from pipeline import kd
+
+    if cfg.tokenizer is None or not any(r.store.logprobs for r in cur.kept):
+        return {}
+    if cfg.format not in ("hf", "parquet"):
+        return {
+            "stored": False,
+            "why": f"format {cfg.format} has no binary column: use hf or parquet",
+        }
+    # The rendering finetune uses (its training template), so the positions point at its tokens.
+    from pipeline.finetune import prepare_messages, renders_reasoning, training_template
+
+    tok = _load_tokenizer(cfg.tokenizer)
+    template, how = training_template(tok)
+    native = renders_reasoning(tok, template)
+    outs = {name: iter(rows) for name, rows in splits.items()}
+    totals: dict[str, Counter[str]] = {"train": Counter(), "eval": Counter()}
+    modes: Counter[str] = Counter()
+    stored = 0
+    for r in cur.kept:
+        name = "eval" if r.prompt_id in cur.eval_ids else "train"
+        row = next(outs[name])
+        msgs = prepare_messages(row["messages"], native)
+        text = tok.apply_chat_template(msgs, chat_template=template, tokenize=False)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        al = _align_row(r, msgs[-1], text, ids, offsets, tok, native)
+        row["kd_check"] = kd.ids_check(ids)
+        row["kd_targets"] = (
+            kd.pack_targets(al.positions, al.ids, al.logprobs) if al.positions else None
+        )
+        row["kd_resegment"] = (
+            [al.resegment[0], al.resegment[1], *al.resegment[2]] if al.resegment else None
+        )
+        stored += len(row["kd_targets"] or b"")
+        totals[name].update(al.counts)
+        modes[al.mode] += 1
+    total = totals["train"] + totals["eval"]
+
+    def tokens(c: Counter[str]) -> int:
+        return sum(v for k, v in c.items() if k != "alts_dropped")
+
+    n = tokens(total)
+    return {
+        "tokenizer": str(cfg.tokenizer),
+        "tokenizer_id": kd.tokenizer_id(tok),
+        "answer_tokens": n,
+        "target_tokens": total["target"],
+        "coverage": round(total["target"] / n, 4) if n else 0.0,
+        "coverage_by_split": {
+            k: round(c["target"] / tokens(c), 4) if tokens(c) else None for k, c in totals.items()
+        },
+        "no_target": {k: total[k] for k in KD_WHY if total[k]},
+        "alts_dropped": total["alts_dropped"],
+        "rows_by_alignment": dict(sorted(modes.items())),
+        "bytes": stored,
+        "bytes_per_1000_answer_tokens": round(1000 * stored / n) if n else None,
+    }
+
+
+def _align_row(
+    r: Row, turn: dict[str, Any], text: str, ids: list[int], offsets: Any, tok: Any, native: bool
+):  # type: ignore[no-untyped-def]
+    """The alignment of one row's teacher logprobs: over its reasoning and answer when the
+    teacher's tokens spell both, else over the answer alone (the trace then counted unaligned)."""
+    from pipeline import kd
+
+    rows = r.store.token_logprobs()
+    end = text.rfind(r.answer)
+    if end < 0:
+        al = kd.Alignment()
+        al.counts["not_in_template"] = len(tok(r.answer, add_special_tokens=False)["input_ids"])
+        return al
+    spans = []  # (start, text the teacher's tokens should spell), widest first
+    trace = turn.get("reasoning_content") if native else turn.get("content")
+    if trace and trace != r.answer:
+        start = text.rfind(trace, 0, end + len(r.answer))
+        if start >= 0:
+            spans.append((start, text[start : max(end + len(r.answer), start + len(trace))]))
+    spans.append((end, r.answer))
+    aligned = [
+        kd.align_topk(s, rows, tok, answer_start=a, input_ids=ids, offsets=offsets)
+        for a, s in spans
+    ]
+    best = max(aligned, key=lambda al: al.counts["target"])
+    if best is not aligned[0]:
+
+        def size(al: kd.Alignment) -> int:
+            return sum(v for k, v in al.counts.items() if k != "alts_dropped")
+
+        best.counts["reasoning_unaligned"] += size(aligned[0]) - size(best)
+    return best
+
+
+def _card_kd(rep: BuildReport) -> list[str]:
+    k = rep.kd
+    if not k:
+        return []
+    lines = ["", "## Teacher targets (top-k distillation)", ""]
+    if not k.get("stored", True):
+        return [*lines, f"Not stored: {k['why']}."]
+    why = "; ".join(f"{name} {v} ({KD_WHY[name]})" for name, v in k["no_target"].items())
+    return [
+        *lines,
+        f"`kd_targets` holds the teacher's top-k log-probabilities for {k['target_tokens']} of "
+        f"{k['answer_tokens']} answer tokens (coverage {k['coverage']:.1%}), aligned to the "
+        f"tokenizer `{k['tokenizer']}` (vocabulary id `{k['tokenizer_id']}`): train with "
+        "`distill finetune --loss kd` and a student with that tokenizer.",
+        "",
+        f"Without a target: {why or 'none'}. Rows by alignment: "
+        + ", ".join(f"{m} {v}" for m, v in k["rows_by_alignment"].items())
+        + f". {k['bytes']} bytes ({k['bytes_per_1000_answer_tokens']} per 1,000 answer tokens).",
+        "",
+        "- `kd_targets`: int32 n, int32 k, int32 positions[n], int32 ids[n,k], float16 logprobs[n,k] "
+        "(pipeline/kd.py `read_targets`); `kd_check`: length and crc32 of the row's student tokens; "
+        "`kd_resegment`: [start, end, teacher ids] where the teacher's segmentation replaces the student's",
+    ]
+
+
 # -- the stage ---------------------------------------------------------------------------------------
 
 
@@ -839,7 +1045,7 @@ def _check_paths(cfg: BuildConfig) -> tuple[Path, Path]:
         )
     run = Path(cfg.run)
     if not run.is_dir():
-        raise StoreError(
+        raise InputError(
             f"{run}: run directory not found; pass the folder given to `distill harvest --out`"
         )
     return run, Path(cfg.to)
@@ -848,6 +1054,8 @@ def _check_paths(cfg: BuildConfig) -> tuple[Path, Path]:
 def curate(cfg: BuildConfig, run: Path) -> Curation:
     """Read the store, run the filters and the selection, and choose the eval prompts."""
     custom = load_function(cfg.custom_filter, "custom_filter") if cfg.custom_filter else None
+    if cfg.verify not in MODES:  # a custom check that cannot load fails before anything is read
+        load_function(cfg.verify, "verify")
     with Store(run, readonly=True) as store:
         rows = [Row(s) for s in store.iter_responses()]
         failures = store.failures()
@@ -906,15 +1114,32 @@ def make_report(cfg: BuildConfig, cur: Curation, to: Path) -> BuildReport:
         "kept": len(kept_prompts),
         "lost": len(all_prompts) - len(kept_prompts),
     }
+    with_ref = sum(r.store.reference is not None for r in rows)
+    rep.verification = {
+        "mode": cfg.verify,
+        "rel_tol": cfg.rel_tol,
+        "abs_tol": cfg.abs_tol,
+        "answer_patterns": cfg.answer_patterns,
+        "rows_with_reference": with_ref,
+        "rows_without_reference": len(rows) - with_ref,  # counted, never checked nor removed
+    }
     eval_rows = sum(r.prompt_id in cur.eval_ids for r in kept)
+    ids = split_ids(cur)
     rep.split = {
         "by": f"{cfg.split_field}, then prompt_id" if cfg.split_field else "prompt_id",
+        "rule": (
+            f"the {cfg.eval_size} lowest hashes (eval_size: a rank, moves when prompts change)"
+            if cfg.eval_size is not None
+            else f"hash < eval_fraction {cfg.eval_fraction:g} (a prompt never moves)"
+        ),
         "eval_filtered": cfg.filter_eval,
         "seed": cfg.seed,
         "train_rows": len(kept) - eval_rows,
         "eval_rows": eval_rows,
-        "train_prompts": len(kept_prompts) - len(cur.eval_ids),
-        "eval_prompts": len(cur.eval_ids),
+        "train_prompts": len(ids["train"]),
+        "eval_prompts": len(ids["eval"]),
+        "train_fingerprint": fingerprint(ids["train"]),
+        "eval_fingerprint": fingerprint(ids["eval"]),
     }
     rep.teachers = _teachers(rows)
     dates = sorted(r.store.created_at for r in rows)
@@ -929,6 +1154,12 @@ def make_report(cfg: BuildConfig, cur: Curation, to: Path) -> BuildReport:
     }
     rep.config = cfg.model_dump(mode="json", exclude={"to", "json_report"})
     return rep
+
+
+def split_ids(cur: Curation) -> dict[str, list[str]]:
+    """The prompt ids of each split, sorted: what `distill build` writes to splits.json."""
+    kept = {r.prompt_id for r in cur.kept}
+    return {"train": sorted(kept - cur.eval_ids), "eval": sorted(kept & cur.eval_ids)}
 
 
 def _prepare_out(to: Path) -> Path:
@@ -959,12 +1190,15 @@ def build(cfg: BuildConfig) -> BuildReport:
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
     for r in cur.kept:
         splits["eval" if r.prompt_id in cur.eval_ids else "train"].append(output_row(r, cfg))
+    rep.kd = kd_targets(cfg, cur, splits)
 
     tmp = _prepare_out(to)
     try:
         write_dataset(splits, cfg, tmp)
         (tmp / "README.md").write_text(dataset_card(rep, cfg), encoding="utf-8")
         (tmp / "build_report.json").write_text(rep.to_json(), encoding="utf-8")
+        splits_json = json.dumps(split_ids(cur), indent=1, ensure_ascii=False) + "\n"
+        (tmp / "splits.json").write_text(splits_json, encoding="utf-8")
         replace_own(to, "build", tmp)  # only the earlier build's files go; a user's stay
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,11 +1,13 @@
 """The `distill` command line: parse flags, load config, call one stage function, report.
 
 Each command turns the project's own errors (`DistillError`) into one line on stderr and an
-exit code (see pipeline/errors.py); anything else is a bug and keeps its traceback.
+exit code (see pipeline/errors.py); anything else is a bug and keeps its traceback. Ctrl-C is
+`interrupted` and exit 130 in every command. Every line printed passes redact.py.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,18 +15,27 @@ from typing import Any, TypeVar
 
 import click
 
-from pipeline.errors import DistillError
+from pipeline.errors import EXIT_INTERRUPTED, DistillError
+from pipeline.redact import redact
 
 T = TypeVar("T")
 
 
 def run_stage(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Call a stage; a DistillError becomes `error: <message>` and its exit code."""
+    """Call a stage; a DistillError becomes `error: <message>` and its exit code, Ctrl-C 130."""
     try:
         return fn(*args, **kwargs)
     except DistillError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(redact(f"error: {e}"), err=True)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: rerun to continue", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def say(text: str, err: bool = False) -> None:
+    """Print a summary line or JSON, redacted like everything else that leaves the process."""
+    click.echo(redact(text), err=err)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -101,9 +112,9 @@ def harvest(config_path: Path | None, **flags: Any) -> None:
     flags["stop"] = list(flags["stop"]) or None
     cfg = run_stage(load_config, HarvestConfig, config_path, "harvest", flags)
     summary = run_stage(harvest, cfg)
-    click.echo(summary.line(), err=True)
+    say(summary.line(), err=True)
     if cfg.json_summary:
-        click.echo(summary_json(summary))
+        say(summary_json(summary))
     sys.exit(summary.exit_code)
 
 
@@ -166,15 +177,20 @@ def export(run_dir: Path, to: Path, fmt: str) -> None:
     help="Answer-extraction regex (repeatable).",
 )
 @click.option("--format-regex", help="Declared answer format (re.search on each answer).")
-@click.option("--system-prompt", help="System prompt the students see (default: none).")
+@click.option("--system-prompt", help="System prompt the students see (default: the dataset's).")
 @click.option(
-    "--keep-system", is_flag=True, default=None, help="Keep the dataset's system message."
+    "--keep-system/--drop-system",
+    default=None,
+    help="Students see the dataset's system message, as in training (default), or none.",
 )
 @click.option(
     "--nll/--no-nll", default=None, help="Compute NLL/perplexity of the teacher's answers."
 )
 @click.option("--examples", type=int, help="Side-by-side examples in report.md.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option(
+    "--load-in-4bit", is_flag=True, default=None, help="Load the students in 4-bit (CUDA)."
+)
 @click.option("--seed", type=int)
 @click.option(
     "--judge/--no-judge", default=None, help="LLM judge through the teacher client (costs money)."
@@ -228,6 +244,11 @@ def eval_cmd(config_path: Path | None, **flags: Any) -> None:
     "--gradient-checkpointing/--no-gradient-checkpointing", "gradient_checkpointing", default=None
 )
 @click.option("--packing/--no-packing", "packing", default=None)
+@click.option(
+    "--train-on",
+    type=click.Choice(["last", "all"]),
+    help="Assistant turns that carry loss: last (the teacher's answer, default) or all.",
+)
 @click.option("--eval-steps", type=int)
 @click.option("--save-steps", type=int)
 @click.option("--logging-steps", type=int)
@@ -244,6 +265,16 @@ def eval_cmd(config_path: Path | None, **flags: Any) -> None:
     default=None,
     help="Run model code shipped with the student.",
 )
+@click.option(
+    "--loss",
+    type=click.Choice(["sft", "kd"]),
+    help="sft (default) or kd: CE mixed with KL to the teacher's top-k (needs a build with --tokenizer).",
+)
+@click.option("--kd-alpha", type=float, help="Weight of the KD term (default 0.5).")
+@click.option(
+    "--kd-temperature", type=float, help="Student temperature in the KD term (default 1)."
+)
+@click.option("--kd-tail/--no-kd-tail", "kd_tail", default=None, help="Tail bucket (default on).")
 def finetune(config_path: Path | None, **flags: Any) -> None:
     """Fine-tune a student with LoRA/QLoRA on the built dataset, sized to this machine."""
     from pipeline.config import load_config
@@ -313,7 +344,7 @@ def merge(config_path: Path | None, **flags: Any) -> None:
 @click.option(
     "--tokenizer",
     type=click.Path(path_type=Path),
-    help="Student tokenizer folder: length bounds in its tokens.",
+    help="Student tokenizer folder: length bounds in its tokens, and the teacher's top-k logprobs aligned to it (for --loss kd).",
 )
 @click.option(
     "--select",
@@ -419,9 +450,9 @@ def _run_batch(
         flags["prompts"] = list(flags.get("prompts") or []) or None
         hcfg = run_stage(harvest_config, run_dir, config_path, flags)
     summary = run_stage(run_batch, command, run_dir, bcfg, hcfg)
-    click.echo(summary.line(), err=True)
+    say(summary.line(), err=True)
     if bcfg.json_summary:
-        click.echo(summary_json(summary))
+        say(summary_json(summary))
     sys.exit(summary.exit_code)
 
 
@@ -548,10 +579,15 @@ def reference(readme: Path | None) -> None:
     from pipeline.reference import full_reference, write_reference
 
     if readme is not None:
-        write_reference(readme)
+        run_stage(write_reference, readme)
     else:
         click.echo(full_reference(), nl=False)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops every command as Ctrl-C does: 130
     cli(prog_name="distill")

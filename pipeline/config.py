@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import ConfigError
+from pipeline.redact import redact
 
 SECTIONS = ("harvest", "batch", "build", "finetune", "merge", "eval")
 """The sections a config file may hold, in pipeline order; reference.py maps each to its model."""
@@ -69,12 +70,19 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def format_validation_error(err: ValidationError, where: str) -> str:
+def format_validation_error(
+    err: ValidationError, where: str, model: type[BaseModel] | None = None
+) -> str:
     """One line: the first problem, with its key path and the value given."""
     first = err.errors()[0]
     loc = ".".join(str(x) for x in first["loc"])
     if first["type"] == "extra_forbidden":
         return f"{where}: unknown key '{loc}'; see the config reference in README.md for the valid keys"
+    if first["type"] == "missing":  # say which flag, not pydantic's "Field required"
+        field = model.model_fields.get(loc) if model is not None else None
+        what = f"; {field.description}" if field is not None and field.description else ""
+        flag = loc.replace("_", "-")
+        return f"{where}: {loc} is required: pass --{flag} (or {loc}: in the config){what}"
     given = first.get("input")
     shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
@@ -108,9 +116,10 @@ def load_config(
     try:
         return model.model_validate(_merge(data, given))
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, where)) from None
+        raise ConfigError(format_validation_error(e, where, model)) from None
 
 
 def dump_config(cfg: BaseModel, exclude: set[str] | None = None) -> str:
-    """YAML of a config as used (for a run's record). Holds no secrets: keys stay in the environment."""
-    return yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False)
+    """YAML of a config as used (for a run's record). Holds no secrets: keys stay in the environment,
+    and credentials in a URL (`http://user:pw@host`) are masked."""
+    return redact(yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False))

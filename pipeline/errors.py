@@ -10,12 +10,14 @@ a retry policy that cannot tell them apart either pays twice or gives up too ear
 
 from __future__ import annotations
 
-# Exit codes: scripts and cron jobs rely on these.
+# Exit codes: scripts and cron jobs rely on these; every command uses this one table (README,
+# "Exit codes"), so the same mistake gives the same code in every stage.
 EXIT_OK = 0  # the job is done
 EXIT_FAILED = 1  # the job failed: fix the cause (the message says what) and rerun
-EXIT_USAGE = 2  # bad flags, config or input: nothing was done
-EXIT_PARTIAL = 3  # partly done (a cap was reached, a signal stopped it, some prompts failed): rerun to continue
+EXIT_USAGE = 2  # bad flags, config or input (a missing file or run directory): nothing was done
+EXIT_PARTIAL = 3  # partly done (a cap was reached, some prompts failed): rerun to continue
 EXIT_LOCKED = 75  # another run holds the run directory (EX_TEMPFAIL): try again later
+EXIT_INTERRUPTED = 130  # stopped by SIGINT/SIGTERM (128 + SIGINT): rerun to continue
 
 
 class DistillError(Exception):
@@ -74,3 +76,9 @@ class PromptRejected(Exception):
     def __init__(self, message: str, *, status: int):
         super().__init__(message)
         self.status = status
+
+
+class Unreachable(DistillError, TransientError):
+    """The server was never reached (connection refused, unknown host, TLS failure): retried a
+    few times over seconds (ratelimit.py), then the run stops: it is a configuration mistake,
+    not a passing fault. Once a server has answered, losing it is a plain TransientError."""

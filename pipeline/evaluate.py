@@ -27,22 +27,31 @@ OUT/loss_curves.png (from the fine-tune run's log_history.json, when there is on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
-from pipeline.artifacts import read_dataset, read_finetune_run
+from pipeline.artifacts import (
+    read_build_report,
+    read_dataset,
+    read_finetune_run,
+    trained_prompt_ids,
+)
 from pipeline.config import StageConfig, dump_config
 from pipeline.errors import ConfigError, InputError
+from pipeline.hardware import native_bf16
 from pipeline.outdir import claim
-from pipeline.reasoning import final_answer
+from pipeline.reasoning import split_think
+from pipeline.verify import MODES
 
 
 class EvalConfig(StageConfig):
@@ -81,18 +90,34 @@ class EvalConfig(StageConfig):
     )
     answer_patterns: list[str] | None = Field(
         None,
-        description="Regexes that extract the final answer (first group, else the match), as in `distill build`; default: verify.py's.",
+        description="Regexes that extract the final answer (first group, else the match); default: the build's (its build_report.json), else verify.py's.",
+    )
+    verify: str | None = Field(
+        None,
+        description="How answers are checked against references: auto, math, text, regex or 'module:function'; default: the build's `verify` (its build_report.json), else auto. Students and teacher are checked alike.",
+    )
+    rel_tol: float | None = Field(
+        None, ge=0, description="Relative tolerance of numeric answers; default: the build's."
+    )
+    abs_tol: float | None = Field(
+        None, ge=0, description="Absolute tolerance of numeric answers; default: the build's."
+    )
+    bootstrap: int = Field(
+        2000,
+        ge=100,
+        description="Paired bootstrap resamples over prompts for the 95% interval of each base -> fine-tuned difference (seeded by `seed`).",
     )
     format_regex: str | None = Field(
         None,
         description="The declared answer format: an answer complies when re.search(format_regex, answer) matches.",
     )
     system_prompt: str | None = Field(
-        None, description="System prompt the students see at eval (default: none)."
+        None,
+        description="System prompt the students see at eval, replacing the dataset's (default: the dataset's, see keep_system).",
     )
     keep_system: bool = Field(
-        False,
-        description="Keep the dataset's system message for the students (default: drop it, context distillation).",
+        True,
+        description="Keep the dataset's system message for the students: they see what the fine-tune trained on (for context distillation build with drop_system: true). false: drop it.",
     )
     nll: bool = Field(
         True,
@@ -101,6 +126,10 @@ class EvalConfig(StageConfig):
     examples: int = Field(5, ge=0, description="Side-by-side examples shown in report.md.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Where the students run (auto: CUDA when visible, else CPU)."
+    )
+    load_in_4bit: bool = Field(
+        False,
+        description="Load the students in 4-bit NF4 (CUDA + bitsandbytes), e.g. a QLoRA student on the card it trained on.",
     )
     seed: int = Field(0, description="Random seed (matters only when greedy is false).")
     judge: bool = Field(
@@ -126,10 +155,13 @@ METRICS: list[tuple[str, str, str, str]] = [
     ("rouge_l", "ROUGE-L F1 vs teacher (0-1)", "higher", "{:.3f}"),
     ("nll", "NLL of teacher answers (nats/token)", "lower", "{:.3f}"),
     ("perplexity", "perplexity of teacher answers", "lower", "{:.2f}"),
+    ("teacher_kl", "KL teacher top-k -> student (nats/token)", "lower", "{:.3f}"),
     ("format_compliance", "format compliance", "higher", "{:.1%}"),
     ("judge_score", "LLM judge score (0-1)", "higher", "{:.3f}"),
     ("answer_tokens", "mean answer length (tokens)", "closer to teacher", "{:.1f}"),
     ("hit_max_tokens", "answers cut at max_new_tokens", "lower", "{:.1%}"),
+    ("reasoning_share", "answers with a <think> trace", "-", "{:.1%}"),
+    ("trace_chars", "mean trace length (characters)", "-", "{:.0f}"),
 ]
 STUDENTS = ("base", "finetuned")
 LABELS = {"base": "base", "finetuned": "fine-tuned", "teacher": "teacher"}
@@ -146,10 +178,15 @@ class Prompt:
     messages: list[dict[str, Any]]  # what the students see (system message handled per config)
     teacher: list[dict[str, Any]] = field(default_factory=list)  # the teacher's assistant turns
     reference: str | None = None
+    dataset_system: bool = False  # the dataset's row carries a system message
 
 
 def check_config(cfg: EvalConfig) -> None:
     """Refuse a bad regex or an incomplete judge before loading anything, naming the key."""
+    if cfg.verify is not None and cfg.verify not in MODES and ":" not in cfg.verify:
+        raise ConfigError(
+            f"verify {cfg.verify!r}: expected one of {', '.join(MODES)} or 'module:function'"
+        )
     if cfg.judge and not cfg.judge_model:
         raise ConfigError(
             "judge is on but no judge_model is set; set judge_model (--judge-model) or turn judge off"
@@ -188,7 +225,8 @@ def load_prompts(cfg: EvalConfig) -> list[Prompt]:
         if pid not in by_id:
             if cfg.limit is not None and len(by_id) >= cfg.limit:
                 continue
-            by_id[pid] = Prompt(pid, student_messages(msgs[:-1], cfg))
+            system = any(m.get("role") == "system" for m in msgs)
+            by_id[pid] = Prompt(pid, student_messages(msgs[:-1], cfg), dataset_system=system)
         p = by_id[pid]
         p.teacher.append(msgs[-1])
         if p.reference is None and "reference" in has and row["reference"] is not None:
@@ -268,31 +306,66 @@ def _checked(students: Students, where: str) -> Students:
 
 
 def pick_device(cfg: EvalConfig) -> str:
+    """Where the students run; with load_in_4bit, checks CUDA and bitsandbytes are there."""
     import torch
 
-    if cfg.device != "auto":
-        return cfg.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.load_in_4bit:
+        if device != "cuda":
+            raise ConfigError(
+                f"load_in_4bit needs a CUDA GPU (device is {device}); turn load_in_4bit off"
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception:  # not installed, or installed without a CUDA build
+            raise ConfigError(
+                "load_in_4bit needs bitsandbytes: pip install 'distill[qlora]', or turn "
+                "load_in_4bit off"
+            ) from None
+    return device
 
 
-def load_student(which: str, students: Students, device: str):  # type: ignore[no-untyped-def]
-    """(model, tokenizer) in eval mode; an adapter is merged into its base for speed."""
+def eval_dtype(device: str, capability: Callable[[], tuple[int, int]] | None = None) -> str:
+    """bf16 on GPUs with bf16 in hardware, fp16 on older ones (T4, V100), fp32 elsewhere (CPU
+    half precision is slow). `capability` is torch.cuda.get_device_capability by default."""
+    if device != "cuda":
+        return "fp32"
+    import torch
+
+    return "bf16" if native_bf16((capability or torch.cuda.get_device_capability)()) else "fp16"
+
+
+def load_student(which: str, students: Students, device: str, load_in_4bit: bool = False):  # type: ignore[no-untyped-def]
+    """(model, tokenizer) in eval mode; an adapter is merged into its base for speed (kept apart
+    on a 4-bit base, as in QLoRA training)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one progress bar per phase is ours; no "Loading weights"
-    # bf16 where the GPU has it; fp32 elsewhere (CPU half precision is slow, fp16 can overflow).
-    dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        eval_dtype(device)
+    ]
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
     path = students.base if which == "base" or students.adapter else students.finetuned
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     tok_path = path
     if which == "finetuned" and students.adapter:
         from peft import PeftModel
 
         with warnings.catch_warnings():  # peft trips a transformers deprecation notice
             warnings.simplefilter("ignore", FutureWarning)
-            model = PeftModel.from_pretrained(model, str(students.finetuned)).merge_and_unload()
+            peft = PeftModel.from_pretrained(model, str(students.finetuned))
+        model = peft if load_in_4bit else peft.merge_and_unload()  # type: ignore[assignment]
         # The fine-tune stage saves its tokenizer (and chat template) next to the adapter.
         if (students.finetuned / "tokenizer_config.json").is_file():
             tok_path = students.finetuned
@@ -303,7 +376,8 @@ def load_student(which: str, students: Students, device: str):  # type: ignore[n
         )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model.to(device)  # type: ignore[arg-type]
+    if not load_in_4bit:  # a 4-bit model is placed on the GPU as it loads
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model, tok
 
@@ -346,9 +420,10 @@ def render(tok, messages: list[dict[str, Any]], generation_prompt: bool) -> list
 
 @dataclass
 class Answer:
-    text: str
-    tokens: int
+    text: str  # the final answer: what is scored
+    tokens: int  # every generated token, trace included
     hit_max: bool
+    trace: str | None = None  # the <think> trace before it, reported apart
 
 
 def _progress(label: str):  # type: ignore[no-untyped-def]
@@ -405,10 +480,10 @@ def generate(  # type: ignore[no-untyped-def]
                 end = next((k for k, t in enumerate(new) if t in stops), None)
                 kept = new if end is None else new[:end]
                 text = tok.decode(kept, skip_special_tokens=True)
-                # Score the answer, not a <think> trace before it.
-                answers[i] = Answer(
-                    final_answer(text), len(kept), end is None and len(new) >= cfg.max_new_tokens
-                )
+                # Score the answer, not a <think> trace before it; keep the trace for its own stats.
+                final, trace = split_think(text)
+                hit = end is None and len(new) >= cfg.max_new_tokens
+                answers[i] = Answer(final.strip(), len(kept), hit, trace)
             bar.update(task, advance=len(idx))
     return [a for a in answers if a is not None]
 
@@ -475,6 +550,59 @@ def teacher_nll(  # type: ignore[no-untyped-def]
     return list(zip(sums, counts, strict=True))
 
 
+def heldout_teacher_kl(model, tok, prompts: list[Prompt], cfg: EvalConfig) -> float | None:  # type: ignore[no-untyped-def]
+    """Mean per-token KL(teacher top-k + tail || student) over the split's teacher answers, on the
+    rows as `distill finetune` renders them (the positions the targets were aligned to); None when
+    the split has no kd_targets or this student's tokens differ from those aligned to."""
+    import torch
+
+    from pipeline import kd
+    from pipeline.finetune import (
+        prepare_messages,
+        renders_reasoning,
+        tokenize_row,
+        training_template,
+    )
+
+    rows = read_dataset(cfg.data, cfg.split)[cfg.split]
+    if not set(kd.KD_COLUMNS) <= set(rows.column_names):
+        return None
+    keep = {p.prompt_id for p in prompts}
+    rows = rows.filter(lambda ex: str(ex["prompt_id"]) in keep)
+    template, how = training_template(tok)
+    native = renders_reasoning(tok, template)
+    tokenized = [
+        tokenize_row(tok, template, how, prepare_messages(ex["messages"], native)) for ex in rows
+    ]
+    try:
+        table = kd.attach_targets(
+            tokenized, rows.select_columns(list(kd.KD_COLUMNS)), rows["prompt_id"], "-"
+        )
+    except InputError:  # another tokenizer or template than the targets': no comparable KL
+        return None
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(tokenized), cfg.batch_size):
+            batch = tokenized[start : start + cfg.batch_size]
+            width = max(len(r["input_ids"]) for r in batch)
+
+            def padded(key: str, fill: int) -> torch.Tensor:
+                return torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in batch])  # noqa: B023
+
+            ids, labels, index = (
+                padded("input_ids", 0),
+                padded("labels", -100),
+                padded("kd_index", -1),
+            )
+            lengths = torch.tensor([[len(r["input_ids"])] for r in batch])
+            mask = torch.arange(width) < lengths  # right padding, masked out
+            logits = model(input_ids=ids.to(device), attention_mask=mask.long().to(device)).logits
+            s, n = kd.teacher_kl(logits.float(), *table.gather(index.to(device), labels.to(device)))
+            total, count = total + s, count + n
+    return total / count if count else None
+
+
 # -- scores ----------------------------------------------------------------------------------------
 
 
@@ -504,35 +632,105 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+@dataclass(frozen=True)
+class Verification:
+    """How answers are checked, the same for students and teacher: the build's settings unless
+    the eval config overrides them (`source` says which)."""
+
+    mode: str
+    rel_tol: float
+    abs_tol: float
+    patterns: list[str] | None
+    source: str
+
+    def check(self, text: str, reference: str | None, prompt_id: str) -> bool | None:
+        """Is the final answer of `text` the reference? None when there is no reference."""
+        from pipeline.verify import check_prompt
+
+        if reference is None:
+            return None
+        v = check_prompt(
+            prompt_id,
+            text,
+            reference,
+            mode=self.mode,
+            rel_tol=self.rel_tol,
+            abs_tol=self.abs_tol,
+            patterns=self.patterns,
+        )
+        return v.verified is True
+
+
+def verification(cfg: EvalConfig) -> Verification:
+    """The eval config's verify settings, each falling back to the build's, then the defaults."""
+    built = read_build_report(cfg.data).get("config") or {}
+    own: dict[str, Any] = {
+        "verify": cfg.verify,
+        "rel_tol": cfg.rel_tol,
+        "abs_tol": cfg.abs_tol,
+        "answer_patterns": cfg.answer_patterns,
+    }
+    defaults: dict[str, Any] = {"verify": "auto", "rel_tol": 1e-6, "abs_tol": 1e-9}
+    got: dict[str, Any] = {
+        k: v if v is not None else built.get(k, defaults.get(k)) for k, v in own.items()
+    }
+    if all(v is not None for v in own.values()):
+        source = "eval config"
+    else:
+        source = "the build's build_report.json" if built else "defaults (no build_report.json)"
+        if any(v is not None for v in own.values()):
+            source += " and the eval config"
+    return Verification(
+        str(got["verify"]),
+        float(got["rel_tol"]),
+        float(got["abs_tol"]),
+        list(got["answer_patterns"] or []) or None,
+        source,
+    )
+
+
+def teacher_text(turn: dict[str, Any]) -> tuple[str, str | None]:
+    """(final answer, trace) of one teacher turn: inline <think> or a reasoning_content field."""
+    answer, trace = split_think(turn.get("content") or "")
+    return answer.strip(), turn.get("reasoning_content") or trace
+
+
 def score(
     prompts: list[Prompt],
     answers: list[Answer],
     nll: list[tuple[float, int]] | None,
     cfg: EvalConfig,
+    ver: Verification,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(summary metrics, one record per prompt) for one student."""
-    from pipeline.verify import answers_match, extract_answer, verify
+    """(summary metrics, one record per prompt) for one student. Every comparison reads final
+    answers on both sides: the student's and the teacher's traces are cut off first."""
+    from pipeline.verify import answers_match, extract_answer
 
-    patterns = cfg.answer_patterns
+    patterns = ver.patterns
     per: list[dict[str, Any]] = []
     for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
         pred = extract_answer(a.text, patterns)
-        teacher_final = [extract_answer(t.get("content") or "", patterns) for t in p.teacher]
-        known = [t for t in teacher_final if t is not None]
+        teacher = [teacher_text(t)[0] for t in p.teacher]
+        known = [t for t in (extract_answer(t, patterns) for t in teacher) if t is not None]
         rec: dict[str, Any] = {
             "answer": a.text,
+            "trace": a.trace,
             "extracted": pred,
             "tokens": a.tokens,
             "hit_max_tokens": a.hit_max,
-            "correct": verify(a.text, p.reference, patterns) if p.reference is not None else None,
+            "correct": ver.check(a.text, p.reference, p.prompt_id),
             # Share of the teacher's samples whose final answer this one matches.
             "teacher_match": (
-                sum(pred is not None and answers_match(pred, t) for t in known) / len(known)
+                sum(
+                    pred is not None
+                    and answers_match(pred, t, rel_tol=ver.rel_tol, abs_tol=ver.abs_tol)
+                    for t in known
+                )
+                / len(known)
             )
             if known
             else None,
-            "rouge_l": sum(rouge_l(a.text, t.get("content") or "") for t in p.teacher)
-            / len(p.teacher),
+            "rouge_l": sum(rouge_l(a.text, t) for t in teacher) / len(teacher),
             "format_ok": bool(re.search(cfg.format_regex, a.text)) if cfg.format_regex else None,
             "nll": None,
             "nll_tokens": 0,
@@ -547,9 +745,11 @@ def score(
 
     total_tokens = sum(n for _, n in nll) if nll is not None else 0
     mean_nll = sum(s for s, _ in nll) / total_tokens if nll is not None and total_tokens else None
+    correct = [r["correct"] for r in per if r["correct"] is not None]
     metrics = {
         "accuracy": share("correct"),
-        "n_reference": sum(r["correct"] is not None for r in per),
+        "accuracy_ci": wilson(sum(correct), len(correct)),
+        "n_reference": len(correct),
         "teacher_match": share("teacher_match"),
         "n_teacher_answers": sum(r["teacher_match"] is not None for r in per),
         "rouge_l": share("rouge_l"),
@@ -560,34 +760,108 @@ def score(
         "answer_tokens": _mean([float(r["tokens"]) for r in per]),
         "hit_max_tokens": share("hit_max_tokens"),
         "judge_score": None,
+        **trace_stats([r["trace"] for r in per]),
     }
     return metrics, per
 
 
-def teacher_metrics(prompts: list[Prompt], tok, cfg: EvalConfig) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    """The same scores for the teacher's own answers: the ceiling the students are chasing."""
-    from pipeline.verify import verify
-
-    answers = [(p, t.get("content") or "") for p in prompts for t in p.teacher]
+def trace_stats(traces: list[str | None]) -> dict[str, float | None]:
+    """The reasoning apart from the answer: the share of answers with a trace, its mean length."""
+    with_trace = [t for t in traces if t]
     return {
-        "accuracy": _mean(
-            [
-                float(verify(a, p.reference, cfg.answer_patterns))
-                for p, a in answers
-                if p.reference is not None
-            ]
-        ),
+        "reasoning_share": len(with_trace) / len(traces) if traces else None,
+        "trace_chars": _mean([float(len(t)) for t in with_trace]),
+    }
+
+
+def teacher_metrics(
+    prompts: list[Prompt], tok, cfg: EvalConfig, ver: Verification
+) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """The same scores for the teacher's own final answers (trace cut off, as for the students):
+    the ceiling the students are chasing."""
+    samples = [(p, *teacher_text(t)) for p in prompts for t in p.teacher]
+    correct = [
+        bool(ver.check(a, p.reference, p.prompt_id))
+        for p, a, _ in samples
+        if p.reference is not None
+    ]
+    return {
+        "accuracy": _mean([float(c) for c in correct]),
+        "accuracy_ci": wilson(sum(correct), len(correct)),
+        "n_reference": len(correct),
         "format_compliance": _mean(
-            [float(bool(re.search(cfg.format_regex, a))) for _, a in answers]
+            [float(bool(re.search(cfg.format_regex, a))) for _, a, _ in samples]
         )
         if cfg.format_regex
         else None,
-        # In the base student's tokens, so the lengths compare.
+        # In the base student's tokens, so the lengths compare (the final answer only: a
+        # student's generated tokens include its trace, see trace_chars).
         "answer_tokens": _mean(
-            [float(len(tok(a, add_special_tokens=False)["input_ids"])) for _, a in answers]
+            [float(len(tok(a, add_special_tokens=False)["input_ids"])) for _, a, _ in samples]
         ),
-        "samples": len(answers),
+        "samples": len(samples),
+        **trace_stats([t for _, _, t in samples]),
     }
+
+
+# -- intervals -------------------------------------------------------------------------------------
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
+    """The 95% Wilson score interval of k successes in n (None when n is 0)."""
+    if n == 0:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+# Per-prompt values whose base -> fine-tuned difference gets an interval, and which way is better.
+PAIRED = {
+    "accuracy": ("correct", "higher"),
+    "teacher_match": ("teacher_match", "higher"),
+    "rouge_l": ("rouge_l", "higher"),
+    "nll": ("nll", "lower"),
+    "format_compliance": ("format_ok", "higher"),
+    "judge_score": ("judge", "higher"),
+    "hit_max_tokens": ("hit_max_tokens", "lower"),
+}
+
+
+def paired_difference(
+    base: list[float], tuned: list[float], better: str, resamples: int, seed: int
+) -> dict[str, Any]:
+    """fine-tuned - base, averaged over prompts, with a 95% paired bootstrap interval (prompts
+    resampled with replacement, `resamples` times, seeded). "better" or "worse" only when the
+    interval excludes zero; otherwise "no clear difference"."""
+    import numpy as np
+
+    d = np.asarray(tuned, dtype=float) - np.asarray(base, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+    low, high = (float(x) for x in np.percentile(means, [2.5, 97.5]))
+    sign = 1 if better == "higher" else -1
+    if low > 0 or high < 0:  # the interval excludes zero
+        verdict = "better" if sign * low > 0 else "worse"
+    else:
+        verdict = "no clear difference"
+    return {"diff": float(d.mean()), "ci": [low, high], "n": len(d), "verdict": verdict}
+
+
+def differences(per: dict[str, list[dict[str, Any]]], cfg: EvalConfig) -> dict[str, Any]:
+    """Each paired metric's base -> fine-tuned difference over the prompts both have a value for."""
+    out: dict[str, Any] = {}
+    for key, (field_name, better) in PAIRED.items():
+        pairs = [
+            (float(b[field_name]), float(f[field_name]))
+            for b, f in zip(per["base"], per["finetuned"], strict=True)
+            if b.get(field_name) is not None and f.get(field_name) is not None
+        ]
+        if pairs:
+            base, tuned = zip(*pairs, strict=True)
+            out[key] = paired_difference(list(base), list(tuned), better, cfg.bootstrap, cfg.seed)
+    return out
 
 
 # -- the judge (optional, costs money) -------------------------------------------------------------
@@ -624,7 +898,7 @@ def run_judge(cfg: EvalConfig, prompts: list[Prompt], per: dict[str, list[dict[s
     async def grade(teacher: Teacher, p: Prompt, rec: dict[str, Any]) -> None:
         question = next((m["content"] for m in reversed(p.messages) if m.get("role") == "user"), "")
         content = JUDGE_PROMPT.format(
-            question=question, reference=p.teacher[0].get("content") or "", answer=rec["answer"]
+            question=question, reference=teacher_text(p.teacher[0])[0], answer=rec["answer"]
         )
         messages = [{"role": "user", "content": content}]
         body = chat_body(tcfg, messages, {"temperature": 0}, max_tokens=8)
@@ -663,22 +937,62 @@ def _fmt(value: Any, spec: str) -> str:
     return "–" if value is None else spec.format(value)
 
 
-def headline(report: dict[str, Any]) -> str:
-    """A compact table of the headline numbers, base vs fine-tuned (and the teacher where it applies)."""
+def _diff(d: dict[str, Any] | None, spec: str) -> str:
+    """'+5.0 pts [-2.1, +12.0]' for a share, '+0.012 [-0.010, +0.030]' otherwise; '–' for none."""
+    if d is None:
+        return "–"
+    if "%" in spec:
+        return "{:+.1f} pts [{:+.1f}, {:+.1f}]".format(*(100 * x for x in (d["diff"], *d["ci"])))
+    f = "{:+.3f}"
+    return f"{f.format(d['diff'])} [{f.format(d['ci'][0])}, {f.format(d['ci'][1])}]"
+
+
+def _rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str, str, str]]:
+    """(label, base, fine-tuned, teacher, better when, difference [95% CI], verdict) per metric."""
+    m, diffs = report["metrics"], report.get("differences", {})
+    rows = []
+    for key, label, better, spec in METRICS:
+        if m["base"].get(key) is None and m["finetuned"].get(key) is None:
+            continue
+        d = diffs.get(key)
+        rows.append(
+            (
+                label,
+                _fmt(m["base"][key], spec),
+                _fmt(m["finetuned"][key], spec),
+                _fmt(m["teacher"].get(key), spec),
+                better,
+                _diff(d, spec),
+                d["verdict"] if d else "–",
+            )
+        )
+    return rows
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "–" if ci is None else f"[{100 * ci[0]:.1f}%, {100 * ci[1]:.1f}%]"
+
+
+def accuracy_intervals(report: dict[str, Any]) -> str:
     m = report["metrics"]
+    return "accuracy 95% interval (Wilson): " + ", ".join(
+        f"{LABELS[w]} {_ci(m[w].get('accuracy_ci'))}" for w in (*STUDENTS, "teacher")
+    )
+
+
+def headline(report: dict[str, Any]) -> str:
+    """A compact table of the headline numbers, base vs fine-tuned (and the teacher where it
+    applies), with each difference's 95% interval and what it means."""
     n = report["prompts"]
     lines = [
         f"eval: {n} held-out prompts ({report['prompts_with_reference']} with a reference), "
         f"{'greedy' if report['config']['greedy'] else 'sampled'}, max_new_tokens {report['config']['max_new_tokens']}",
-        f"{'metric':<38} {'base':>9} {'fine-tuned':>11} {'teacher':>9}   better",
+        f"eval set: {report['eval_set']}",
+        f"{'metric':<38} {'base':>9} {'fine-tuned':>11} {'teacher':>9}  {'fine-tuned - base [95% CI]':<30} verdict",
     ]
-    for key, label, better, spec in METRICS:
-        if m["base"].get(key) is None and m["finetuned"].get(key) is None:
-            continue
-        lines.append(
-            f"{label:<38} {_fmt(m['base'][key], spec):>9} {_fmt(m['finetuned'][key], spec):>11} "
-            f"{_fmt(m['teacher'].get(key), spec):>9}   {better}"
-        )
+    for label, b, f, t, _, d, v in _rows(report):
+        lines.append(f"{label:<38} {b:>9} {f:>11} {t:>9}  {d:<30} {v}")
+    lines.append(accuracy_intervals(report))
     return "\n".join(lines)
 
 
@@ -695,34 +1009,35 @@ def write_markdown(report: dict[str, Any], path: Path, loss_plot: bool) -> None:
     decoding = (
         "greedy" if cfg["greedy"] else f"temperature {cfg['temperature']}, top_p {cfg['top_p']}"
     )
-    system = (
-        repr(cfg["system_prompt"])
-        if cfg["system_prompt"]
-        else "the dataset's"
-        if cfg["keep_system"]
-        else "none"
-    )
+    sp = report["system_prompts"]
+    ver = report["verification"]
     out = [
         "# distill eval report",
         "",
         f"- dataset: `{cfg['data']}` split `{cfg['split']}`: {report['prompts']} prompts, {report['prompts_with_reference']} with a reference, "
         f"{m['teacher']['samples']} teacher answers",
+        f"- eval set: {report['eval_set']}",
+        f"- held out from training: {report['held_out_check']}",
         f"- base student: `{report['students']['base']}`",
         f"- fine-tuned student: `{report['students']['finetuned']}` ({'LoRA adapter' if report['students']['adapter'] else 'merged model'})",
-        f"- generation: {decoding}, max_new_tokens {cfg['max_new_tokens']}, system prompt: {system}",
+        f"- system prompt: the teacher saw {sp['teacher']}; the students saw {sp['students']}",
+        f"- generation: {decoding}, max_new_tokens {cfg['max_new_tokens']}",
+        f"- answers checked with verify: {ver['mode']} (rel_tol {ver['rel_tol']:g}, abs_tol {ver['abs_tol']:g}; from {ver['source']}), "
+        "on final answers only: every `<think>` trace, the teacher's included, is cut off before any comparison",
         f"- took {report['seconds']:.1f} s on {report['device']}",
         "",
         "## Results",
         "",
-        "| metric | base | fine-tuned | teacher | better |",
-        "|---|---:|---:|---:|---|",
+        "| metric | base | fine-tuned | teacher | better when | fine-tuned − base [95% CI] | verdict |",
+        "|---|---:|---:|---:|---|---|---|",
     ]
-    for key, label, better, spec in METRICS:
-        if m["base"].get(key) is None and m["finetuned"].get(key) is None:
-            continue
-        out.append(
-            f"| {label} | {_fmt(m['base'][key], spec)} | {_fmt(m['finetuned'][key], spec)} | {_fmt(m['teacher'].get(key), spec)} | {better} |"
-        )
+    for row in _rows(report):
+        out.append("| " + " | ".join(row) + " |")
+    out += [
+        "",
+        f"{accuracy_intervals(report)}. A difference's interval is a paired bootstrap over prompts "
+        f'({cfg["bootstrap"]} resamples, seed {cfg["seed"]}); "better" or "worse" only when it excludes zero.',
+    ]
     out += ["", "![base vs fine-tuned](metrics.png)", ""]
     if loss_plot:
         out += ["## Training", "", "![loss curves](loss_curves.png)", ""]
@@ -749,7 +1064,7 @@ def write_markdown(report: dict[str, Any], path: Path, loss_plot: bool) -> None:
         ]
         if ex["reference"] is not None:
             out.append(f"| reference | {_cell(ex['reference'])} |")
-        out.append(f"| teacher | {_cell(ex['teacher'][0])} |")
+        out.append(f"| teacher (final answer) | {_cell(split_think(ex['teacher'][0])[0])} |")
         for s in STUDENTS:
             r = ex[s]
             mark = "" if r["correct"] is None else " ✓" if r["correct"] else " ✗"
@@ -758,8 +1073,73 @@ def write_markdown(report: dict[str, Any], path: Path, loss_plot: bool) -> None:
     path.write_text("\n".join(out), encoding="utf-8")
 
 
+def check_held_out(cfg: EvalConfig, prompts: list[Prompt], students: Students) -> str:
+    """Refuse to score a fine-tuned student on prompts it was trained on (train_report.json
+    records the train prompt ids); returns what was checked, for the report."""
+    report: Any = {}
+    if students.run_dir is not None:
+        try:
+            report = json.loads((students.run_dir / "train_report.json").read_text("utf-8"))
+        except (OSError, ValueError):
+            report = {}
+    trained = trained_prompt_ids(report) if isinstance(report, dict) else None
+    if trained is None:
+        return "not checked: the fine-tune run records no training prompt ids (trained before this check)"
+    shared = sorted(trained & {p.prompt_id for p in prompts})
+    if shared:
+        raise InputError(
+            f"{cfg.data} [{cfg.split}]: {len(shared)} of its {len(prompts)} prompts (e.g. "
+            f"{shared[0]!r}) are in the data {students.run_dir} was trained on; evaluate on a split "
+            "held out from that training data (the same build), or fine-tune on this build's train split"
+        )
+    return (
+        f"none of the {len(prompts)} prompts is among the {len(trained)} the student was trained on"
+    )
+
+
+def eval_set(cfg: EvalConfig) -> str:
+    """What the eval prompts are, from the build's report: the teacher's accuracy means nothing
+    when the build kept only the prompts it got right."""
+    built = read_build_report(cfg.data)
+    split, config = built.get("split") or {}, built.get("config") or {}
+    if not built:
+        return f"the `{cfg.split}` split (no build_report.json: how it was chosen is unknown)"
+    what = "held-out prompts (by prompt id)" if cfg.split == "eval" else f"the `{cfg.split}` split"
+    if not split.get("eval_filtered", True):
+        return (
+            f"all {what} the teacher answered, right or wrong (filter_eval: false): the teacher's "
+            "accuracy is measured, not given"
+        )
+    if (config.get("filters") or {}).get("verify", True):
+        return (
+            f"only {what} whose teacher answer passed the build's filters, verification included "
+            "(filter_eval: true, the build default): on prompts with a reference the teacher is "
+            "100% correct by construction; build with filter_eval: false to measure it"
+        )
+    return f"{what} whose teacher answer passed the build's filters (verification off)"
+
+
+def system_prompts(cfg: EvalConfig, prompts: list[Prompt]) -> dict[str, str]:
+    """Which system prompt each side saw, and why."""
+    config = read_build_report(cfg.data).get("config") or {}
+    dataset_has = any(p.dataset_system for p in prompts)
+    if config.get("drop_system"):
+        teacher = "its harvest system prompt, which the dataset leaves out (drop_system: true)"
+    else:
+        teacher = "the dataset's system message" if dataset_has else "none in the dataset"
+    if cfg.system_prompt is not None:
+        student = f"{cfg.system_prompt!r} (system_prompt), not the dataset's"
+    elif cfg.keep_system and dataset_has:
+        student = "the dataset's system message, as in fine-tuning (keep_system: true)"
+    elif dataset_has:
+        student = "none: the dataset's system message is dropped (keep_system: false), unlike in fine-tuning"
+    else:
+        student = "none (the dataset has no system message; fine-tuning saw none either)"
+    return {"teacher": teacher, "students": student}
+
+
 def run_students(
-    cfg: EvalConfig, prompts: list[Prompt], students: Students, device: str
+    cfg: EvalConfig, prompts: list[Prompt], students: Students, device: str, ver: Verification
 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Each student in turn (one in memory at a time): generate, NLL, score.
     Returns (metrics per student and for the teacher, per-prompt records per student)."""
@@ -772,13 +1152,15 @@ def run_students(
     per: dict[str, list[dict[str, Any]]] = {}
     teacher: dict[str, Any] = {}
     for which in STUDENTS:
-        model, tok = load_student(which, students, device)
+        model, tok = load_student(which, students, device, cfg.load_in_4bit)
         stops = eos_ids(model, tok, shared_stops)
         answers = generate(model, tok, prompts, cfg, LABELS[which], stops)
         nll = teacher_nll(model, tok, prompts, cfg, LABELS[which], stops) if cfg.nll else None
-        metrics[which], per[which] = score(prompts, answers, nll, cfg)
+        metrics[which], per[which] = score(prompts, answers, nll, cfg, ver)
+        if cfg.nll:  # the split carries the teacher's top-k (build --tokenizer): KL beside NLL
+            metrics[which]["teacher_kl"] = heldout_teacher_kl(model, tok, prompts, cfg)
         if which == "base":
-            teacher = teacher_metrics(prompts, tok, cfg)
+            teacher = teacher_metrics(prompts, tok, cfg, ver)
         del model
         gc.collect()
         if device == "cuda":
@@ -796,11 +1178,13 @@ def evaluate(cfg: EvalConfig) -> Path:
     """Generate with both students, score them, write the report; returns the out folder."""
     started = time.monotonic()
     check_config(cfg)
+    ver = verification(cfg)
     claim(Path(cfg.out), "eval")
     prompts = load_prompts(cfg)
     students = resolve_students(cfg)
+    leak = check_held_out(cfg, prompts, students)
     device = pick_device(cfg)
-    metrics, per = run_students(cfg, prompts, students, device)
+    metrics, per = run_students(cfg, prompts, students, device, ver)
 
     examples = [
         {
@@ -823,7 +1207,12 @@ def evaluate(cfg: EvalConfig) -> Path:
         "seconds": time.monotonic() - started,
         "prompts": len(prompts),
         "prompts_with_reference": sum(p.reference is not None for p in prompts),
+        "eval_set": eval_set(cfg),
+        "held_out_check": leak,
+        "system_prompts": system_prompts(cfg, prompts),
+        "verification": dataclasses.asdict(ver),
         "metrics": metrics,
+        "differences": differences(per, cfg),
         "examples": examples,
     }
     out = Path(cfg.out)

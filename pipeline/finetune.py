@@ -8,6 +8,7 @@ and writes to OUT:
 
     adapter/            the LoRA adapter (PEFT) + tokenizer with the student's chat template
     config.yaml         the FinetuneConfig used
+    plan.json           the settings as resolved (batch, precision, schedule); --resume reuses them
     train_report.json   steps, tokens seen, tokens/s, peak memory, final losses, chosen settings
     log_history.json    the Trainer's log history;  loss.png  train/eval loss vs step
     checkpoints/        Trainer checkpoints (for --resume);  tensorboard/  TensorBoard logs
@@ -19,9 +20,11 @@ The choices that lose people days are made here, before any step runs, and print
   template itself if it has markers, else the spans found by rendering the conversation with and
   without each assistant turn. Every training row is checked: a row with no trained token, or whose
   trained span does not end on a special end-of-turn token, stops the run with the prompt id.
+  Only the last assistant turn (the teacher's answer) is trained unless `train_on: all`: the
+  earlier turns of a multi-turn prompt were written by the prompt's author, not the teacher.
 - Reasoning: `reasoning_content` is rendered by the template when it can, else folded into the
-  answer as `<think>...</think>`; an empty `<think></think>` that a template adds to a row without
-  reasoning is left out of the loss.
+  answer as `<think>...</think>`; an empty `<think></think>` that a template adds to a turn without
+  reasoning is left out of the loss (decided turn by turn).
 - Packing (best-fit, sequences kept apart by position ids) when a probe shows the student's
   attention keeps packed sequences apart; padded batches otherwise.
 - Device, precision, 4-bit, batch, accumulation and activation checkpointing from
@@ -30,6 +33,7 @@ The choices that lose people days are made here, before any step runs, and print
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -43,7 +47,7 @@ from pydantic import Field
 from trl import SFTConfig, SFTTrainer
 
 from pipeline import hardware
-from pipeline.artifacts import read_dataset, student_path
+from pipeline.artifacts import dataset_record, read_dataset, student_path
 from pipeline.config import StageConfig, dump_config
 from pipeline.errors import ConfigError, InputError, TrainingError
 from pipeline.outdir import claim
@@ -118,10 +122,28 @@ class FinetuneConfig(StageConfig):
         None,
         description="Trainer loggers: tensorboard, wandb, none; unset: tensorboard if installed.",
     )
+    train_on: Literal["last", "all"] = Field(
+        "last",
+        description="Assistant turns that carry loss: last (the teacher's answer) or all.",
+    )
     resume: bool = Field(False, description="Continue from the last checkpoint in OUT/checkpoints.")
     seed: int = Field(42, description="Seed for adapter init, shuffling and dropout.")
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the student (only for students you trust)."
+    )
+    loss: Literal["sft", "kd"] = Field(
+        "sft",
+        description="sft: cross-entropy on the teacher's tokens; kd: mixed with forward KL to the teacher's top-k logprobs (a dataset built with --tokenizer from a --logprobs harvest).",
+    )
+    kd_alpha: float = Field(
+        0.5, ge=0, le=1, description="Weight of the KD term: alpha * KL + (1 - alpha) * CE."
+    )
+    kd_temperature: float = Field(
+        1.0, gt=0, description="Divides the student's logits in the KD term (keep 1: see docs)."
+    )
+    kd_tail: bool = Field(
+        True,
+        description="KD with one tail bucket for the mass outside the teacher's top-k (else both renormalized over the top-k).",
     )
 
 
@@ -206,32 +228,29 @@ def renders_reasoning(tokenizer, template: str) -> bool:
     return "zq7reasoningprobe" in text
 
 
-def prepare_messages(messages: list[dict], native_reasoning: bool) -> tuple[list[dict], bool]:
-    """Clean one row's messages for the template; returns (messages, row has reasoning).
+def prepare_messages(messages: list[dict], native_reasoning: bool) -> list[dict]:
+    """Clean one row's messages for the template.
 
     Arrow gives every message every key (None where absent), so None keys are dropped. Reasoning in
     `reasoning_content` stays there if the template renders it, else becomes an inline `<think>`.
     """
     out: list[dict] = []
-    has_reasoning = False
     for m in messages:
         m = {k: v for k, v in m.items() if v is not None}
         reasoning = m.pop("reasoning_content", "") or ""
-        if m.get("role") == "assistant":
-            has_reasoning = has_reasoning or has_think(content_text(m.get("content")))
-            if reasoning.strip():
-                has_reasoning = True
-                if native_reasoning:
-                    m["reasoning_content"] = reasoning
-                else:
-                    m["content"] = join_think(reasoning.strip(), m.get("content", ""))
+        if m.get("role") == "assistant" and reasoning.strip():
+            if native_reasoning:
+                m["reasoning_content"] = reasoning
+            else:
+                m["content"] = join_think(reasoning.strip(), m.get("content", ""))
         out.append(m)
-    return out, has_reasoning
+    return out
 
 
 def _spans_by_rendering(tokenizer, template: str, messages: list[dict], full: str) -> list:
-    """Character spans of each assistant turn: render the turn's prefix with a generation prompt,
-    then through the turn; what the turn adds (its text and end-of-turn markup) is its span."""
+    """(message index, start, end) character spans of each assistant turn: render the turn's
+    prefix with a generation prompt, then through the turn; what the turn adds (its text and
+    end-of-turn markup) is its span."""
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -245,17 +264,46 @@ def _spans_by_rendering(tokenizer, template: str, messages: list[dict], full: st
         # A template that renders earlier turns differently once later ones exist (some drop
         # old reasoning) breaks the prefix property; that turn is then not trained on.
         if through.startswith(before) and full.startswith(through):
-            spans.append((len(before), len(through)))
+            spans.append((i, len(before), len(through)))
     return spans
 
 
+def _marked_turns(mask: list[bool], messages: list[dict]) -> list[tuple[int, int, int]]:
+    """(message index, first token, end token) of each run of `{% generation %}`-marked tokens,
+    matched to the assistant turns in order (a marked block is one assistant turn)."""
+    runs: list[list[int]] = []
+    for k, on in enumerate(mask):
+        if on and (not runs or runs[-1][1] != k):
+            runs.append([k, k + 1])
+        elif on:
+            runs[-1][1] = k + 1
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    # More or fewer runs than turns (a template that splits or skips a block): the last run is
+    # still the last turn, the earlier ones count as earlier turns.
+    turns = turns[-len(runs) :] if len(runs) <= len(turns) else [-1] * (len(runs) - 1) + turns[-1:]
+    return [(i, a, b) for i, (a, b) in zip(turns, runs)]
+
+
+def turn_has_reasoning(message: dict) -> bool:
+    """Did the dataset give this assistant turn a trace (as reasoning_content or inline)?"""
+    return bool((message.get("reasoning_content") or "").strip()) or has_think(
+        content_text(message.get("content"))
+    )
+
+
 def tokenize_row(
-    tokenizer, template: str, how: str, messages: list[dict], has_reasoning: bool
+    tokenizer, template: str, how: str, messages: list[dict], train_on: str = "last"
 ) -> dict[str, list[int]]:
-    """input_ids and labels (-100 where no loss) for one conversation."""
+    """input_ids and labels (-100 where no loss) for one conversation.
+
+    train_on "last": only the final assistant turn (the teacher's answer) carries loss; earlier
+    assistant turns are part of the prompt, written by whoever wrote the prompt. "all": every
+    assistant turn.
+    """
     text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    # Each trained assistant turn as (message index, first token, end token).
     if how == "markers":
         out = tokenizer.apply_chat_template(
             messages,
@@ -266,15 +314,29 @@ def tokenize_row(
         )
         if list(out["input_ids"]) != list(ids):  # cannot happen with a fast tokenizer; be sure
             raise TrainingError("chat template tokenization is not reproducible; report this bug")
-        mask = [bool(x) for x in out["assistant_masks"]]
+        turns = _marked_turns([bool(x) for x in out["assistant_masks"]], messages)
     else:
-        spans = _spans_by_rendering(tokenizer, template, messages, text)
-        mask = [any(s < b and e > a for a, b in spans) for s, e in offsets]
-    if not has_reasoning:
-        # Templates of reasoning models add an empty <think></think> to answers without reasoning;
-        # training on it would teach the student to skip thinking, so it carries no loss.
-        for m in EMPTY_THINK.finditer(text):
-            mask = [k and not (m.start() <= s < m.end()) for k, (s, _e) in zip(mask, offsets)]
+        turns = []
+        for i, a, b in _spans_by_rendering(tokenizer, template, messages, text):
+            inside = [k for k, (s, e) in enumerate(offsets) if s < b and e > a]
+            if inside:
+                turns.append((i, inside[0], inside[-1] + 1))
+    if train_on == "last":
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+        turns = [t for t in turns if t[0] == last]
+    mask = [False] * len(ids)
+    for i, a, b in turns:
+        mask[a:b] = [True] * (b - a)
+        if i >= 0 and turn_has_reasoning(messages[i]):
+            continue
+        # Templates of reasoning models add an empty <think></think> to a turn without
+        # reasoning; training on it would teach the student to skip thinking, so it carries no
+        # loss. Decided per turn: another turn's trace does not make this one's empty block real.
+        start, end = offsets[a][0], offsets[b - 1][1]
+        for m in EMPTY_THINK.finditer(text, start, end):
+            for k in range(a, b):
+                if m.start() <= offsets[k][0] < m.end():
+                    mask[k] = False
     labels = [t if k else -100 for t, k in zip(ids, mask)]
     return {"input_ids": list(ids), "labels": labels}
 
@@ -312,15 +374,17 @@ def check_masks(rows: list[dict], tokenizer, prompt_ids: list[str], student: str
     return max(seen, key=lambda k: seen[k])
 
 
-def tokenize_split(split, tokenizer, template: str, how: str, native_reasoning: bool):
+def tokenize_split(
+    split, tokenizer, template: str, how: str, native_reasoning: bool, train_on: str = "last"
+):
     from jinja2 import TemplateError
 
     rows, pids = [], []
     for i, ex in enumerate(split):
         pid = str(ex.get("prompt_id") or f"row {i}")
-        msgs, has_r = prepare_messages(ex["messages"], native_reasoning)
+        msgs = prepare_messages(ex["messages"], native_reasoning)
         try:
-            rows.append(tokenize_row(tokenizer, template, how, msgs, has_r))
+            rows.append(tokenize_row(tokenizer, template, how, msgs, train_on))
         except TemplateError as e:  # e.g. a template that refuses a system turn
             raise InputError(
                 f"the student's chat template rejects prompt {pid}: {e}; rebuild the dataset "
@@ -439,6 +503,19 @@ class DistillTrainer(SFTTrainer):
     The rest of the training loop stays TRL's.
     """
 
+    kd: Any = None  # kd.TargetTable with --loss kd (set by use_kd), else None: plain SFT
+    kd_alpha, kd_temperature, kd_tail = 0.5, 1.0, True
+
+    def use_kd(self, table: Any, cfg: FinetuneConfig) -> None:
+        self.kd, self.kd_alpha, self.kd_temperature = table, cfg.kd_alpha, cfg.kd_temperature
+        self.kd_tail = cfg.kd_tail
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()  # type: ignore[misc]
+        columns: list[str] = list(self._signature_columns or [])
+        if self.kd is not None and "kd_index" not in columns:
+            self._signature_columns = [*columns, "kd_index"]  # type: ignore[assignment]
+
     def compute_loss(  # type: ignore[override]
         self,
         model: Any,
@@ -446,9 +523,54 @@ class DistillTrainer(SFTTrainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        return super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        if self.kd is None:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        return self.kd_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def kd_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any
+    ) -> Any:
+        """alpha * KL(teacher top-k + tail || student) + (1 - alpha) * CE, on the same tokens.
+
+        CE is normalized like TRL's (summed, divided by the trained tokens of the whole
+        accumulated batch); the KD term is this micro-batch's mean KL weighted by its share of
+        those tokens, so both sum to per-token means over the optimizer step. Both terms are
+        logged (kd_loss, ce_loss: per-token means of the micro-batch).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        from pipeline.kd import topk_kd_loss
+
+        mode = "train" if model.training else "eval"
+        kd_index = inputs.pop("kd_index")
+        labels = inputs["labels"]
+        forward = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**forward, use_cache=False)
+        logits = outputs.logits
+        gold = labels[:, 1:]
+        ce_sum = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), gold.flatten(), ignore_index=-100, reduction="sum"
         )
+        local = (gold != -100).sum()
+        total = local if num_items_in_batch is None else num_items_in_batch
+        total = torch.as_tensor(total, device=ce_sum.device).clamp(min=1)
+        t_ids, t_lps, t_mask = self.kd.gather(kd_index, labels)
+        kd, stats = topk_kd_loss(
+            logits, t_ids, t_lps, t_mask, temperature=self.kd_temperature, tail=self.kd_tail
+        )
+        loss = self.kd_alpha * kd * (local / total) + (1 - self.kd_alpha) * ce_sum / total
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as TRL: DDP averages the gradients
+        m = self._metrics[mode]
+        m["ce_loss"].append(float(ce_sum.detach()) / max(int(local), 1))
+        if stats["kd_tokens"]:
+            m["kd_loss"].append(stats["kd_loss"])
+            m["teacher_topk_mass"].append(stats["teacher_topk_mass"])
+        m["kd_token_share"].append(stats["kd_tokens"] / max(int(local), 1))
+        return (loss, outputs) if return_outputs else loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,14 +601,18 @@ class Tokenized:
     eval_rows: list[dict]
     eot_id: int  # the end-of-turn token every trained span ends on
     label_tokens: int  # trained tokens in one pass over the train split
+    kd: Any = None  # kd.TargetTable of train and eval rows with --loss kd (rows carry kd_index)
 
 
 def finetune(cfg: FinetuneConfig) -> Path:
     """Train a LoRA adapter on `cfg.data` for `cfg.student`; returns the output folder."""
+    cfg = resumed_config(cfg)
     setup = plan_run(cfg)
     data = prepare_data(cfg, setup)
     model, packing = load_model(cfg, setup, data)
     trainer = build_trainer(cfg, setup, data, model, packing[0])
+    if data.kd is not None:
+        trainer.use_kd(data.kd, cfg)
     result, train_time, final_eval = train(cfg, setup, trainer)
     trainer.save_model(str(setup.out / "adapter"))
     if trainer.is_world_process_zero():
@@ -502,6 +628,61 @@ def main_process() -> bool:
 def say(msg: str) -> None:
     if main_process():
         print(msg, flush=True)
+
+
+# What a resumed run must share with the run it continues, saved in OUT/plan.json when training
+# starts: the schedule (a longer max_steps would resume at the old schedule's final learning rate,
+# 0), the adapter's shape, the data, and the plan's batch and precision (auto-fit could choose
+# differently when free memory changed).
+PLAN_FILE = "plan.json"
+RESUME_KEYS = (
+    "max_steps", "epochs", "lr", "lr_scheduler", "warmup", "weight_decay", "lora_r", "lora_alpha",
+    "lora_dropout", "lora_target_modules", "use_dora", "effective_batch_size", "max_length",
+    "train_on", "seed", "device", "dtype", "quantize", "batch_size", "grad_accum",
+    "gradient_checkpointing", "packing", "attn_implementation",
+)  # fmt: skip
+
+
+def saved_plan(cfg: FinetuneConfig, plan: hardware.Plan, packing: bool) -> dict[str, Any]:
+    """The settings this run trains with, auto values resolved (what OUT/plan.json holds)."""
+    settings = cfg.model_dump(mode="json", include=set(RESUME_KEYS))
+    settings.update(
+        device=plan.device,
+        dtype=plan.dtype,
+        quantize="4bit" if plan.quantize else "none",
+        batch_size=plan.batch_size,
+        grad_accum=plan.grad_accum,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        packing=packing,
+        world_size=plan.world_size,
+    )
+    return settings
+
+
+def resumed_config(cfg: FinetuneConfig) -> FinetuneConfig:
+    """With --resume, the settings the run started with (OUT/plan.json): a key left unset (or
+    auto) takes the saved value; one set to another value stops the run, saying how to go on."""
+    path = Path(cfg.out or ".") / PLAN_FILE
+    if not cfg.resume or not cfg.out or not path.is_file():
+        return cfg
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if saved.get("world_size", world) != world:
+        raise ConfigError(
+            f"--resume: {cfg.out} trained with {saved['world_size']} process(es), this launch has "
+            f"{world}; resume with the same launch, or start a fresh run with another --out"
+        )
+    given = cfg.model_dump(mode="json")
+    for key in RESUME_KEYS:
+        if key not in saved or key not in cfg.model_fields_set or given[key] in (None, "auto"):
+            continue
+        if given[key] != saved[key]:
+            raise ConfigError(
+                f"--resume: {key} {given[key]!r} differs from {saved[key]!r} that {cfg.out} "
+                f"started with ({path}); resume without changing it, or start a fresh run with "
+                "another --out"
+            )
+    return cfg.model_copy(update={k: saved[k] for k in RESUME_KEYS if k in saved})
 
 
 def plan_run(cfg: FinetuneConfig) -> Setup:
@@ -592,14 +773,63 @@ def prepare_data(cfg: FinetuneConfig, setup: Setup) -> Tokenized:
     template, how = training_template(tokenizer)
     native = renders_reasoning(tokenizer, template)
     ds = setup.ds
-    train_rows, train_pids = tokenize_split(ds["train"], tokenizer, template, how, native)
+    train_rows, train_pids = tokenize_split(
+        ds["train"], tokenizer, template, how, native, cfg.train_on
+    )
     eot_id = check_masks(train_rows, tokenizer, train_pids, str(cfg.student))
     eval_rows: list[dict] = []
     if "eval" in ds and len(ds["eval"]) > 0:
-        eval_rows, eval_pids = tokenize_split(ds["eval"], tokenizer, template, how, native)
+        eval_rows, eval_pids = tokenize_split(
+            ds["eval"], tokenizer, template, how, native, cfg.train_on
+        )
         check_masks(eval_rows, tokenizer, eval_pids, str(cfg.student))
     label_tokens = sum(sum(t != -100 for t in r["labels"]) for r in train_rows)
-    return Tokenized(tokenizer, how, native, train_rows, eval_rows, eot_id, label_tokens)
+    kd_table = None
+    if cfg.loss == "kd":
+        pids = {"train": train_pids, "eval": eval_pids if eval_rows else []}
+        kd_table = kd_targets(cfg, ds, tokenizer, {"train": train_rows, "eval": eval_rows}, pids)
+        # The teacher's segmentation may have been spliced in: count the trained tokens again.
+        label_tokens = sum(sum(t != -100 for t in r["labels"]) for r in train_rows)
+    return Tokenized(tokenizer, how, native, train_rows, eval_rows, eot_id, label_tokens, kd_table)
+
+
+def kd_targets(cfg: FinetuneConfig, ds: Any, tokenizer: Any, rows: dict, pids: dict) -> Any:
+    """--loss kd: the teacher's targets from the dataset onto the tokenized rows (kd.attach_targets),
+    after checking they were aligned to this student's tokenizer and cover something."""
+    from pipeline import kd
+
+    rebuild = f"distill build RUN --to {cfg.data} --tokenizer {cfg.student}"
+    info = json.loads((Path(str(cfg.data)) / "build_report.json").read_text()).get("kd", {})
+    if not set(kd.KD_COLUMNS) <= set(ds["train"].column_names) or not info.get("stored", True):
+        raise InputError(
+            f"{cfg.data} has no teacher targets for --loss kd; harvest with --logprobs "
+            f"--top-logprobs K, then rebuild: {rebuild}"
+        )
+    if info.get("tokenizer_id") != kd.tokenizer_id(tokenizer):
+        raise InputError(
+            f"{cfg.data}: teacher targets were aligned to tokenizer {info.get('tokenizer')}, not "
+            f"to {cfg.student}'s; rebuild for this student: {rebuild}"
+        )
+    if not info.get("target_tokens"):
+        why = ", ".join(f"{k} {v}" for k, v in info.get("no_target", {}).items())
+        raise InputError(
+            f"{cfg.data}: no answer token carries a teacher target ({why or 'no answers'}); "
+            f"harvest with --logprobs --top-logprobs K and rebuild: {rebuild}"
+        )
+    # One table for both splits; only the kd columns are read (not the messages again).
+    splits = [name for name in ("train", "eval") if rows[name]]
+    table = kd.attach_targets(
+        [r for name in splits for r in rows[name]],
+        itertools.chain(*(ds[name].select_columns(list(kd.KD_COLUMNS)) for name in splits)),
+        [p for name in splits for p in pids[name]],
+        rebuild,
+    )
+    say(
+        f"  - loss kd: alpha {cfg.kd_alpha}, temperature {cfg.kd_temperature}, "
+        f"{'top-k + tail' if cfg.kd_tail else 'top-k renormalized'}; {table.target_tokens} of "
+        f"{table.answer_tokens} trained tokens carry a teacher target"
+    )
+    return table
 
 
 def load_model(cfg: FinetuneConfig, setup: Setup, data: Tokenized) -> tuple[Any, tuple[bool, str]]:
@@ -647,13 +877,14 @@ def build_trainer(
     cfg: FinetuneConfig, setup: Setup, data: Tokenized, model: Any, packing: bool
 ) -> DistillTrainer:
     """Step 4: datasets (packed here unless the kernel takes TRL's packing), TrainingArguments,
-    the LoRA config and the trainer. Writes OUT/config.yaml."""
+    the LoRA config and the trainer. Writes OUT/config.yaml and OUT/plan.json."""
     from peft import LoraConfig
 
     plan, out = setup.plan, setup.out
     # Varlen kernels take TRL's own packing (one flattened row per batch); others get rows packed
     # here. TRL refuses a custom collator together with its packing.
     trl_packing = packing and cfg.attn_implementation in VARLEN_ATTENTION
+    trl_packing = trl_packing and data.kd is None  # kd_index needs this module's collator
     train_ds, eval_ds, collator = training_datasets(cfg, data, packing and not trl_packing)
     loggers = report_to(cfg)
     args = SFTConfig(
@@ -702,6 +933,8 @@ def build_trainer(
     out.mkdir(parents=True, exist_ok=True)
     if main_process():
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        plan_json = json.dumps(saved_plan(cfg, plan, packing), indent=1)
+        (out / PLAN_FILE).write_text(plan_json, encoding="utf-8")
     # TensorBoard's callback reads its folder from the environment, when the trainer is built;
     # a user's own value wins.
     tb_dir_set = "tensorboard" in loggers and "TENSORBOARD_LOGGING_DIR" not in os.environ
@@ -730,7 +963,7 @@ def training_datasets(cfg: FinetuneConfig, data: Tokenized, pack: bool) -> tuple
     train_ds = Dataset.from_list(data.train_rows)
     eval_ds = Dataset.from_list(data.eval_rows) if data.eval_rows else None
     if not pack:
-        return train_ds, eval_ds, None
+        return train_ds, eval_ds, with_kd_index(data, None)
     from trl.data_utils import pack_dataset
 
     # Blocks no longer than the longest row: these kernels compute every block's full
@@ -738,7 +971,19 @@ def training_datasets(cfg: FinetuneConfig, data: Tokenized, pack: bool) -> tuple
     block = min(cfg.max_length, max(len(r["input_ids"]) for r in data.train_rows))
     train_ds = pack_dataset(train_ds, block, "bfd")
     eval_ds = pack_dataset(eval_ds, block, "bfd") if eval_ds is not None else None
-    return train_ds, eval_ds, packed_rows_collator(data.tokenizer.pad_token_id)
+    return train_ds, eval_ds, with_kd_index(data, packed_rows_collator(data.tokenizer.pad_token_id))
+
+
+def with_kd_index(data: Tokenized, collator: Any) -> Any:
+    """With --loss kd, the collator (TRL's default when None) plus the rows' kd_index, padded
+    with -1 (kd.kd_collator); the collator unchanged otherwise."""
+    if data.kd is None:
+        return collator
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from pipeline.kd import kd_collator
+
+    return kd_collator(collator or DataCollatorForLanguageModeling(data.tokenizer.pad_token_id))
 
 
 def report_to(cfg: FinetuneConfig) -> str:
@@ -791,6 +1036,7 @@ def write_report(
     report = {
         "student": setup.student,
         "data": cfg.data,
+        "dataset": dataset_record(str(cfg.data)),  # what eval checks its held-out prompts against
         "steps": state.global_step,
         "epochs": round(float(state.epoch or 0), 4),
         "tokens_seen": tokens_seen,
@@ -803,6 +1049,7 @@ def write_report(
         "final_train_loss": final_loss,
         "mean_train_loss": result.training_loss,
         "final_eval_loss": final_eval.get("eval_loss"),
+        "loss": kd_summary(cfg, data, history, final_eval),
         "wall_time_s": round(time.time() - setup.started, 3),
         "resumed_from": setup.last_ckpt if cfg.resume else None,
         "settings": {
@@ -831,6 +1078,27 @@ def write_report(
     )
     if not math.isfinite(float(final_loss)):
         raise TrainingError(f"training loss is {final_loss}; lower --lr or use --dtype fp32/bf16")
+
+
+def kd_summary(cfg: FinetuneConfig, data: Tokenized, history: list, final_eval: dict) -> dict:
+    """The loss used and, with kd, both terms at the end (the last logged values) and coverage."""
+    if data.kd is None:
+        return {"kind": "sft"}
+    last = {
+        k: next((h[k] for h in reversed(history) if k in h), None) for k in ("kd_loss", "ce_loss")
+    }
+    return {
+        "kind": "kd",
+        "kd_alpha": cfg.kd_alpha,
+        "kd_temperature": cfg.kd_temperature,
+        "kd_tail": cfg.kd_tail,
+        "target_tokens": data.kd.target_tokens,
+        "answer_tokens": data.kd.answer_tokens,
+        "final_train_kd_loss": last["kd_loss"],
+        "final_train_ce_loss": last["ce_loss"],
+        "final_eval_kd_loss": final_eval.get("eval_kd_loss"),
+        "final_eval_ce_loss": final_eval.get("eval_ce_loss"),
+    }
 
 
 def peak_memory() -> tuple[int, str]:

@@ -58,8 +58,7 @@ class Hardware:
 
     @property
     def bf16(self) -> bool:
-        """bf16 tensor cores arrived with Ampere (8.0); T4 (7.5) and V100 (7.0) lack them."""
-        return self.device == "cuda" and (self.compute_capability or (0, 0)) >= (8, 0)
+        return self.device == "cuda" and native_bf16(self.compute_capability)
 
     def describe(self) -> str:
         if self.device == "cuda":
@@ -69,6 +68,12 @@ class Hardware:
                 f"compute capability {cc}), {self.world_size} process(es)"
             )
         return f"{self.device}: {self.name}, {self.cpu_memory_bytes / GiB:.1f} GiB RAM"
+
+
+def native_bf16(compute_capability: tuple[int, int] | None) -> bool:
+    """bf16 tensor cores arrived with Ampere (8.0); T4 (7.5) and V100 (7.0) lack them. Not
+    `torch.cuda.is_bf16_supported()`: it says True on a T4, where bf16 is emulated (slow)."""
+    return (compute_capability or (0, 0)) >= (8, 0)
 
 
 # Machines the tests and docs reason about (memory as the driver reports it).
@@ -248,9 +253,10 @@ def estimate_memory(
     """Peak bytes for LoRA training with this batch (sequences x `seq_len` tokens)."""
     width = 4 if dtype == "fp32" else 2
     if quantize:
-        # NF4 with double quantization: ~4.13 bits per weight in the decoder's linear layers;
-        # embeddings, norms and the LM head stay in 16-bit.
-        weights = int(shape.linear_params * 0.516) + (shape.n_params - shape.linear_params) * 2
+        # NF4 with double quantization: ~4.13 bits per weight in the decoder's linear layers.
+        # peft's prepare_model_for_kbit_training then casts every other parameter (embeddings,
+        # norms, the LM head) from 16-bit to fp32: about +2 GiB for a 7B.
+        weights = int(shape.linear_params * 0.516) + (shape.n_params - shape.linear_params) * 4
     else:
         weights = shape.n_params * width
     lora = shape.lora_params(lora_r) * (4 + 4 + 8)

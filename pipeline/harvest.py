@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 
 from pipeline.config import dump_config
 from pipeline.errors import (
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
     ConfigError,
@@ -36,6 +37,7 @@ from pipeline.errors import (
     PromptRejected,
     TeacherError,
     TransientError,
+    Unreachable,
 )
 from pipeline.prompts import PromptRow, load_prompts, read_text_arg
 from pipeline.ratelimit import retrying
@@ -217,7 +219,7 @@ class Job:
 @dataclass
 class Summary:
     run_dir: str
-    status: str = "done"  # done | partial | failed
+    status: str = "done"  # done | partial | interrupted | failed
     prompts: int = 0
     duplicates_dropped: int = 0
     prompt_conflicts: int = 0  # same text under other ids or references (warned, sent once)
@@ -228,6 +230,7 @@ class Summary:
     failed: int = 0  # keys whose last attempt failed this run
     requests_sent: int = 0
     retries: int = 0
+    request_errors: int = 0  # requests that failed this run, retried or not (progress shows them)
     throttled: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -352,7 +355,7 @@ class Harvest:
         self.pretty = pretty
         self.params = cfg.generation_params()
         self.stopping: str | None = None
-        self.signals = 0
+        self.signals = 0  # SIGINT/SIGTERM received: the run ends `interrupted` (exit 130)
         self.reserved_cost = 0.0
         self.fatal: DistillError | None = None
         self.started = time.monotonic()
@@ -383,6 +386,9 @@ class Harvest:
                     self.summary.retries += 1
                 try:
                     completion = await teacher.complete(body)
+                except Exception:
+                    self.summary.request_errors += 1
+                    raise
                 finally:
                     await teacher.limiter.release()
                 used = (completion.prompt_tokens or 0) + (completion.completion_tokens or 0)
@@ -500,6 +506,8 @@ class Harvest:
         self.reserved_cost += worst
         try:
             return await self.send(teacher, job, n)
+        except Unreachable as e:  # never reached: a wrong URL, not this prompt's failure
+            self.fatal = self.fatal or e
         except TransientError as e:
             if not self.stopping:  # else not the prompt's failure: the run stops; rerun resumes
                 why = f"gave up after {t.max_retries + 1} attempts: {e}"
@@ -656,7 +664,7 @@ class Harvest:
         el = max(1e-6, time.monotonic() - self.started)
         return (
             f"{s.completed / el:.1f} req/s {(s.prompt_tokens + s.completion_tokens) / el:.0f} tok/s "
-            f"${s.cost_usd:.4f} errors {s.failed} retries {s.retries}"
+            f"${s.cost_usd:.4f} errors {s.request_errors} failed {s.failed} retries {s.retries}"
         )
 
 
@@ -745,9 +753,15 @@ def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
         summary.in_open_batches = todo.in_open_batches
         try:
             run_loop(h.run(todo.jobs))
+        except DistillError as e:  # the log tells the whole story, fatal errors included
+            summary.status, summary.exit_code = "failed", e.exit_code
+            log.error("harvest failed: %s", e)
+            raise
         finally:
             summary.elapsed_s = round(time.monotonic() - h.started, 3)
             summary.throttled = sum(t.limiter.throttled for t in h.teachers)
+            if summary.status == "failed":
+                log.info("%s (exit %d)", summary.line(), summary.exit_code)
         elapsed = max(summary.elapsed_s, 1e-9)
         summary.completions_per_s = round(summary.completed / elapsed, 2)
         summary.tokens_per_s = round(
@@ -758,7 +772,9 @@ def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
         if summary.total - summary.already_done - summary.completed > 0:
             summary.status = "partial"
             summary.exit_code = EXIT_PARTIAL
-        log.info("%s", summary.line())
+            if h.signals:  # not a cap, not a failure: the user stopped it
+                summary.status, summary.exit_code = "interrupted", EXIT_INTERRUPTED
+        log.info("%s (exit %d)", summary.line(), summary.exit_code)
         return summary
 
 

@@ -26,8 +26,11 @@ token at t, which the logits at t-1 predict (the loss does the shift, as HF's CE
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import re
 import struct
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -270,15 +273,23 @@ def pack_targets(positions: list[int], ids: list[list[int]], logprobs: list[list
     )
 
 
+def read_targets(blob: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One row's stored targets as arrays: positions int32 [n], ids int32 [n, k], logprobs
+    float16 [n, k] (views on the blob, no copy)."""
+    n, k = _HEADER.unpack_from(blob)
+    o = _HEADER.size
+    pos = np.frombuffer(blob, "<i4", n, o)
+    id_arr = np.frombuffer(blob, "<i4", n * k, o + 4 * n).reshape(n, k)
+    lp_arr = np.frombuffer(blob, "<f2", n * k, o + 4 * n * (1 + k)).reshape(n, k)
+    return pos, id_arr, lp_arr
+
+
 def unpack_targets(blob: bytes, length: int, k: int | None = None) -> tuple[np.ndarray, ...]:
     """Dense arrays for one row of `length` tokens: ids int64 [length, k], logprobs float32
     [length, k] (-inf where absent) and mask bool [length]; k defaults to the row's own."""
-    n, kk = _HEADER.unpack_from(blob)
+    pos, id_arr, lp_arr = read_targets(blob)
+    kk = id_arr.shape[1]
     k = kk if k is None else k
-    o = _HEADER.size
-    pos = np.frombuffer(blob, "<i4", n, o)
-    id_arr = np.frombuffer(blob, "<i4", n * kk, o + 4 * n).reshape(n, kk)
-    lp_arr = np.frombuffer(blob, "<f2", n * kk, o + 4 * n * (1 + kk)).reshape(n, kk)
     keep = pos < length  # a row cut by max_length keeps the targets that still fit
     ids = np.zeros((length, k), dtype=np.int64)
     lps = np.full((length, k), -np.inf, dtype=np.float32)
@@ -404,3 +415,121 @@ def reverse_kl_per_token(
     loss = (reverse_kl.detach() * student_logprobs).mean() has the reverse KL's gradient.
     """
     return student_logprobs - teacher_logprobs
+
+
+# -- targets in the dataset, and in training batches ---------------------------------------------
+
+# The columns `distill build --tokenizer` adds when the run has logprobs (hf and parquet formats):
+#   kd_targets    pack_targets() bytes, positions on the student's tokens of the rendered row,
+#                 after the splice below (null: no answer token of the row has a target)
+#   kd_check      ids_check() of the student's tokens of the rendered row, before the splice:
+#                 finetune and eval re-render the row and must get exactly these tokens
+#   kd_resegment  [start, end, *teacher ids]: replace tokens start..end with the teacher's own
+#                 segmentation (Alignment.resegment), or null
+KD_COLUMNS = ("kd_targets", "kd_check", "kd_resegment")
+
+
+def tokenizer_id(tokenizer: Any) -> str:
+    """A short hash of the tokenizer's vocabulary (token -> id, added tokens included): the
+    targets' ids mean something only to a student whose vocabulary hashes the same."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+def ids_check(ids: list[int]) -> str:
+    """'length:crc32' of a token sequence: cheap to store per row, enough to detect a different
+    tokenization or chat template (then the stored positions would point at other tokens)."""
+    return f"{len(ids)}:{zlib.crc32(np.asarray(ids, dtype='<i4').tobytes()):08x}"
+
+
+@dataclass
+class TargetTable:
+    """Every training row's targets in two arrays; a row carries `kd_index` per token (-1: none),
+    which packing and truncation handle like `labels`, and the batch gathers from the table."""
+
+    ids: torch.Tensor  # (N, K) int32 student ids
+    logprobs: torch.Tensor  # (N, K) float16 teacher logprobs, -inf where a slot is empty
+    answer_tokens: int = 0  # trained (label) tokens of the rows
+    target_tokens: int = 0  # of those, tokens with a target
+
+    @classmethod
+    def build(cls, blobs: list[bytes | None]) -> tuple[TargetTable, list[tuple[np.ndarray, int]]]:
+        """The table, and per row (positions, index of its first target in the table)."""
+        parts = [read_targets(b) if b else None for b in blobs]
+        k = max((p[1].shape[1] for p in parts if p is not None), default=1)
+        ids, lps, where, start = [], [], [], 0
+        for p in parts:
+            if p is None:
+                where.append((np.zeros(0, dtype=np.int32), start))
+                continue
+            pos, i, lp = p
+            ids.append(np.pad(i, ((0, 0), (0, k - i.shape[1]))))
+            lps.append(np.pad(lp, ((0, 0), (0, k - lp.shape[1])), constant_values=-np.inf))
+            where.append((pos, start))
+            start += len(pos)
+        table = cls(
+            torch.from_numpy(np.concatenate(ids) if ids else np.zeros((0, k), np.int32)),
+            torch.from_numpy(np.concatenate(lps) if lps else np.zeros((0, k), np.float16)),
+        )
+        return table, where
+
+    def gather(
+        self, kd_index: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(target ids, logprobs, mask) for a batch: (B, T, K), (B, T, K), (B, T). Only tokens that
+        carry the CE loss (label != -100) carry a KD target: the same mask for both terms."""
+        mask = (kd_index >= 0) & (labels != -100)
+        idx = kd_index.clamp(min=0).cpu()
+        ids = self.ids[idx].long().to(labels.device) if len(self.ids) else None
+        lps = self.logprobs[idx].float().to(labels.device) if len(self.ids) else None
+        if ids is None or lps is None:  # no targets at all: an empty KD term
+            shape = (*labels.shape, 1)
+            ids = torch.zeros(shape, dtype=torch.long, device=labels.device)
+            lps = torch.full(shape, -torch.inf, device=labels.device)
+        return ids, lps, mask
+
+
+def attach_targets(rows: list[dict], examples: Any, pids: list[str], rebuild: str) -> TargetTable:
+    """Put each dataset row's targets on its freshly tokenized row (input_ids, labels): check the
+    tokens are those the targets were aligned to, splice in the teacher's segmentation, and add
+    `kd_index`. `rebuild` is the command that fixes a mismatch (for the error)."""
+    from pipeline.errors import InputError
+
+    blobs: list[bytes | None] = []
+    for row, ex, pid in zip(rows, examples, pids):
+        if ex["kd_check"] != ids_check(row["input_ids"]):
+            raise InputError(
+                f"prompt {pid}: the student's tokens of this row differ from those its teacher "
+                f"targets were aligned to (another tokenizer or chat template); rebuild: {rebuild}"
+            )
+        if ex["kd_resegment"]:
+            a, b, *t_ids = ex["kd_resegment"]
+            row["input_ids"] = row["input_ids"][:a] + t_ids + row["input_ids"][b:]
+            row["labels"] = row["labels"][:a] + t_ids + row["labels"][b:]
+        blobs.append(ex["kd_targets"])
+    table, where = TargetTable.build(blobs)
+    for row, (pos, start) in zip(rows, where):
+        index = np.full(len(row["input_ids"]), -1, dtype=np.int64)
+        index[pos] = np.arange(start, start + len(pos))
+        row["kd_index"] = index.tolist()
+        labels = np.asarray(row["labels"])
+        table.answer_tokens += int((labels != -100).sum())
+        table.target_tokens += int((labels[pos] != -100).sum()) if len(pos) else 0
+    return table
+
+
+def kd_collator(base: Any) -> Any:
+    """`base` (a collator of input_ids/labels) plus `kd_index` padded with -1 to the batch's
+    length; a row truncated to max_length keeps the indices that still fit."""
+
+    def collate(examples: list[dict]) -> dict:
+        batch = base([{k: v for k, v in ex.items() if k != "kd_index"} for ex in examples])
+        width = batch["input_ids"].shape[1]
+        index = torch.full((len(examples), width), -1, dtype=torch.long)
+        for i, ex in enumerate(examples):
+            k = list(ex["kd_index"])[:width]
+            index[i, : len(k)] = torch.tensor(k, dtype=torch.long)
+        batch["kd_index"] = index
+        return batch
+
+    return collate

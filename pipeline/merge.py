@@ -72,7 +72,7 @@ def merge(cfg: MergeConfig) -> Path:
     """Write the merged model to `cfg.to` (and model.gguf when possible); return that folder."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if not cfg.out:
         raise ConfigError(
@@ -95,6 +95,10 @@ def merge(cfg: MergeConfig) -> Path:
         )
 
     try:
+        # The student's own dtype comes from its config: loading in fp32 overwrites it in memory.
+        student_config = AutoConfig.from_pretrained(
+            student, trust_remote_code=cfg.trust_remote_code
+        )
         base = AutoModelForCausalLM.from_pretrained(
             student, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
         )
@@ -102,7 +106,7 @@ def merge(cfg: MergeConfig) -> Path:
         raise InputError(
             f"student {student}: cannot load ({str(e).splitlines()[0][:160]})"
         ) from None
-    saved_dtype = getattr(base.config, "dtype", None) or torch.float32
+    saved_dtype = getattr(student_config, "dtype", None) or torch.float32
     if isinstance(saved_dtype, str):
         saved_dtype = getattr(torch, saved_dtype, torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()

@@ -95,7 +95,7 @@ def plot_metrics(report: dict[str, Any], path: Path) -> None:
     axes.flat[len(panels)].text(
         0.0,
         1.0,
-        verdict(m, panels),
+        verdict(report, panels),
         va="top",
         ha="left",
         fontsize=10,
@@ -170,20 +170,17 @@ def _bar_panel(ax: Any, panel: tuple[str, str, str, bool, str], m: dict, max_new
     ax.set_axisbelow(True)
 
 
-def verdict(m: dict[str, Any], panels: list[tuple[str, str, str, bool, str]]) -> str:
-    """Each metric's change from base to fine-tuned in words, and the count of wins."""
-    lines, better, worse = ["base -> fine-tuned", ""], 0, 0
-    for key, _, _, percent, way in panels:
-        b, f = m["base"].get(key), m["finetuned"].get(key)
-        if b is None or f is None:
+def verdict(report: dict[str, Any], panels: list[tuple[str, str, str, bool, str]]) -> str:
+    """Each metric's change from base to fine-tuned in words: "better" or "worse" only when the
+    95% interval of the difference (report["differences"]) excludes zero."""
+    m, diffs = report["metrics"], report.get("differences", {})
+    lines, better, worse = ["base -> fine-tuned (95% CI)", ""], 0, 0
+    for key, _, _, percent, _ in panels:
+        b, f, d = m["base"].get(key), m["finetuned"].get(key), diffs.get(key)
+        if b is None or f is None or d is None:
             continue
         show = (lambda v: f"{100 * v:.1f}%") if percent else (lambda v: f"{v:.3g}")
-        if way.startswith("closer"):
-            t = m.get("teacher", {}).get(key)
-            gain = abs(b - t) - abs(f - t) if t is not None else 0.0
-        else:
-            gain = (f - b) if way.startswith("higher") else (b - f)
-        word = "better" if gain > 1e-9 else "worse" if gain < -1e-9 else "same"
+        word = {"no clear difference": "unclear"}.get(d["verdict"], d["verdict"])
         better += word == "better"
         worse += word == "worse"
         lines.append(f"{SHORT[key]:<14}{show(b):>7} -> {show(f):>7}  {word}")

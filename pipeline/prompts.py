@@ -48,8 +48,9 @@ def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 yield f"{path}:{n}", json.loads(line)
             except json.JSONDecodeError as e:
+                msg = e.msg.removesuffix(" at")  # "Unterminated string starting at": no "at at"
                 raise InputError(
-                    f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}); fix or remove the line"
+                    f"{path}:{n}: invalid JSON ({msg} at column {e.colno}); fix or remove the line"
                 ) from None
 
 

@@ -7,8 +7,23 @@ The `Limiter` holds three things every request passes through:
 - a global pause: a 429's `Retry-After`/`retry-after-ms`, or `x-ratelimit-remaining-* == 0` with
   its `x-ratelimit-reset-*`, holds back every request, not only the one that was refused; a 429
   also lowers the pace for a while (multiplicative decrease, additive recovery);
-- an adaptive concurrency limit for servers that send no headers (vLLM, Ollama): it halves on
-  429/503/timeouts and grows back by one per round of successes while latency holds.
+- an adaptive concurrency limit (in-flight requests) for servers that send no headers (vLLM, TGI,
+  Ollama, proxies): AIMD with a latency gradient, as TCP Vegas and Netflix's concurrency-limits
+  (Gradient2) do. It doubles per round trip until the first overload signal, then grows by one
+  per round trip while answers succeed and latency holds (short-term latency average within 2x
+  the long-term one), and cuts to 0.9x on a refusal; a timeout halves it.
+
+Two kinds of refusal need opposite answers. "Too many in flight" (a 503, or a 429 without
+Retry-After or rate-limit headers that comes while other requests are in flight: TGI's
+`max_concurrent_requests`, Ollama, proxies) is answered by fewer requests in flight, never by a
+request pace: the server takes the next request as soon as one finishes. A per-minute budget
+(rate-limit headers, a 429 with Retry-After, or a 429 that comes with nothing else in flight,
+which no concurrency limit explains) is answered by pacing: a request bucket at the known or
+inferred rate, and a pause for everyone until the Retry-After.
+
+Each request remembers (in a context variable set by `acquire`) how many requests were in flight
+when it went and when it went, so a refusal cuts the limit once, and only if the request was
+sent under the current limit: stragglers sent before a cut do not cut again.
 
 `retrying(...)` is the retry policy (tenacity): only `TransientError` is retried, with
 exponential backoff and jitter, never shorter than the server's Retry-After.
@@ -23,12 +38,13 @@ import re
 import time
 from collections import deque
 from collections.abc import Mapping
+from contextvars import ContextVar
 from email.utils import parsedate_to_datetime
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_exponential_jitter
 
-from pipeline.errors import TransientError
+from pipeline.errors import TransientError, Unreachable
 
 
 class Bucket:
@@ -90,6 +106,14 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
             return None
 
 
+# (send sequence number, requests in flight when it went, itself included) of the request this
+# asyncio task is sending: set by Limiter.acquire, read when its answer or refusal comes back.
+_SENT: ContextVar[tuple[int, int] | None] = ContextVar("distill_sent", default=None)
+
+GROWTH_TOLERANCE = 2.0  # grow only while recent latency is within this factor of the long-run one
+CUT = 0.9  # limit *= CUT on a refusal (Netflix AIMD's backoff ratio)
+
+
 class Limiter:
     """Shared by every request to one teacher. Not thread-safe: one asyncio loop."""
 
@@ -107,6 +131,7 @@ class Limiter:
         self.requests: Bucket | None = None
         self.tokens: Bucket | None = None
         self.rpm_given = rpm is not None
+        self.rate_known = rpm is not None  # a request budget given in config or sent in headers
         self.tpm_given = tpm is not None
         if rpm:
             self.set_rpm(rpm)
@@ -120,13 +145,18 @@ class Limiter:
         self.rate_inferred = False  # a 429 came without limit headers: pace at what got through
         self.paused_until = 0.0
         self.factor = 1.0  # share of the known rate we pace at; lowered by 429s
-        self.best_latency = math.inf
-        self.latency_ema: float | None = None
+        self.latency_ema: float | None = None  # short-term: the last ~10 answers
+        self.latency_long: float | None = None  # long-term: the last ~100 answers
         self.successes_since_change = 0
         self.last_decrease = 0.0
         self.recent: deque[float] = deque(maxlen=1024)  # times of recent successes
         self.throttled = 0  # 429s seen
         self.last_cut = 0.0
+        self.refused = 0  # 503s and in-flight 429s seen
+        self.sent = 0  # requests let through (a sequence number)
+        self.cut_seq = 0  # `sent` at the last cut: refusals of earlier requests do not cut again
+        self.ceiling = math.inf  # in-flight count at the last refusal: probe slowly near it
+        self.peak = 0.0  # highest limit reached (for reports)
         self._cond = asyncio.Condition()
 
     # -- configuration ---------------------------------------------------------------------------
@@ -165,6 +195,8 @@ class Limiter:
             if self.tokens is not None:
                 self.tokens.level -= est_tokens
             self.in_flight += 1
+            self.sent += 1
+            _SENT.set((self.sent, self.in_flight))
             # Pass the baton: the next waiter checks whether it may go too. Waking one at a time
             # (not notify_all) keeps a release O(1) with many workers waiting.
             self._cond.notify(1)
@@ -197,6 +229,7 @@ class Limiter:
                 ):
                     if kind == "requests":
                         self.set_rpm(per_min)
+                        self.rate_known = True
                         self.rate_inferred = False
                         # the bucket paces from here: no need to creep up on concurrency
                         self.slow_start = False
@@ -219,9 +252,9 @@ class Limiter:
     def on_success(self, latency: float) -> None:
         now = time.monotonic()
         self.recent.append(now)
-        self.best_latency = min(self.best_latency, latency)
-        ema = self.latency_ema
+        ema, long = self.latency_ema, self.latency_long
         self.latency_ema = latency if ema is None else 0.9 * ema + 0.1 * latency
+        self.latency_long = latency if long is None else 0.99 * long + 0.01 * latency
         if self.rate_inferred and self.requests is not None:
             self.requests.rate *= 1.001  # probe upwards slowly; the next 429 cuts back
         self.factor = min(1.0, self.factor + 0.01)
@@ -230,15 +263,42 @@ class Limiter:
             self.slow_start = self.limit < self.max_concurrency
         elif self.adaptive and self.limit < self.max_concurrency:
             self.successes_since_change += 1
-            latency_holds = self.latency_ema <= 2.0 * self.best_latency + 0.05
-            if latency_holds and self.successes_since_change >= self.limit:
+            # Gradient: a queue building at the server shows as recent latency above the long-run
+            # average; then hold. Latency alone never cuts: a queueing server's throughput does
+            # not fall with load, and timeouts cut on their own.
+            long = self.latency_long or latency
+            latency_holds = self.latency_ema <= GROWTH_TOLERANCE * long + 0.01
+            # One step per round trip; near the level that was refused, one per four (each probe
+            # there costs a refusal).
+            near = abs(self.limit + 1 - self.ceiling) <= max(1.0, 0.1 * self.ceiling) < math.inf
+            if latency_holds and self.successes_since_change >= self.limit * (4 if near else 1):
                 self.limit = min(float(self.max_concurrency), self.limit + 1)
                 self.successes_since_change = 0
+        self.peak = max(self.peak, self.limit)
 
     def on_throttle(self, retry_after: float | None, status: int | None = 429) -> None:
-        """A 429 or 503: pause everyone, slow the pace, shrink concurrency."""
+        """A 429 or 503: too many in flight (shrink concurrency), or over budget (pause, slow the
+        pace, shrink concurrency); see the module docstring for which is which."""
         now = time.monotonic()
+        self.peak = max(self.peak, self.limit)
         self.slow_start = False
+        seq, in_flight = _SENT.get() or (self.sent + 1, self.in_flight)
+        budget = status == 429 and (
+            retry_after is not None or self.rate_known or in_flight <= 1 or self.rate_inferred
+        )
+        if not budget:
+            self.refused += 1
+            self.throttled += status == 429
+            if self.adaptive and seq > self.cut_seq:
+                self.limit = max(1.0, CUT * min(self.limit, in_flight))
+                self.ceiling = in_flight
+                self.cut_seq = self.sent
+                self.successes_since_change = 0
+            if retry_after is not None or in_flight <= 1:
+                # Refused with nothing else in flight, or told when to come back: wait a little.
+                pause = retry_after if retry_after is not None else 0.5
+                self.paused_until = max(self.paused_until, now + min(pause, 600.0))
+            return
         if status == 429:
             self.throttled += 1
             if self.requests is None:
@@ -279,15 +339,26 @@ class Limiter:
             self.last_decrease = now
 
 
+UNREACHABLE_TRIES = 3  # a server never reached: 3 tries, 1.5 s then 3 s apart, then stop the run
+UNREACHABLE_WAIT = 1.5
+
+
 def _wait(base: wait_exponential_jitter):
     """Exponential backoff with jitter, but never less than the server's Retry-After."""
 
     def wait(state: RetryCallState) -> float:
         backoff = base(state)
         exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, Unreachable):  # seconds, not minutes: a wrong URL stays wrong
+            return UNREACHABLE_WAIT * state.attempt_number
         if isinstance(exc, TransientError) and exc.retry_after is not None:
             # The limiter already pauses everyone until Retry-After; add a little jitter.
             return max(exc.retry_after, 0.05) + 0.05 * backoff
+        if isinstance(exc, TransientError) and exc.status in (429, 503):
+            # Refused for load: the limiter's in-flight limit already holds the retry back until
+            # a slot frees (or pauses everyone if the server refuses even one request); a long
+            # wait here only leaves the prompt at the end of the run.
+            return 0.1 * backoff
         return backoff
 
     return wait
@@ -295,11 +366,14 @@ def _wait(base: wait_exponential_jitter):
 
 def _stop(max_retries: int):
     """Stop after `max_retries` failures, not counting 429s (the server said "later", not "no")
-    unless they pile up: a 429 costs nothing, but a run must not spin on it forever."""
+    unless they pile up: a 429 costs nothing, but a run must not spin on it forever. A server
+    never reached (`Unreachable`) gets UNREACHABLE_TRIES tries whatever `max_retries` says."""
     counts = {"failures": 0, "throttles": 0}
 
     def stop(state: RetryCallState) -> bool:
         exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, Unreachable):
+            return state.attempt_number >= UNREACHABLE_TRIES
         if isinstance(exc, TransientError) and exc.status == 429:
             counts["throttles"] += 1
         else:

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pipeline.batch import BatchConfig
 from pipeline.build import BuildConfig, Filters
 from pipeline.config import StageConfig
+from pipeline.errors import InputError
 from pipeline.evaluate import EvalConfig
 from pipeline.finetune import FinetuneConfig
 from pipeline.harvest import HarvestConfig
@@ -69,7 +70,11 @@ def full_reference() -> str:
 
 def write_reference(readme: Path) -> None:
     """Replace the README's generated reference section with the current one."""
+    if not Path(readme).is_file():
+        raise InputError(f"{readme}: file not found; pass the project's README.md to --write")
     text = Path(readme).read_text(encoding="utf-8")
+    if REFERENCE_START not in text:
+        raise InputError(f"{readme}: no {REFERENCE_START} marker; pass the project's README.md")
     head, _, rest = text.partition(REFERENCE_START)
     _, _, tail = rest.partition(REFERENCE_END)
     Path(readme).write_text(

@@ -31,9 +31,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import RunLockedError, StoreError
+from pipeline.errors import InputError, RunLockedError, StoreError
 from pipeline.outdir import claim, own_files, record
 from pipeline.record import Response, canonical_json, content_hash, utcnow
+from pipeline.redact import RedactingFilter, redact
 
 STORE_FILE = "store.sqlite"
 
@@ -271,9 +272,10 @@ class Store:
         self.failed_keys: set[str] = set()
         self.prompt_sources: dict[str, str] = {}  # prompt id -> file:line, kept in `prompts`
         if readonly:
+            # a wrong path (or an emptied file): bad input (exit 2) in every command
             if not self.path.is_file() or self.path.stat().st_size == 0:
-                raise StoreError(
-                    f"{self.run_dir}: no harvest store here ({STORE_FILE} missing); "
+                raise InputError(
+                    f"{self.run_dir}: no harvest store here ({STORE_FILE} missing or empty); "
                     "run `distill harvest --out {dir}` first or check the path".replace(
                         "{dir}", str(self.run_dir)
                     )
@@ -409,6 +411,7 @@ class Store:
         error: str,
         attempts: int,
     ) -> None:
+        error = redact(error)  # servers quote requests back, keys included
         try:
             self.db.execute(
                 "INSERT INTO failures (key, prompt_id, sample_index, teacher, status, error, attempts, updated_at) "
@@ -600,6 +603,7 @@ def open_run(run_dir: Path, log: logging.Logger, config_yaml: str | None = None)
                     f"{run_dir}: cannot write to the run directory ({e.strerror})"
                 ) from None
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            handler.addFilter(RedactingFilter())
             log.addHandler(handler)
             log.setLevel(logging.INFO)
             log.propagate = False

@@ -9,7 +9,9 @@ an HTTP status means (`raise_for_status`, for the chat endpoint and the Batch AP
   `choices`): the retry policy in ratelimit.py tries again;
 - `PromptRejected` (400/422 on a chat request): this prompt's failure, recorded; the run goes on;
 - `TeacherError` (401/403 key, 404 model or URL, a refused Batch API call): the run stops with
-  what to fix.
+  what to fix;
+- `Unreachable` (connection refused, unknown host, TLS failure before the server ever answered):
+  retried for a few seconds, then the run stops naming the URL and the cause (`connect_failure`).
 
 The reasoning trace lands in one field whichever way the server sends it: `reasoning_content`
 (DeepSeek, vLLM), `reasoning` (OpenRouter), or inline `<think>...</think>` at the start of the
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import ssl
 import time
 from dataclasses import dataclass
@@ -32,11 +35,12 @@ import httpx
 from pydantic import Field, field_validator
 
 from pipeline.config import StageConfig
-from pipeline.errors import ConfigError, PromptRejected, TeacherError, TransientError
+from pipeline.errors import ConfigError, PromptRejected, TeacherError, TransientError, Unreachable
 from pipeline.prompts import PromptRow
 from pipeline.ratelimit import Limiter, parse_retry_after
 from pipeline.reasoning import content_text, split_think
 from pipeline.record import Response, content_hash, pack_logprobs, utcnow
+from pipeline.redact import redact, remember_secret
 
 POOL_SIZE = 4  # connections per httpx pool (see Teacher.__init__)
 
@@ -117,6 +121,7 @@ class TeacherConfig(StageConfig):
     @field_validator("base_url")
     @classmethod
     def _check_url(cls, v: str) -> str:
+        v = v.strip()  # a pasted URL often ends in a space or newline
         u = urlparse(v)
         if u.scheme not in ("http", "https") or not u.netloc:
             raise ValueError(f"base_url {v!r} is not an http(s) URL like https://api.openai.com/v1")
@@ -127,7 +132,10 @@ class TeacherConfig(StageConfig):
         return self.name or self.model or "teacher"
 
     def api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) or None
+        """The key from the environment, remembered by redact.py so no output ever shows it."""
+        key = os.environ.get(self.api_key_env) or None
+        remember_secret(key)
+        return key
 
 
 @dataclass
@@ -255,6 +263,32 @@ def _server_message(resp: httpx.Response) -> str:
     return resp.text[:200].replace("\n", " ") or resp.reason_phrase
 
 
+def connect_failure(e: httpx.TransportError, url: str) -> str:
+    """Why a connection could not be made, in a few words: "connection refused", "unknown host",
+    "TLS: ..." (from the exception chain; the text is the fallback)."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and len(chain) < 8:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    text = " ".join(str(x) for x in chain).lower()
+    if any(isinstance(x, ssl.SSLError) for x in chain) or "ssl" in text or "tls" in text:
+        reason = next((x for x in chain if isinstance(x, ssl.SSLError)), None)
+        detail = getattr(reason, "reason", None) or str(reason or e)
+        cause = f"TLS: {str(detail).lower().replace('_', ' ')}"
+    elif any(isinstance(x, ConnectionRefusedError) for x in chain) or "refused" in text:
+        cause = "connection refused"
+    elif (
+        any(isinstance(x, socket.gaierror) for x in chain)
+        or "name" in text
+        and ("resolution" in text or "not known" in text or "nodename" in text)
+    ):
+        cause = "unknown host"
+    else:
+        cause = f"cannot connect ({type(e).__name__}: {e})"
+    return redact(f"cannot reach {url}: {cause}")
+
+
 def raise_for_status(resp: httpx.Response, t: TeacherConfig, what: str | None = None) -> NoReturn:
     """Raise what an unsuccessful response means (see the module docstring). `what` names a Batch
     API call ("upload", "create", ...); None means a chat-completions request."""
@@ -307,7 +341,7 @@ def to_response(
         prompt_id=row.id,
         sample_index=sample,
         teacher=t.label,
-        base_url=t.base_url,
+        base_url=redact(t.base_url),
         model=t.model or "",
         params_hash=content_hash(params, length=16),
         params=params,
@@ -366,6 +400,7 @@ class Teacher:
         ]
         self.pool_load = [0] * shards
         self.supports_n: bool | None = None if cfg.use_n else False
+        self.reached = False  # any HTTP answer yet: after one, a lost connection is transient
 
     async def aclose(self) -> None:
         for pool in self.pools:
@@ -389,7 +424,12 @@ class Teacher:
             self.limiter.on_timeout()
             raise TransientError(f"timed out after {self.cfg.timeout:g}s") from None
         except httpx.TransportError as e:  # connection refused/reset/dropped, protocol errors
+            if isinstance(e, httpx.ConnectError) and not self.reached:
+                raise Unreachable(
+                    f"{connect_failure(e, self.url)}; check --base-url and that the server is up"
+                ) from None
             raise TransientError(f"connection error: {type(e).__name__}: {e}") from None
+        self.reached = True
         latency = time.monotonic() - started
         self.limiter.observe_headers(resp.headers)
         if resp.status_code != 200:

@@ -317,6 +317,21 @@ def check(
     return Verdict(same, "equal by math-verify" if same else "wrong answer", answer)
 
 
+def check_prompt(
+    prompt_id: str, prediction: str, reference: str | None, **settings: Any
+) -> Verdict:
+    """check() for one prompt's answer, as build and eval call it: any error names the prompt."""
+    try:
+        return check(prediction, reference, **settings)
+    except ConfigError as e:
+        raise ConfigError(f"prompt {prompt_id}: {e}") from None
+    except Exception as e:  # a custom verify function may raise anything
+        raise ConfigError(
+            f"prompt {prompt_id}: verify {settings.get('mode')!r} raised {type(e).__name__}: {e}; "
+            "fix the function"
+        ) from None
+
+
 def answers_match(
     predicted: str | None, reference: str, *, rel_tol: float = 1e-6, abs_tol: float = 1e-9
 ) -> bool:

@@ -7,7 +7,13 @@ deterministically from the last user message unless `responder` is set, and can:
 - honour `n`, return logprobs, report usage with reasoning tokens;
 - demand an API key (401), know only some models (404), reject chosen prompts (400);
 - enforce a requests/s token bucket (429 with Retry-After / retry-after-ms and x-ratelimit-* headers);
-- inject faults at given rates: 5xx, dropped connections, hangs, garbage bodies, empty choices.
+- inject faults at given rates: 5xx, dropped connections, hangs, garbage bodies, empty choices;
+- behave like a self-hosted server under load: refuse past `max_in_flight` requests at once
+  (503 like TGI, or a header-less 429), or queue past `queue_slots` (latency grows with load);
+- ignore `logprobs`, cap `top_logprobs`, score text on /v1/completions (vLLM's `prompt_logprobs`
+  or `echo` + `logprobs`), and list batches (GET /v1/batches) for the probe.
+- play a leaky proxy (`echo_status`): answer every request with that status (400/401/500), quoting
+  the request's Authorization header and URL in the body, as some servers do.
 Every request is counted, so tests can assert "the second run sent nothing".
 """
 
@@ -81,6 +87,14 @@ class OpenAIServer:
     hang_seconds: float = 3600.0
     throttle_first: int = 0  # answer the first N requests 429 ...
     throttle_ms: int = 500  # ... with retry-after-ms of this
+    max_in_flight: int | None = None  # refuse at once past this many requests in flight ...
+    overload_status: int = 503  # ... with this status (429: a header-less 429)
+    queue_slots: int | None = None  # serve this many at a time, queue the rest (FIFO)
+    supports_logprobs: bool = True  # False: ignore `logprobs` (as llama.cpp, `transformers serve`)
+    max_top_logprobs: int = 20  # 400 when a request asks for more
+    scoring: str | None = None  # /v1/completions scores prompts: None | "prompt_logprobs" | "echo"
+    batches: bool = False  # answer GET /v1/batches
+    echo_status: int | None = None  # answer everything with this status, echoing Authorization
 
     def __post_init__(self) -> None:
         self.requests = 0  # chat completion requests received
@@ -98,6 +112,9 @@ class OpenAIServer:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._lock = threading.Lock()
+        self.active = 0  # chat requests in flight now
+        self.peak_active = 0
+        self._slots: asyncio.Semaphore | None = None
 
     @property
     def url(self) -> str:
@@ -147,6 +164,14 @@ class OpenAIServer:
                 },
             )
         self.headers_seen.append({"authorization": request.headers.get("Authorization", "")})
+        if self.echo_status is not None:
+            self._count(self.echo_status)
+            auth = request.headers.get("Authorization", "")
+            quoted = f"request {request.method} {request.url} with Authorization: {auth}"
+            return web.json_response(
+                {"error": {"message": f"refused {quoted}", "headers": dict(request.headers)}},
+                status=self.echo_status,
+            )
         if (
             self.api_key is not None
             and request.headers.get("Authorization") != f"Bearer {self.api_key}"
@@ -195,6 +220,14 @@ class OpenAIServer:
                 status=429,
                 headers=headers,
             )
+        if body.get("logprobs") and self.supports_logprobs:
+            k = int(body.get("top_logprobs") or 0)
+            if k > self.max_top_logprobs:
+                self._count(400)
+                return web.json_response(
+                    {"error": {"message": f"top_logprobs must be <= {self.max_top_logprobs}"}},
+                    status=400,
+                )
         if self.reject is not None:
             msg = self.reject(body)
             if msg:
@@ -301,7 +334,7 @@ class OpenAIServer:
             "message": message,
             "finish_reason": spec.get("finish_reason", self.finish_reason),
         }
-        if body.get("logprobs"):
+        if body.get("logprobs") and self.supports_logprobs:
             k = int(body.get("top_logprobs") or 0)
             toks = (content or "x").split()[:50]
             choice["logprobs"] = {
@@ -325,10 +358,71 @@ class OpenAIServer:
             {"object": "list", "data": [{"id": m, "object": "model"} for m in names]}
         )
 
+    @web.middleware
+    async def load(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Server load: refuse past `max_in_flight`, queue past `queue_slots` (chat only)."""
+        if request.path != "/v1/chat/completions":
+            return await handler(request)  # type: ignore[no-any-return]
+        if self.max_in_flight is not None and self.active >= self.max_in_flight:
+            self.requests += 1
+            self._count(self.overload_status)
+            return web.json_response(
+                {"error": {"message": "Model is overloaded", "type": "overloaded"}},
+                status=self.overload_status,
+            )
+        self.active += 1
+        self.peak_active = max(self.peak_active, self.active)
+        try:
+            if self.queue_slots:
+                if self._slots is None:
+                    self._slots = asyncio.Semaphore(self.queue_slots)
+                async with self._slots:
+                    return await handler(request)  # type: ignore[no-any-return]
+            return await handler(request)  # type: ignore[no-any-return]
+        finally:
+            self.active -= 1
+
+    async def completions(self, request: web.Request) -> web.Response:
+        """Legacy /v1/completions, for text scoring: vLLM's `prompt_logprobs`, or `echo` with
+        `logprobs`; without `scoring` it answers like a server that cannot score (400)."""
+        body = await request.json()
+        prompt = str(body.get("prompt") or "")
+        toks = prompt.split() or ["x"]
+        k = int(body.get("prompt_logprobs") or body.get("logprobs") or 0)
+        choice: dict[str, Any] = {"index": 0, "text": "", "finish_reason": "length"}
+        if self.scoring == "prompt_logprobs" and body.get("prompt_logprobs") is not None:
+            choice["prompt_logprobs"] = [None] + [
+                {str(j): {"logprob": -0.5, "rank": 1, "decoded_token": t}}
+                for j, t in enumerate(toks[1:])
+            ]
+        elif self.scoring == "echo" and body.get("echo"):
+            choice["text"] = prompt
+            choice["logprobs"] = {
+                "tokens": toks,
+                "token_logprobs": [None] + [-0.5] * (len(toks) - 1),
+                "top_logprobs": [None] + [{t: -0.5} for t in toks[1:]] if k else None,
+                "text_offset": list(range(len(toks))),
+            }
+        elif body.get("prompt_logprobs") is not None or body.get("echo"):
+            return web.json_response(
+                {"error": {"message": "echo / prompt_logprobs are not supported"}}, status=400
+            )
+        usage = {"prompt_tokens": len(toks), "completion_tokens": 0}
+        return web.json_response(
+            {"id": "cmpl-1", "object": "text_completion", "choices": [choice], "usage": usage}
+        )
+
+    async def list_batches(self, request: web.Request) -> web.Response:
+        if not self.batches:
+            return web.json_response({"error": {"message": "Not Found"}}, status=404)
+        return web.json_response({"object": "list", "data": [], "has_more": False})
+
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self.load])
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.list_models)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/batches", self.list_batches)
         return app
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -397,6 +491,9 @@ def main() -> None:
     ap.add_argument("--drop", type=float, default=0.0)
     ap.add_argument("--hang", type=float, default=0.0)
     ap.add_argument("--garbage", type=float, default=0.0)
+    ap.add_argument("--max-in-flight", type=int)
+    ap.add_argument("--overload-status", type=int, default=503)
+    ap.add_argument("--queue-slots", type=int)
     ap.add_argument("--stats-file", help="write request counts here as JSON on SIGTERM/exit")
     a = ap.parse_args()
     srv = OpenAIServer(
@@ -407,6 +504,9 @@ def main() -> None:
         latency=a.latency,
         reasoning=a.reasoning,
         faults=Faults(server_error=a.server_error, drop=a.drop, hang=a.hang, garbage=a.garbage),
+        max_in_flight=a.max_in_flight,
+        overload_status=a.overload_status,
+        queue_slots=a.queue_slots,
     )
     srv.keep_bodies = False
 
@@ -427,6 +527,7 @@ def main() -> None:
                         "requests": srv.requests,
                         "completed": srv.completed,
                         "status": srv.status_counts,
+                        "peak_active": srv.peak_active,
                     },
                     f,
                 )

@@ -198,3 +198,28 @@ def test_max_duration_holds_even_when_every_request_hangs(
     took = time.monotonic() - started
     assert proc.returncode == EXIT_PARTIAL, proc.stderr
     assert "max_duration" in json.loads(proc.stdout)["stopped"] and took < 15, took
+
+
+def test_a_fatal_error_and_the_exit_code_are_in_the_log(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    """From cron, a 401 stop must not look like a hang: the log says what stopped the run."""
+    server.api_key = "right-key-123456"
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(5))
+    run = tmp_path / "run"
+    proc = run_cli(*harvest_args(server, p, run), env={"OPENAI_API_KEY": "wrong-key-654321"})
+    assert_one_line_error(proc, "HTTP 401")
+    log = (run / "harvest.log").read_text()
+    assert "harvest failed: HTTP 401" in log and "OPENAI_API_KEY" in log and "(exit 1)" in log
+    assert "wrong-key-654321" not in log
+    ok = run_cli(*harvest_args(server, p, run), env={"OPENAI_API_KEY": "right-key-123456"})
+    assert ok.returncode == EXIT_OK and "harvest done" in (run / "harvest.log").read_text()
+    assert "(exit 0)" in (run / "harvest.log").read_text()
+
+
+def test_a_base_url_with_surrounding_whitespace_works(server: OpenAIServer, tmp_path: Path) -> None:
+    """A URL pasted with a trailing space or newline is not a 404."""
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(3))
+    proc = run_cli(*harvest_args(f" {server.url} \n", p, tmp_path / "run"))
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert server.completed == 3

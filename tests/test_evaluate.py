@@ -7,6 +7,7 @@ students differ without training anything.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -17,7 +18,23 @@ from click.testing import CliRunner
 
 from pipeline.cli import cli
 from pipeline.errors import ConfigError, InputError
-from pipeline.evaluate import EvalConfig, evaluate, headline, load_prompts, read_report, rouge_l
+from pipeline.evaluate import (
+    Answer,
+    EvalConfig,
+    Prompt,
+    eval_dtype,
+    eval_set,
+    evaluate,
+    headline,
+    load_prompts,
+    paired_difference,
+    read_report,
+    rouge_l,
+    score,
+    teacher_metrics,
+    verification,
+    wilson,
+)
 from tests.tinymodels import make_tiny_model
 
 SYSTEM = "You are a tiny test model. Answer with the number only."
@@ -146,9 +163,22 @@ def test_report_files_written(setup: dict[str, Path], report: dict[str, Any]) ->
             img.verify()
             assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 200
     md = (out / "report.md").read_text()
-    assert "| metric | base | fine-tuned | teacher | better |" in md
+    assert (
+        "| metric | base | fine-tuned | teacher | better when | fine-tuned − base [95% CI] | verdict |"
+        in md
+    )
     assert "fine-tuned student" in md and "base student" in md
-    assert md.count("| teacher | The answer is") == 3  # three side-by-side examples, as configured
+    assert (
+        md.count("| teacher (final answer) | The answer is") == 3
+    )  # three examples, as configured
+    # The report says what the eval set is, what each side saw, and how sure each number is.
+    assert "eval set: the `eval` split (no build_report.json" in md
+    assert (
+        "system prompt: the teacher saw the dataset's system message; the students saw the dataset's"
+        in md
+    )
+    assert "accuracy 95% interval (Wilson): base [" in md and "paired bootstrap" in md
+    assert "held out from training: not checked" in md
 
 
 def test_both_students_scored_each_prompt_once(
@@ -162,8 +192,8 @@ def test_both_students_scored_each_prompt_once(
     assert [ex["prompt_id"] for ex in report["examples"]] == ["p0", "p1", "p2", "p3"]
     assert report["examples"][0]["teacher"] == ["The answer is 19.", "The answer is 19."]
     for ex in report["examples"]:
-        # Context distillation: the students never see the teacher's system prompt.
-        assert [m["role"] for m in ex["messages"]] == ["user"]
+        # The students see what the fine-tune trained on: the dataset's system message too.
+        assert [m["role"] for m in ex["messages"]] == ["system", "user"]
         for s in ("base", "finetuned"):
             assert isinstance(ex[s]["answer"], str)
             assert 0 <= ex[s]["tokens"] <= 8
@@ -186,6 +216,12 @@ def test_metrics_in_range(report: dict[str, Any]) -> None:
     assert t["accuracy"] == pytest.approx(3 / 4)
     assert t["format_compliance"] == 1.0
     assert t["samples"] == 5
+    lo, hi = t["accuracy_ci"]
+    assert lo < 3 / 4 < hi and t["n_reference"] == 4
+    for key, d in report["differences"].items():
+        assert d["ci"][0] <= d["diff"] <= d["ci"][1], key
+        assert d["verdict"] in ("better", "worse", "no clear difference")
+    assert report["differences"]["accuracy"]["n"] == 3  # prompts with a reference
 
 
 def test_unreachable_reference_is_never_correct(report: dict[str, Any]) -> None:
@@ -212,7 +248,7 @@ def test_nll_matches_an_unbatched_forward_pass(
     tok = AutoTokenizer.from_pretrained(str(setup["base"]))
     model = AutoModelForCausalLM.from_pretrained(str(setup["base"])).eval()
     for i, (_, question, answers, _) in enumerate(ROWS):
-        user = [{"role": "user", "content": question}]
+        user = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
         prompt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         # Qwen's ChatML: the answer, then <|im_end|> (trained); the newline after it is not.
         full = prompt + answers[0] + "<|im_end|>"
@@ -252,6 +288,8 @@ def test_headline_lists_both_students(report: dict[str, Any]) -> None:
     assert "base" in text and "fine-tuned" in text and "teacher" in text
     assert "4 held-out prompts" in text
     assert "NLL of teacher answers" in text and "format compliance" in text
+    assert "fine-tune" in text and "[95% CI]" in text and "accuracy 95% interval (Wilson)" in text
+    assert "eval set: " in text
     assert "LLM judge" not in text  # no judge numbers: no judge row
 
 
@@ -315,6 +353,30 @@ def test_bad_inputs_give_one_line(setup: dict[str, Path]) -> None:
     assert "answer_patterns" in _bad(setup, "--answer-patterns", "[a-")
 
 
+@pytest.mark.parametrize(
+    "capability, dtype",
+    [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((8, 6), "bf16"), ((9, 0), "bf16")],
+)
+def test_eval_dtype_by_compute_capability(capability: tuple[int, int], dtype: str) -> None:
+    """A T4 (7.5) gets fp16 although torch.cuda.is_bf16_supported() says True there (emulated)."""
+    assert eval_dtype("cuda", lambda: capability) == dtype
+
+
+def test_eval_dtype_off_the_gpu_is_fp32() -> None:
+    def no_gpu() -> tuple[int, int]:
+        raise AssertionError("capability asked off the GPU")
+
+    assert eval_dtype("cpu", no_gpu) == "fp32" and eval_dtype("mps", no_gpu) == "fp32"
+
+
+def test_load_in_4bit_needs_cuda_and_bitsandbytes(setup: dict[str, Path]) -> None:
+    msg = _bad(setup, "--load-in-4bit")
+    assert "load_in_4bit needs a CUDA GPU" in msg and "device is cpu" in msg
+    if importlib.util.find_spec("bitsandbytes") is None:
+        msg = _bad(setup, "--load-in-4bit", "--device", "cuda")
+        assert "pip install 'distill[qlora]'" in msg
+
+
 def test_bad_inputs_raise_typed_errors(setup: dict[str, Path]) -> None:
     with pytest.raises(InputError, match="not a fine-tune OUT folder|neither"):
         evaluate(_cfg(setup, "x", finetuned=setup["root"]))  # a folder with no model in it
@@ -340,3 +402,103 @@ def test_judge_through_the_teacher_client(setup: dict[str, Path], server: Any) -
         got["metrics"]["base"]["judge_score"] == got["metrics"]["finetuned"]["judge_score"] == 0.7
     )
     assert "LLM judge score" in headline(got)
+
+
+# -- final answers, intervals, held-out check ------------------------------------------------------
+
+TRACE = "<think>\nIs it 41? The answer is 41. No: 40 + 2.\n</think>\n\n"
+
+
+def test_a_reasoning_teacher_is_scored_on_its_final_answer(tmp_path: Path) -> None:
+    """The teacher's trace is cut off before every comparison, as the students' is."""
+    prompts = [
+        Prompt("a", [], [{"role": "assistant", "content": TRACE + "The answer is 42."}], "42"),
+        Prompt("b", [], [{"role": "assistant", "content": "The answer is 7."}], "7"),
+    ]
+    cfg = EvalConfig(data=tmp_path, finetuned=tmp_path, format_regex=FORMAT)
+    ver = verification(cfg)
+    words = lambda text, add_special_tokens: {"input_ids": text.split()}  # noqa: E731
+    teacher = teacher_metrics(prompts, words, cfg, ver)
+    assert teacher["accuracy"] == 1.0 and teacher["format_compliance"] == 1.0
+    assert teacher["answer_tokens"] == 4.0  # "The answer is 42." and "The answer is 7."
+    assert teacher["reasoning_share"] == 0.5 and teacher["trace_chars"] == len(
+        "Is it 41? The answer is 41. No: 40 + 2."
+    )
+    # A student that copies the teacher's final answer exactly matches it on every score.
+    copy = [Answer("The answer is 42.", 5, False), Answer("The answer is 7.", 5, False)]
+    metrics, per = score(prompts, copy, None, cfg, ver)
+    assert [r["rouge_l"] for r in per] == [1.0, 1.0]
+    assert metrics["teacher_match"] == metrics["accuracy"] == metrics["format_compliance"] == 1.0
+    assert metrics["reasoning_share"] == 0.0
+
+
+def test_intervals() -> None:
+    assert wilson(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert wilson(0, 10)[0] == 0.0 and wilson(0, 0) is None
+    base = [0.0, 1.0] * 20
+    # A difference of 1e-9 is no difference; a clear gain is "better"; lower NLL is "better".
+    tiny = paired_difference(base, [base[0] + 1e-9, *base[1:]], "higher", 2000, 0)
+    assert tiny["verdict"] == "no clear difference"
+    assert paired_difference(base, [1.0] * 40, "higher", 2000, 0)["verdict"] == "better"
+    assert paired_difference(base, [1.0] * 40, "lower", 2000, 0)["verdict"] == "worse"
+    noisy = paired_difference(base, base[1:] + base[:1], "higher", 2000, 0)
+    assert noisy["verdict"] == "no clear difference" and noisy["ci"][0] < 0 < noisy["ci"][1]
+    assert paired_difference(base, [1.0] * 40, "higher", 2000, 0) == paired_difference(
+        base, [1.0] * 40, "higher", 2000, 0
+    )  # seeded
+
+
+def test_plot_verdict_needs_an_interval_that_excludes_zero() -> None:
+    from pipeline.plots import PANELS, verdict
+
+    m = {"accuracy": 0.5, "rouge_l": 0.5}
+    report = {
+        "metrics": {"base": m, "finetuned": {"accuracy": 0.5 + 1e-9, "rouge_l": 0.9}},
+        "differences": {
+            "accuracy": paired_difference([0.5] * 9, [0.5 + 1e-9] + [0.5] * 8, "higher", 500, 0),
+            "rouge_l": paired_difference([0.5] * 9, [0.9] * 9, "higher", 500, 0),
+        },
+    }
+    text = verdict(report, PANELS)
+    assert "better on 1, worse on 0" in text and "unclear" in text
+
+
+def test_eval_reads_the_builds_verify_settings_and_eval_set(tmp_path: Path) -> None:
+    (tmp_path / "build_report.json").write_text(
+        json.dumps(
+            {
+                "config": {
+                    "verify": "text",
+                    "rel_tol": 0.1,
+                    "abs_tol": 0.0,
+                    "answer_patterns": [],
+                    "filters": {"verify": True},
+                },
+                "split": {"eval_filtered": True},
+            }
+        )
+    )
+    ver = verification(EvalConfig(data=tmp_path, finetuned=tmp_path))
+    assert (ver.mode, ver.rel_tol, ver.abs_tol) == ("text", 0.1, 0.0)
+    assert ver.check("The answer is 0.52.", "0.5", "p") is True  # within the build's 10%
+    own = verification(EvalConfig(data=tmp_path, finetuned=tmp_path, verify="math", rel_tol=0.0))
+    assert (own.mode, own.rel_tol) == ("math", 0.0) and "eval config" in own.source
+    with pytest.raises(ConfigError, match=r"^prompt p7: verify 'math'"):
+        own.check("Paris", "Paris", "p7")
+    assert "100% correct by construction" in eval_set(EvalConfig(data=tmp_path, finetuned=tmp_path))
+
+
+def test_eval_refuses_a_split_the_student_was_trained_on(setup: dict[str, Path]) -> None:
+    import shutil
+
+    run = setup["root"] / "leaky_run"
+    if not run.exists():
+        shutil.copytree(setup["run"], run)
+    record = {"student": str(setup["base"]), "dataset": {"prompt_ids": ["p2", "zzz"]}}
+    (run / "train_report.json").write_text(json.dumps(record))
+    msg = _bad(setup, "--finetuned", str(run))
+    assert "'p2'" in msg and "trained on" in msg
+    record["dataset"]["prompt_ids"] = ["zzz"]
+    (run / "train_report.json").write_text(json.dumps(record))
+    out = evaluate(_cfg(setup, "clean", finetuned=run, limit=1, nll=False, max_new_tokens=2))
+    assert read_report(out)["held_out_check"].startswith("none of the 1 prompts")

@@ -64,10 +64,10 @@ def labelled_text(tok, row: dict) -> str:
     return tok.decode([t for t in row["labels"] if t != -100])
 
 
-def mask_of(tok, messages: list[dict]) -> tuple[str, dict, str]:
+def mask_of(tok, messages: list[dict], train_on: str = "last") -> tuple[str, dict, str]:
     template, how = training_template(tok)
-    msgs, has_reasoning = prepare_messages(messages, renders_reasoning(tok, template))
-    row = tokenize_row(tok, template, how, msgs, has_reasoning)
+    msgs = prepare_messages(messages, renders_reasoning(tok, template))
+    row = tokenize_row(tok, template, how, msgs, train_on)
     return how, row, labelled_text(tok, row)
 
 
@@ -104,10 +104,26 @@ def test_mask_unknown_template_found_by_rendering(tiny_model):  # noqa: F811
     assert how == "rendering"
     assert text == "The answer is 12.<|eot_id|>"
     assert row["labels"][-1] == tok.convert_tokens_to_ids("<|eot_id|>")  # EOS is trained
-    # A two-turn conversation trains both assistant turns and neither user turn.
-    two = [*QA, {"role": "user", "content": "And 1 + 1?"}, {"role": "assistant", "content": "2."}]
-    _, row2, text2 = mask_of(tok, two)
-    assert text2 == "The answer is 12.<|eot_id|>2.<|eot_id|>"
+
+
+TWO_TURNS = [*QA, {"role": "user", "content": "And 1 + 1?"}, {"role": "assistant", "content": "2."}]
+
+
+@pytest.mark.parametrize(
+    "arch, template, last, both",
+    [
+        ("llama", "unknown", "2.<|eot_id|>", "The answer is 12.<|eot_id|>2.<|eot_id|>"),
+        ("qwen2", "known", "\n2.<|im_end|>\n", "\nThe answer is 12.<|im_end|>\n\n2.<|im_end|>\n"),
+    ],
+)
+def test_only_the_teachers_last_turn_is_trained(tiny_model, arch, template, last, both):  # noqa: F811
+    """In a multi-turn prompt only the last assistant turn is the teacher's: by default it alone
+    carries loss (both ways of finding the mask); train_on all trains every assistant turn."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model(arch, template))
+    assert mask_of(tok, TWO_TURNS)[2] == last
+    assert mask_of(tok, TWO_TURNS, "all")[2] == both
 
 
 def test_reasoning_rendered_natively_or_folded_inline(tiny_model):  # noqa: F811
@@ -145,6 +161,14 @@ def test_empty_think_added_by_template_is_not_trained(tiny_model, tmp_path):  # 
     assert plain == "The answer is 12.<|im_end|>\n"  # no "<think>" in the loss
     turn = [QA[1], {"role": "assistant", "content": "12", "reasoning_content": "add"}]
     assert mask_of(tok, turn)[2] == "<think>\nadd\n</think>\n\n12<|im_end|>\n"
+    # Per turn, not per row: an earlier turn's trace does not make a later empty block trained.
+    mixed = [
+        *turn,
+        {"role": "user", "content": "And 1 + 1?"},
+        {"role": "assistant", "content": "2"},
+    ]
+    assert mask_of(tok, mixed)[2] == "2<|im_end|>\n"
+    assert mask_of(tok, mixed, "all")[2] == "<think>\nadd\n</think>\n\n12<|im_end|>\n2<|im_end|>\n"
 
 
 def test_mask_checks_stop_bad_templates(tiny_model):  # noqa: F811
@@ -232,6 +256,12 @@ def test_finetune_cli_trains_saves_and_reports(trained):
     assert report["tokens_seen"] > 0 and report["train_tokens_per_s"] > 0
     assert report["peak_memory_bytes"] > 0 and report["wall_time_s"] > 0
     assert report["final_eval_loss"] is not None and report["final_train_loss"] > 0
+    # Which data it trained on: what `distill eval` checks its held-out prompts against.
+    from pipeline.artifacts import fingerprint, read_dataset
+
+    train_ids = sorted(set(read_dataset(report["data"])["train"]["prompt_id"]))
+    assert report["dataset"]["prompt_ids"] == train_ids
+    assert report["dataset"]["fingerprint"] == fingerprint(train_ids)
     s = report["settings"]
     assert (s["device"], s["dtype"], s["quantize"], s["batch_size"], s["grad_accum"]) == (
         "cpu", "fp32", "none", 4, 1,
@@ -289,6 +319,28 @@ def test_merge_gives_same_logits_as_adapter(trained, tmp_path):
     assert (merged_dir / "tokenizer.json").exists() and (merged_dir / "model.safetensors").exists()
 
 
+def test_merge_keeps_a_bf16_students_dtype(trained, tmp_path):
+    """A bf16 student merges in fp32 but is saved bf16: half the bytes of an fp32 save."""
+    from transformers import AutoModelForCausalLM
+
+    bf16 = tmp_path / "bf16-student"
+    model = AutoModelForCausalLM.from_pretrained(trained["student"], dtype=torch.bfloat16)
+    model.save_pretrained(bf16)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (trained["student"] / name).exists():
+            (bf16 / name).write_bytes((trained["student"] / name).read_bytes())
+    sizes = {}
+    for student, to in ((bf16, tmp_path / "m16"), (trained["student"], tmp_path / "m32")):
+        args = ["merge", str(trained["out"]), "--to", str(to), "--student", str(student)]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        sizes[to.name] = (to / "model.safetensors").stat().st_size
+        dtypes = {t.dtype for t in load_file(str(to / "model.safetensors")).values()}
+        assert dtypes == ({torch.bfloat16} if to.name == "m16" else {torch.float32})
+    assert sizes["m16"] < 0.55 * sizes["m32"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m16").dtype == torch.bfloat16
+
+
 def test_merge_runs_the_gguf_converter_when_given(trained, tmp_path):
     # llama.cpp is not installed here; a stand-in script at the same boundary (argv in, file out).
     fake = tmp_path / "convert_hf_to_gguf.py"
@@ -308,18 +360,45 @@ def test_merge_runs_the_gguf_converter_when_given(trained, tmp_path):
     assert again.exit_code == 2 and "not empty" in again.output
 
 
-def test_resume_continues_from_last_checkpoint(trained):
+def test_resume_refuses_a_changed_setting(trained):
+    """A longer max_steps would resume at the finished schedule's learning rate (0); a changed
+    batch would silently change training: both stop with how to start fresh."""
     out = trained["out"]
     more = [*trained["args"], "--max-steps", "4", *FAST]
     refused = CliRunner().invoke(cli, more)  # without --resume an existing run is not overwritten
     assert refused.exit_code == 2 and "--resume" in refused.output
-    result = CliRunner().invoke(cli, [*more, "--resume"])
+    for flags, key in ((more, "max_steps 4"), ([*trained["args"], *FAST, "--batch-size", "2"], "batch_size 2")):  # fmt: skip
+        result = CliRunner().invoke(cli, [*flags, "--resume"])
+        assert result.exit_code == 2, result.output
+        line = result.output.strip()
+        assert "\n" not in line and key in line and "another --out" in line
+    assert json.loads((out / "train_report.json").read_text())["steps"] == 2  # nothing ran
+
+
+def test_resume_reuses_the_saved_plan(tiny_model, data_dir, tmp_path):  # noqa: F811
+    """An interrupted run resumes with the batch it started with, not a fresh auto-fit."""
+    student = tiny_model("llama", "unknown")
+    out = tmp_path / "out"
+    args = ["finetune", "--data", str(data_dir), "--student", str(student), "--out", str(out)]
+    first = CliRunner().invoke(cli, [*args, "--max-steps", "3", *FAST])
+    assert first.exit_code == 0, first.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert (plan["batch_size"], plan["grad_accum"], plan["max_steps"]) == (4, 1, 3)
+    # Interrupted after step 2: the last checkpoint and the adapter are gone.
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "checkpoint-3")
+    shutil.rmtree(out / "adapter")
+    # Resumed with neither --max-steps nor --batch-size: auto-fit alone would pick 16 x 1.
+    rest = FAST[4:]
+    assert rest[0] == "--max-length"
+    result = CliRunner().invoke(cli, [*args, *rest, "--resume"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "train_report.json").read_text())
-    assert report["steps"] == 4
-    assert report["resumed_from"].endswith("checkpoint-2")
+    assert report["steps"] == 3 and report["resumed_from"].endswith("checkpoint-2")
+    assert (report["settings"]["batch_size"], report["settings"]["grad_accum"]) == (4, 1)
     steps = [e["step"] for e in json.loads((out / "log_history.json").read_text()) if "loss" in e]
-    assert steps == [1, 2, 3, 4]  # history carried over from the checkpoint, then steps 3 and 4
+    assert steps == [1, 2, 3]  # history carried over from the checkpoint, then step 3
 
 
 def test_known_template_qwen_trains_end_to_end(tiny_model, data_dir, tmp_path):  # noqa: F811

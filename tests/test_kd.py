@@ -3,6 +3,7 @@ dense references on a toy vocabulary; end to end against the model-backed teache
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -312,3 +313,140 @@ def test_kd_from_the_model_server_lowers_teacher_kl(tmp_path: Path) -> None:
         opt.step()
     assert stats["kd_tokens"] == int(mask[:, 1:].sum()) > 0
     assert kl() < 0.7 * before
+
+
+# -- the pipeline: harvest --logprobs -> build --tokenizer -> finetune --loss kd -> eval -------------
+
+FAST = [
+    "--batch-size", "4", "--grad-accum", "1", "--max-length", "256", "--eval-steps", "2",
+    "--save-steps", "100", "--logging-steps", "1", "--report-to", "none", "--lr", "3e-3",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def kd_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A harvest with top-5 logprobs from the model-backed teacher, built for a tiny student.
+
+    The teacher is reached by URL only: any OpenAI-compatible server with logprobs (vLLM) fits.
+    """
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from tests.conftest import arithmetic_rows, harvest_args, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("kd")
+    teacher = make_teacher_model(tmp / "teacher")
+    student = make_tiny_model(tmp / "student")
+    prompts = write_jsonl(tmp / "prompts.jsonl", arithmetic_rows(12))
+    with ModelServer(teacher) as srv:
+        more = ["--logprobs", "--top-logprobs", "5", "--max-tokens", "12", "--temperature", "0.3"]
+        result = CliRunner().invoke(cli, harvest_args(srv.url, prompts, tmp / "run", *more))
+    assert result.exit_code == 0, result.output
+    # The tiny teacher rarely finishes or is right: keep every answer.
+    (tmp / "build.yaml").write_text(
+        "build:\n  filters: {unfinished: false, verify: false, near_duplicate: false}\n"
+    )
+    build = ["build", "--config", str(tmp / "build.yaml"), str(tmp / "run"), "--eval-size", "3"]
+    result = CliRunner().invoke(cli, [*build, "--to", str(tmp / "ds"), "--tokenizer", str(student)])
+    assert result.exit_code == 0, result.output
+    return {"tmp": tmp, "student": student, "ds": tmp / "ds", "build": build}
+
+
+def test_build_stores_aligned_targets_and_reports_coverage(kd_run: dict) -> None:
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from pipeline.kd import ids_check, tokenizer_id
+
+    report = json.loads((kd_run["ds"] / "build_report.json").read_text())["kd"]
+    tok = AutoTokenizer.from_pretrained(kd_run["student"])
+    assert report["tokenizer_id"] == tokenizer_id(tok)
+    # Every answer token either has a target or is counted under a reason.
+    assert report["target_tokens"] + sum(report["no_target"].values()) == report["answer_tokens"]
+    assert report["coverage"] > 0.9  # same tokenizer: (nearly) every token
+    assert "coverage" in (kd_run["ds"] / "README.md").read_text()
+    ds = load_from_disk(str(kd_run["ds"]))
+    row = ds["train"][0]
+    assert row["kd_check"].split(":")[0].isdigit() and row["kd_targets"]
+    stored = sum(len(b or b"") for split in ds.values() for b in split["kd_targets"])
+    assert stored == report["bytes"]
+    # The targets' sampled ids are the student's tokens of the rendered row at those positions.
+    text = tok.apply_chat_template(row["messages"], tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert row["kd_check"] == ids_check(ids)
+    t_ids, _, mask = unpack_targets(row["kd_targets"], len(ids))
+    if not row["kd_resegment"]:
+        assert [t_ids[p, 0] for p in np.nonzero(mask)[0]] == [ids[p] for p in np.nonzero(mask)[0]]
+
+
+def test_finetune_kd_logs_both_terms_and_eval_shows_teacher_kl(kd_run: dict) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    torch.set_num_threads(1)
+    out = kd_run["tmp"] / "kd"
+    args = ["finetune", "--data", str(kd_run["ds"]), "--student", str(kd_run["student"])]
+    result = CliRunner().invoke(
+        cli, [*args, "--out", str(out), "--max-steps", "4", "--loss", "kd", *FAST]
+    )
+    assert result.exit_code == 0, result.output
+    history = json.loads((out / "log_history.json").read_text())
+    train = [h for h in history if "loss" in h]
+    assert train and all("kd_loss" in h and "ce_loss" in h for h in train)
+    # The logged loss is the mix of the two terms (alpha 0.5, one micro-batch per step).
+    h = train[0]
+    assert h["loss"] == pytest.approx(0.5 * h["kd_loss"] + 0.5 * h["ce_loss"], rel=0.02)
+    assert any("eval_kd_loss" in h for h in history)
+    report = json.loads((out / "train_report.json").read_text())["loss"]
+    assert (
+        report["kind"] == "kd" and report["final_train_kd_loss"] > 0 and report["target_tokens"] > 0
+    )
+
+    result = CliRunner().invoke(
+        cli, ["eval", "--data", str(kd_run["ds"]), "--finetuned", str(out),
+              "--out", str(kd_run["tmp"] / "eval"), "--max-new-tokens", "4"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((kd_run["tmp"] / "eval" / "report.json").read_text())["metrics"]
+    base, tuned = metrics["base"]["teacher_kl"], metrics["finetuned"]["teacher_kl"]
+    assert base > 0 and tuned > 0 and tuned < base  # KD moves the student toward the teacher
+    assert "KL teacher top-k" in result.output
+
+
+@pytest.mark.parametrize("case", ["no_targets", "other_tokenizer", "no_coverage"])
+def test_kd_bad_input_is_one_line_error(kd_run: dict, case: str) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    tmp, ds, student = kd_run["tmp"], kd_run["ds"], kd_run["student"]
+    if case == "no_targets":  # built without --tokenizer
+        ds = tmp / "plain"
+        result = CliRunner().invoke(cli, [*kd_run["build"], "--to", str(ds)])
+        message = "has no teacher targets"
+    elif case == "other_tokenizer":  # a student whose vocabulary has one more token
+        from transformers import AutoTokenizer
+
+        student = make_tiny_model(tmp / "other")
+        tok = AutoTokenizer.from_pretrained(student)
+        tok.add_tokens(["zzqx"])
+        tok.save_pretrained(student)
+        message = "rebuild for this student"
+    else:  # answers harvested without logprobs: coverage 0
+        report = json.loads((ds / "build_report.json").read_text())
+        ds = tmp / "nocov"
+        import shutil
+
+        shutil.copytree(kd_run["ds"], ds, dirs_exist_ok=True)
+        report["kd"] |= {"target_tokens": 0, "no_target": {"no_logprobs": 10}}
+        (ds / "build_report.json").write_text(json.dumps(report))
+        message = "no answer token carries a teacher target"
+    result = CliRunner().invoke(
+        cli, ["finetune", "--data", str(ds), "--student", str(student),
+              "--out", str(tmp / f"bad-{case}"), "--max-steps", "1", "--loss", "kd", *FAST],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0] and "distill build" in lines[0], result.output
+    assert not (tmp / f"bad-{case}" / "adapter").exists()

@@ -100,6 +100,10 @@ def test_system_prompt_template_and_limit(tmp_path: Path) -> None:
     [
         ('{"prompt": "ok"}\n{"prompt": broken}\n', "p.jsonl:2: invalid JSON"),
         (
+            '{"prompt": "ok"}\n{"prompt": "cut off',
+            "p.jsonl:2: invalid JSON (Unterminated string starting at column 12)",
+        ),
+        (
             '{"prompt": "ok"}\n{"text": "no prompt"}\n',
             "p.jsonl:2: row has neither 'prompt' nor 'messages'",
         ),
@@ -114,7 +118,7 @@ def test_bad_rows_name_file_and_line(tmp_path: Path, content: str, needle: str) 
     with pytest.raises(InputError) as e:
         load_prompts([f])
     assert needle in str(e.value)
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and "at at" not in str(e.value)
 
 
 def test_missing_file_and_missing_template_field(tmp_path: Path) -> None:

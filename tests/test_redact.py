@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
+from pathlib import Path
 
 import pytest
 
 from pipeline.redact import MASK, RedactingFilter, redact, remember_secret
+from tests.conftest import arithmetic_rows, harvest_args, run_cli, write_jsonl
+from tests.openai_server import OpenAIServer
 
 
 @pytest.mark.parametrize(
@@ -41,3 +45,53 @@ def test_logging_filter_redacts_formatted_messages(caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.INFO, logger="distill.test_redact"):
         log.info("server said %s", "Bearer abcdefghijklmnop")
     assert "abcdefghijklmnop" not in caplog.text and MASK in caplog.text
+
+
+# -- end to end: a leaky server, a key, credentials in the URL; nothing reaches disk or output ----
+
+KEY = "plainkey-0123456789abcdef"  # no sk- prefix: only remember_secret knows it is a key
+PASSWORD = "s3cretpass"
+
+
+def test_nothing_leaks_when_the_server_quotes_the_request_back(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    """A proxy that echoes Authorization and the URL in 400/401/500 bodies; a base URL carrying
+    user:password. The key and the password appear in no output, log, store, config or dataset."""
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(12))
+    run = tmp_path / "run"
+    url = server.url.replace("http://", f"http://alice:{PASSWORD}@")
+    env = {"OPENAI_API_KEY": KEY}
+    outputs = []
+    for base in (server.url, url):  # with credentials in the URL, httpx sends Basic auth instead
+        for status in (401, 400, 500):
+            server.echo_status = status
+            args = harvest_args(base, p, run, "--max-retries", "0", "--json")
+            proc = run_cli(*args, env=env)
+            outputs += [proc.stdout, proc.stderr]
+            assert proc.returncode == (1 if status == 401 else 3), proc.stderr
+    assert server.status_counts[401] >= 2 and server.status_counts[500] >= 2
+    auth = [h["authorization"] for h in server.headers_seen]
+    assert any(KEY in a for a in auth) and any(a.startswith("Basic ") for a in auth)
+    failures = sqlite3.connect(run / "store.sqlite").execute("SELECT error FROM failures")
+    errors = [r[0] for r in failures]
+    assert errors and all(MASK in e for e in errors)  # the echo was stored, masked
+    server.echo_status = None
+    done = run_cli(*args, env=env)
+    assert done.returncode == 0, done.stderr
+    outputs += [done.stdout, done.stderr]
+    for cmd in (
+        ["export", str(run), "--to", str(tmp_path / "export"), "--format", "jsonl"],
+        ["build", str(run), "--to", str(tmp_path / "data"), "--format", "jsonl"],
+    ):
+        proc = run_cli(*cmd, env=env)
+        assert proc.returncode == 0, proc.stderr
+        outputs += [proc.stdout, proc.stderr]
+    assert "harvest failed" in (run / "harvest.log").read_text()
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert run / "store.sqlite" in files and run / "config.yaml" in files
+    for secret in (KEY, PASSWORD):
+        for text in outputs:
+            assert secret not in text, text
+        for f in files:  # raw bytes: the SQLite file and its -wal, logs, datasets, config
+            assert secret.encode() not in f.read_bytes(), f

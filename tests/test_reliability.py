@@ -6,8 +6,11 @@ crash tests kill a real `distill harvest` process.
 
 from __future__ import annotations
 
+import asyncio
 import random
+import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,12 +19,19 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import StoreError
+from pipeline.errors import EXIT_FAILED, EXIT_INTERRUPTED, StoreError, TransientError, Unreachable
 from pipeline.export import export_rows
 from pipeline.harvest import HarvestConfig, harvest
 from pipeline.ratelimit import Limiter, parse_duration, parse_retry_after
 from pipeline.store import Store
-from tests.conftest import arithmetic_rows, harvest_args, write_jsonl
+from pipeline.teacher import Teacher, TeacherConfig, chat_body
+from tests.conftest import (
+    arithmetic_rows,
+    assert_one_line_error,
+    harvest_args,
+    run_cli,
+    write_jsonl,
+)
 from tests.openai_server import Faults, OpenAIServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,6 +146,7 @@ def test_every_prompt_survives_the_fault_mix(server: OpenAIServer, tmp_path: Pat
     s = harvest(cfg(server, p, tmp_path / "run", concurrency=16, timeout=0.5), pretty=False)
     assert s.completed == 120 and s.failed == 0 and s.exit_code == 0
     assert s.retries >= 10  # the faults really happened
+    assert s.request_errors >= s.retries  # counted as they happened, though all were retried
     faults_seen = {k for k in server.status_counts if k != 200}
     assert {0, -1} <= faults_seen and faults_seen & {500, 502, 503}
     assert store_state(tmp_path / "run") == (120, 120)
@@ -153,6 +164,80 @@ def test_empty_choices_are_retried_and_give_up_is_recorded(
         assert all("empty or missing choices" in f["error"] for f in st.failures())
 
 
+# -- a server never reached -------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("case", ["refused", "unknown host", "tls"])
+def test_a_server_never_reached_stops_in_seconds_naming_url_and_cause(
+    server: OpenAIServer, tmp_path: Path, case: str
+) -> None:
+    """A closed port, an unknown host, TLS to a plain-HTTP port: a short retry, then one line
+    naming the URL and the cause, exit 1 (a configuration mistake, not 'rerun later'), and the
+    same in harvest.log. Before, these were retried as transient for minutes and exited 3."""
+    url, cause = {
+        "refused": (f"http://127.0.0.1:{closed_port()}/v1", "connection refused"),
+        "unknown host": ("http://distill-no-such-host.invalid/v1", "unknown host"),
+        "tls": (f"https://127.0.0.1:{server.port}/v1", "TLS: "),
+    }[case]
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(20))
+    run = tmp_path / "run"
+    proc = run_cli(*harvest_args(url, p, run), timeout=60)
+    assert proc.returncode == EXIT_FAILED
+    assert_one_line_error(proc, url, cause)
+    log = (run / "harvest.log").read_text()
+    assert cause in log and f"(exit {EXIT_FAILED})" in log
+    assert server.requests == 0 and store_state(run) == (0, 0)
+
+
+def test_progress_counts_connection_errors_as_they_happen(tmp_path: Path) -> None:
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(4))
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    c = HarvestConfig(
+        prompts=[p], out=tmp_path / "run", base_url=url, model="m", progress_every=0.2
+    )
+    with pytest.raises(Unreachable, match="connection refused"):
+        harvest(c, pretty=False)
+    counts = re.findall(
+        r"progress: .* errors (\d+)", (tmp_path / "run" / "harvest.log").read_text()
+    )
+    assert counts and int(counts[-1]) >= 4  # every prompt's first try at least, not 'errors 0'
+
+
+def test_a_server_lost_after_answering_is_transient(server: OpenAIServer) -> None:
+    """Once the server has answered, a refused connection is a passing fault (it restarts)."""
+
+    async def go() -> None:
+        teacher = Teacher(TeacherConfig(base_url=server.url, model="m"))
+        body = chat_body(teacher.cfg, [{"role": "user", "content": "What is 1 + 2?"}], {})
+        try:
+            await teacher.complete(body)
+            server.stop()
+            with pytest.raises(TransientError) as err:
+                await teacher.complete(body)
+            assert not isinstance(err.value, Unreachable)
+        finally:
+            await teacher.aclose()
+
+    asyncio.run(go())
+
+
+def test_batch_against_a_closed_port_exits_1_naming_the_cause(tmp_path: Path) -> None:
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(3))
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    run = tmp_path / "run"
+    where = ["--prompts", str(p), "--base-url", url, "--model", "m"]
+    proc = run_cli("batch", "submit", str(run), *where, timeout=60)
+    assert proc.returncode == EXIT_FAILED
+    assert_one_line_error(proc, url, "connection refused")
+    assert "connection refused" in (run / "harvest.log").read_text()
+
+
 # -- signals, crashes, locks --------------------------------------------------------------------
 
 
@@ -166,8 +251,9 @@ def test_sigterm_stops_sending_waits_for_in_flight_and_says_how_to_resume(
     wait_rows(run, 8)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 3, err
-    assert "SIGTERM" in err and "rerun the same command" in err and "Traceback" not in err
+    assert proc.returncode == EXIT_INTERRUPTED, err  # not 3: nothing went wrong, it was stopped
+    assert "interrupted" in err and "SIGTERM" in err and "rerun the same command" in err
+    assert "Traceback" not in err and "(exit 130)" in (run / "harvest.log").read_text()
     rows, distinct = store_state(run)
     assert 0 < rows < 200 and rows == distinct
     # the requests in flight at the signal were waited for, not thrown away

