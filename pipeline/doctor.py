@@ -18,9 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import StoreError
-from pipeline.store import STORE_FILE, RunLock, check_schema, create_store_file
+from pipeline.store import (
+    STORE_FILE,
+    RunLock,
+    backfill_prompts,
+    check_schema,
+    create_store_file,
+)
 
-TABLES = ("responses", "failures", "batches", "batch_requests")
+TABLES = ("responses", "failures", "batches", "batch_requests", "prompts")
 RECOVERED = "store.recovered.sqlite"
 
 
@@ -149,6 +155,7 @@ def recover(src_path: Path, dst_path: Path, report: DoctorReport) -> None:
                 src, dst, table, cols, 1, max(top, 1), lost, budget
             )
             report.lost_ranges[table] = _merge_ranges(lost)
+        backfill_prompts(dst)  # a prompt's text lost with its page comes back from its answers
         dst.execute("COMMIT")
     finally:
         src.close()

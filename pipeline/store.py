@@ -6,6 +6,9 @@ so rerunning the same job finds every key done and sends nothing, and changing a
 new keys while old rows stay. Rows in `responses` are never updated or deleted; a key can be
 inserted once only (INSERT OR IGNORE), so a response can never appear twice.
 
+Each prompt id's text is kept in `prompts` (a hash of its request messages): a rerun that gives an
+id other text is stopped before sending (pipeline/harvest.py check_prompt_identity).
+
 Failed requests go to `failures` (the latest reason and attempt count per key); a later success
 for the key removes its failure row. Schema changes are ordered migrations (PRAGMA user_version).
 
@@ -14,6 +17,7 @@ for the key removes its failure row. Schema changes are ordered migrations (PRAG
       lock              flock held by the harvest writing this run
       harvest.log       one line per event, appended by every run
       config.yaml       the last harvest config used (no secrets)
+      .distill.json     marks the folder as harvest's (pipeline/outdir.py)
       batches/          Batch API files in transit (pipeline/batch.py); empty between runs
 """
 
@@ -635,7 +639,7 @@ def migrate(db: sqlite3.Connection) -> None:
                 if stmt.strip():
                     db.execute(stmt)
             if i == 3:
-                _backfill_prompts(db)
+                backfill_prompts(db)
             db.execute(f"PRAGMA user_version={i}")
             db.execute("COMMIT")
         except BaseException:
@@ -643,15 +647,16 @@ def migrate(db: sqlite3.Connection) -> None:
             raise
 
 
-def _backfill_prompts(db: sqlite3.Connection) -> None:
-    """Migration 3 for a store harvested before: each id's content is that of its latest row."""
+def backfill_prompts(db: sqlite3.Connection) -> None:
+    """Each prompt id without a recorded text gets that of its latest row (migration 3 for a store
+    harvested before; `distill doctor` after a recovery)."""
     rows = db.execute(
         "SELECT prompt_id, messages, min(created_at) OVER (PARTITION BY prompt_id) FROM responses "
         "ORDER BY prompt_id, created_at"
     )
     latest = {pid: (content_hash(json.loads(msgs)), first) for pid, msgs, first in rows}
     db.executemany(
-        "INSERT INTO prompts (id, hash, source, first_seen) VALUES (?, ?, 'store', ?)",
+        "INSERT OR IGNORE INTO prompts (id, hash, source, first_seen) VALUES (?, ?, 'store', ?)",
         [(pid, h, first) for pid, (h, first) in latest.items()],
     )
 

@@ -78,6 +78,8 @@ def test_damaged_page_loses_only_its_rows(tmp_path: Path) -> None:
     assert report.replaced_damaged is not None and report.replaced_damaged.exists()
     with Store(run, readonly=True) as s:  # the recovered store opens and reads back unchanged rows
         rows = list(s.iter_responses())
+        texts = s.prompt_hashes()  # each prompt's text too: an edited prompt is still caught
+    assert set(texts) >= {r.prompt_id for r in rows}
     assert len(rows) == total and all(r.response.startswith("answer ") for r in rows)
     assert not integrity_problems(path)
 
