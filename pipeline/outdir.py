@@ -25,10 +25,9 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "harvest": ("store.sqlite", "harvest.log", "lock"),
     "build": ("build_report.json",),
     "export": ("responses.jsonl", "responses.parquet", "dataset_info.json"),
-    "finetune": ("train_report.json",),
+    "finetune": ("train_report.json", "checkpoints"),  # checkpoints/: a run stopped mid-way
     "merge": (),  # a merged model folder looks like any model: refused as foreign unless marked
     "eval": ("report.json", "report.md"),
-    "onpolicy": ("onpolicy_report.json",),
 }
 
 

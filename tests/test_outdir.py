@@ -147,3 +147,15 @@ def test_export_to_an_existing_file_is_one_line(server: OpenAIServer, tmp_path: 
         proc = run_cli("export", str(run), "--to", str(target), "--format", fmt)
         assert_one_line_error(proc, str(target), "is a file")  # was NotADirectoryError
     assert target.read_text() == "keep"
+
+
+def test_folders_written_before_markers_are_known_by_what_each_stage_writes(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    _, run, ds = _run_and_dataset(server, tmp_path)
+    exp, jsonl = tmp_path / "exp", tmp_path / "jsonl"
+    assert run_cli("export", str(run), "--to", str(exp)).returncode == 0
+    assert run_cli("export", str(run), "--to", str(jsonl), "--format", "jsonl").returncode == 0
+    for folder, stage in ((run, "harvest"), (ds, "build"), (exp, "export"), (jsonl, "export")):
+        (folder / MARKER).unlink()  # as written by a distill from before markers
+        assert owner(folder) == stage, folder
