@@ -341,6 +341,15 @@ async def check_tokenizer(teacher: Teacher, tokenizer: Any, protocol: str, budge
             )
 
 
+async def same_tokenizer(cfg: OnpolicyConfig, tokenizer: Any, protocol: str) -> None:
+    """check_tokenizer on a client of its own (one request of a few tokens, not in the spend)."""
+    teacher = Teacher(cfg)
+    try:
+        await check_tokenizer(teacher, tokenizer, protocol, Budget(spent=0.0, cap=None))
+    finally:
+        await teacher.aclose()
+
+
 # -- the student ---------------------------------------------------------------------------------
 
 
@@ -353,18 +362,34 @@ class Student:
     stops: list[int]
 
 
+def load_tokenizer(cfg: OnpolicyConfig) -> Any:
+    """The student's tokenizer; it must have a chat template."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise InputError(
+            f"student {cfg.student}: cannot load its tokenizer ({str(e).splitlines()[0][:160]}); "
+            "pass a model folder"
+        ) from None
+    if not tok.chat_template:
+        raise InputError(f"student {cfg.student}: its tokenizer has no chat template")
+    return tok
+
+
 def load_student(cfg: OnpolicyConfig, ckpt: Path | None) -> Student:
     """The student with a fresh LoRA adapter, or the checkpoint's adapter and optimizer."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     assert cfg.student is not None
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = load_tokenizer(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
         base = AutoModelForCausalLM.from_pretrained(
             cfg.student, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
         )
@@ -372,8 +397,6 @@ def load_student(cfg: OnpolicyConfig, ckpt: Path | None) -> Student:
         raise InputError(
             f"student {cfg.student}: cannot load ({str(e).splitlines()[0][:160]}); pass a model folder"
         ) from None
-    if not tok.chat_template:
-        raise InputError(f"student {cfg.student}: its tokenizer has no chat template")
     torch.manual_seed(cfg.seed)
     if ckpt is not None:
         model = PeftModel.from_pretrained(base, str(ckpt / "adapter"), is_trainable=True)
@@ -714,6 +737,7 @@ def onpolicy(cfg: OnpolicyConfig) -> Summary:
             "add prompts or lower eval_prompts"
         )
     protocol = require_scoring(cfg)  # a closed port, 401 or 404 fail here, as in harvest
+    asyncio.run(same_tokenizer(cfg, load_tokenizer(cfg), protocol))  # before anything is stored
     started = time.time()
     summary = Summary(out=cfg.out, steps=cfg.steps)
     with open_run(cfg.out, log, dump_config(cfg)) as store:
@@ -727,7 +751,6 @@ def onpolicy(cfg: OnpolicyConfig) -> Summary:
         run = Run(cfg, store, teacher, student, protocol, budget, loop, summary)
         summary.history, summary.steps_done = history, done
         try:
-            loop.run_until_complete(check_tokenizer(teacher, student.tokenizer, protocol, budget))
             train(run, train_rows, held_rows, done, started)
         except CostCap as e:
             summary.stopped = str(e)
