@@ -370,6 +370,57 @@ def build(config_path: Path | None, **flags: Any) -> None:
         click.echo(report.to_json(), nl=False)
 
 
+@cli.command()
+@click.option(
+    "--prompts",
+    "prompts",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Prompt file the student answers (repeatable).",
+)
+@click.option("--data", help="Or a `distill build` dataset: its train split's prompts.")
+@click.option("--student", help="Student model folder (shares the teacher's tokenizer).")
+@click.option("--out", type=click.Path(path_type=Path), help="Run folder (adapter, report, store).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="YAML config; its onpolicy: section. Flags override it.",
+)
+@click.option("--base-url", help="Teacher API root (it must score texts: vLLM, SGLang, Together).")
+@click.option("--model", help="Teacher model name.")
+@click.option("--api-key-env", help="Environment variable holding the API key.")
+@click.option("--teacher-system-prompt-file", type=click.Path(path_type=Path))
+@click.option("--steps", type=int, help="Optimizer steps.")
+@click.option("--prompts-per-step", type=int)
+@click.option("--samples", type=int, help="Student samples per prompt per step.")
+@click.option("--max-new-tokens", type=int)
+@click.option("--lr", type=float)
+@click.option("--top-k", type=int, help="Teacher's top-k per token (prompt_logprobs only).")
+@click.option("--kd-alpha", type=float, help="Weight of the top-k forward-KL term.")
+@click.option("--eval-prompts", type=int, help="Last N prompts held out.")
+@click.option("--save-steps", type=int)
+@click.option("--concurrency", type=int, help="Most scoring requests in flight.")
+@click.option("--rpm", type=float)
+@click.option("--timeout", type=float)
+@click.option("--max-retries", type=int)
+@click.option("--limit", type=int, help="Only the first N unique prompts.")
+@click.option("--max-cost", type=float, help="Stop before scoring spend (USD) would pass this.")
+@click.option("--seed", type=int)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+def onpolicy(config_path: Path | None, **flags: Any) -> None:
+    """On-policy distillation: the student samples, the teacher scores its tokens (reverse KL)."""
+    from pipeline.config import load_config
+    from pipeline.onpolicy import OnpolicyConfig
+    from pipeline.onpolicy import onpolicy as do_onpolicy
+
+    flags["prompts"] = list(flags["prompts"]) or None
+    cfg = run_stage(load_config, OnpolicyConfig, config_path, "onpolicy", flags)
+    summary = run_stage(do_onpolicy, cfg)
+    click.echo(summary.line(), err=True)
+    sys.exit(summary.exit_code)
+
+
 @cli.group()
 def batch() -> None:
     """Harvest through a Batch API (OpenAI's: half price, answers within 24 h); cron-safe.

@@ -112,7 +112,47 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX batch_requests_key ON batch_requests (key);
     """,
+    # 3: on-policy rollouts (pipeline/onpolicy.py): what the student sampled and what the teacher
+    # said of each of its tokens, committed before a training step uses it. Token lists are JSON;
+    # `teacher_topk` is kd.pack_targets over the completion's positions (NULL without top-k).
+    """
+    CREATE TABLE rollouts (
+        key TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        prompt_id TEXT NOT NULL,
+        sample_index INTEGER NOT NULL,
+        teacher TEXT NOT NULL,
+        prompt_ids TEXT NOT NULL,
+        completion_ids TEXT NOT NULL,
+        teacher_logprobs TEXT NOT NULL,
+        teacher_topk BLOB,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        cost_usd REAL NOT NULL,
+        attempts INTEGER NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX rollouts_step ON rollouts (kind, step);
+    """,
 ]
+ROLLOUT_COLUMNS = (
+    "key",
+    "kind",
+    "step",
+    "prompt_id",
+    "sample_index",
+    "teacher",
+    "prompt_ids",
+    "completion_ids",
+    "teacher_logprobs",
+    "teacher_topk",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "attempts",
+    "created_at",
+)
 
 # Batch states whose requests are still out (not to be submitted again).
 BATCH_OPEN_STATES = ("prepared", "uploaded", "submitted")
@@ -430,6 +470,46 @@ class Store:
         """How many batches a key has been sent in."""
         cur = self.db.execute("SELECT COUNT(*) FROM batch_requests WHERE key = ?", (key,))
         return int(cur.fetchone()[0])
+
+    # -- on-policy rollouts (pipeline/onpolicy.py) ------------------------------------------------
+
+    def add_rollout(self, row: dict[str, Any]) -> bool:
+        """Commit one scored rollout (ROLLOUT_COLUMNS; lists as JSON). False if its key was stored."""
+        values = [
+            canonical_json(v) if isinstance(v, list) else v
+            for v in (row[c] for c in ROLLOUT_COLUMNS)
+        ]
+        sql = f"INSERT INTO rollouts ({', '.join(ROLLOUT_COLUMNS)}) VALUES ({', '.join('?' * len(ROLLOUT_COLUMNS))}) ON CONFLICT(key) DO NOTHING"
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            cur = self.db.execute(sql, values)
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise _friendly(e, self.path) from None
+        return cur.rowcount == 1
+
+    def rollouts(self, kind: str, step: int | None = None) -> dict[str, dict[str, Any]]:
+        """Stored rollouts of one kind (train/eval), of one step when given, by key; JSON decoded."""
+        sql = "SELECT * FROM rollouts WHERE kind = ?"
+        args: tuple[Any, ...] = (kind,)
+        if step is not None:
+            sql, args = sql + " AND step = ?", (kind, step)
+        out = {}
+        for r in self.db.execute(sql, args):
+            row = dict(r)
+            for c in ("prompt_ids", "completion_ids", "teacher_logprobs"):
+                row[c] = json.loads(row[c])
+            out[row["key"]] = row
+        return out
+
+    def rollout_totals(self) -> tuple[float, int]:
+        """(USD spent on scoring, teacher tokens scored) over every stored rollout."""
+        r = self.db.execute(
+            "SELECT COALESCE(SUM(cost_usd), 0), COALESCE(SUM(prompt_tokens), 0) FROM rollouts"
+        ).fetchone()
+        return float(r[0]), int(r[1])
 
 
 @contextlib.contextmanager

@@ -448,3 +448,116 @@ class Teacher:
         completion = parse_completion(data, latency)
         self.limiter.on_success(latency)
         return completion
+
+
+# -- scoring a given text (on-policy distillation) -------------------------------------------------
+
+
+@dataclass
+class Scores:
+    """A teacher's log-probabilities for each token of a text it was given, not one it wrote."""
+
+    logprobs: list[float | None]  # per token: log p(token | tokens before it); None for the first
+    top: list[dict[int, float]]  # per token: the teacher's top-k {token id: logprob} (ids only)
+    tokens: list[str]  # per token: the text the server decoded it to (for the tokenizer check)
+    prompt_tokens: int  # what the server counted (usage), else the tokens sent
+    completion_tokens: int  # the one token it generated to answer the request
+
+
+def score_body(
+    t: TeacherConfig, prompt: list[int], protocol: str, top_k: int = 0
+) -> dict[str, Any]:
+    """The JSON body of one /v1/completions request that scores `prompt`, given as token ids so
+    nothing is re-tokenized. protocol "prompt_logprobs" (vLLM):
+    per prompt token the actual token's logprob and the top `top_k`; "echo" (SGLang, Together):
+    `echo` + `logprobs`, whose top-k come keyed by token text, so only the actual token is used.
+    max_tokens is 1, not 0: several servers refuse 0, and the one token is billed as output."""
+    body: dict[str, Any] = {"model": t.model, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    if protocol == "prompt_logprobs":
+        body["prompt_logprobs"] = top_k
+    elif protocol == "echo":
+        body.update(echo=True, logprobs=1)
+    else:
+        raise ValueError(f"unknown scoring protocol {protocol!r}")
+    body.update(t.extra_body)
+    return body
+
+
+def parse_scores(data: Any, protocol: str, ids: list[int]) -> Scores:
+    """A scoring reply for the token ids `ids` -> Scores, one entry per id. A body without the
+    scores asked for raises TransientError (an overloaded proxy may drop them; asking again may
+    work); a prompt_logprobs row that lacks the id sent means the server re-tokenized: an error."""
+    n = len(ids)
+    choices = data.get("choices") if isinstance(data, dict) else None
+    c = choices[0] if isinstance(choices, list) and choices else None
+    if not isinstance(c, dict):
+        raise TransientError("HTTP 200 with empty or missing choices", status=200)
+    logprobs: list[float | None] = []
+    top: list[dict[int, float]] = []
+    tokens: list[str] = []
+    if protocol == "prompt_logprobs":
+        rows = c.get("prompt_logprobs")
+        if not isinstance(rows, list) or len(rows) < n:
+            raise TransientError("HTTP 200 without prompt_logprobs for every token", status=200)
+        for tid, row in zip(ids, rows):
+            if not row:  # the first token has no context, so no logprob
+                logprobs.append(None)
+                top.append({})
+                tokens.append("")
+                continue
+            own = row.get(str(tid))
+            if not isinstance(own, dict):
+                raise TeacherError(
+                    f"the teacher's prompt_logprobs do not hold the token ids sent (token {tid} "
+                    "missing): it re-tokenized the prompt; use a server that takes token-id prompts"
+                )
+            logprobs.append(float(own["logprob"]))
+            top.append({int(i): float(v["logprob"]) for i, v in row.items()})
+            tokens.append(str(own.get("decoded_token", "")))
+    else:
+        lp = c.get("logprobs")
+        if not isinstance(lp, dict) or not isinstance(lp.get("token_logprobs"), list):
+            raise TransientError("HTTP 200 without echoed token logprobs", status=200)
+        if len(lp["token_logprobs"]) < n:
+            raise TransientError("HTTP 200 with fewer echoed tokens than sent", status=200)
+        logprobs = [None if v is None else float(v) for v in lp["token_logprobs"][:n]]
+        tokens = [str(x) for x in (lp.get("tokens") or [])][:n]
+        top = [{} for _ in range(n)]
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    return Scores(
+        logprobs=logprobs,
+        top=top,
+        tokens=tokens,
+        prompt_tokens=int(usage.get("prompt_tokens") or n),
+        completion_tokens=int(usage.get("completion_tokens") or 1),
+    )
+
+
+async def post_score(teacher: Teacher, body: dict[str, Any]) -> Any:
+    """Send one scoring request on a Teacher's pools and limiter; failures classified as for chat
+    (`raise_for_status`), so `retrying` and the limiter treat it like any other request."""
+    url = f"{teacher.cfg.base_url}/completions"
+    started = time.monotonic()
+    try:
+        resp = await teacher.pools[0].post(url, json=body)
+    except httpx.TimeoutException:
+        teacher.limiter.on_timeout()
+        raise TransientError(f"timed out after {teacher.cfg.timeout:g}s") from None
+    except httpx.TransportError as e:
+        raise TransientError(f"connection error: {type(e).__name__}: {e}") from None
+    teacher.limiter.observe_headers(resp.headers)
+    if resp.status_code != 200:
+        try:
+            raise_for_status(resp, teacher.cfg)
+        except TransientError as e:
+            if e.status in (429, 503):
+                teacher.limiter.on_throttle(e.retry_after, e.status)
+            raise
+    try:
+        data = resp.json()
+    except ValueError:
+        raise TransientError(
+            f"HTTP 200 with an unparseable body: {resp.text[:80]!r}", status=200
+        ) from None
+    teacher.limiter.on_success(time.monotonic() - started)
+    return data
