@@ -276,3 +276,28 @@ def read_probe(
     if model is not None and result.model != model:
         return None
     return result
+
+
+def _yes_no(v: bool | None) -> str:
+    return "?" if v is None else "yes" if v else "no"
+
+
+def table(result: ProbeResult) -> str:
+    """The result as aligned `what  answer` lines, for the terminal."""
+    r = result
+    headers = ", ".join(sorted(r.ratelimit_headers)) or "none"
+    rows = [
+        ("endpoint", f"{r.base_url} ({r.model})"),
+        ("n honoured", _yes_no(r.n_honoured)),
+        ("logprobs", _yes_no(r.logprobs)),
+        ("top_logprobs", "?" if r.top_logprobs is None else str(r.top_logprobs)),
+        ("text scoring", r.scoring or "none"),
+        ("reasoning", r.reasoning or "none seen"),
+        ("rate-limit headers", headers),
+        ("batch API", _yes_no(r.batch_api)),
+        ("latency", "?" if r.latency_s is None else f"{r.latency_s:.3f}s"),
+        ("probe cost", f"{r.requests} requests, ${r.cost_usd:.6f}"),
+    ]
+    rows += [("note", n) for n in r.notes]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -13,6 +13,13 @@ from bench.common import free_port
 from pipeline.errors import EXIT_FAILED, TeacherError
 from pipeline.probe import ProbeResult, probe, read_probe, write_probe
 from pipeline.teacher import TeacherConfig
+from tests.conftest import (
+    arithmetic_rows,
+    assert_one_line_error,
+    harvest_args,
+    run_cli,
+    write_jsonl,
+)
 from tests.openai_server import OpenAIServer
 
 
@@ -97,3 +104,61 @@ def test_the_result_is_stored_in_the_run_directory_and_read_back_while_fresh(
     assert read_probe(tmp_path / "run", 3600, model="other") is None
     assert read_probe(tmp_path / "empty") is None
     assert isinstance(ProbeResult.model_validate_json(path.read_text()), ProbeResult)
+
+
+# -- `distill probe` as a user runs it ------------------------------------------------------------
+
+
+def test_the_command_prints_a_table_or_json_and_writes_the_run_directory(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    server.reasoning, server.scoring = "reasoning_content", "prompt_logprobs"
+    proc = run_cli("probe", "--base-url", server.url, "--model", "m")
+    assert proc.returncode == 0, proc.stderr
+    assert "n honoured          yes" in proc.stdout
+    assert "text scoring        prompt_logprobs" in proc.stdout
+    assert "reasoning           reasoning_content" in proc.stdout
+    run = tmp_path / "run"
+    proc = run_cli("probe", "--base-url", server.url, "--model", "m", "--json", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    printed = ProbeResult.model_validate_json(proc.stdout)
+    assert printed.top_logprobs == 20 and printed.scoring == "prompt_logprobs"
+    assert read_probe(run, base_url=server.url, model="m") == printed
+
+
+def test_the_command_takes_the_teacher_from_a_config(server: OpenAIServer, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"harvest:\n  base_url: {server.url}\n  model: from-config\n"
+        "  price_input: 1000000\n  price_output: 1000000\n"
+    )
+    proc = run_cli("probe", "--config", str(cfg), "--max-cost", "0.5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = ProbeResult.model_validate_json(proc.stdout)
+    assert r.model == "from-config" and server.requests == 0
+    assert any("max_cost" in n for n in r.notes)
+
+
+def test_the_command_errors_like_harvest(server: OpenAIServer, tmp_path: Path) -> None:
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    proc = run_cli("probe", "--base-url", closed, "--model", "m")
+    assert_one_line_error(proc, "cannot reach", closed)
+    assert proc.returncode == EXIT_FAILED
+
+    server.api_key = "sk-right"
+    proc = run_cli(
+        "probe", "--base-url", server.url, "--model", "m", env={"OPENAI_API_KEY": "sk-wrong-9"}
+    )
+    assert_one_line_error(proc, "HTTP 401", "OPENAI_API_KEY")
+    assert proc.returncode == EXIT_FAILED and "sk-wrong-9" not in proc.stderr
+
+    server.api_key, server.models = None, {"real"}
+    proc = run_cli("probe", "--base-url", server.url, "--model", "nope", "--out", str(tmp_path))
+    assert_one_line_error(proc, "HTTP 404", "'nope'", "base URL")
+    assert proc.returncode == EXIT_FAILED and not (tmp_path / "probe.json").exists()
+
+    # harvest says the same of the same model
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(1))
+    harvested = run_cli(*harvest_args(server, p, tmp_path / "run", model="nope"))
+    assert harvested.returncode == proc.returncode
+    assert harvested.stderr.split(":")[1] == proc.stderr.split(":")[1]  # "HTTP 404 from <url>"
