@@ -140,6 +140,12 @@ class Choice:
     finish_reason: str | None
     logprobs: Any
 
+    @property
+    def has_logprobs(self) -> bool:
+        """Token logprobs came back for this answer (an empty answer has none to give)."""
+        lp = self.logprobs
+        return not self.content or (isinstance(lp, dict) and bool(lp.get("content")))
+
 
 @dataclass
 class Completion:
