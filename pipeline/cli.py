@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from pipeline.errors import EXIT_INTERRUPTED, DistillError
+from pipeline.errors import EXIT_INTERRUPTED, EXIT_USAGE, DistillError
 from pipeline.redact import redact
 
 T = TypeVar("T")
@@ -110,6 +110,65 @@ def harvest(config_path: Path | None, **flags: Any) -> None:
     if cfg.json_summary:
         say(summary_json(summary))
     sys.exit(summary.exit_code)
+
+
+@cli.command()
+@click.option(
+    "--base-url", help="OpenAI-compatible API root (default: the config's, else $OPENAI_BASE_URL)."
+)
+@click.option("--model", help="Model name to probe (default: the config's).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="YAML config; its harvest: section (teacher, prices, extra_body). Flags override it.",
+)
+@click.option(
+    "--api-key-env", help="Environment variable holding the API key (default OPENAI_API_KEY)."
+)
+@click.option(
+    "--max-cost", type=float, help="Send no request that could take the probe past this (USD)."
+)
+@click.option("--timeout", type=float, help="Seconds to wait for one answer (default 60).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Run directory: write probe.json there (harvest reads it while fresh).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def probe(
+    config_path: Path | None,
+    out: Path | None,
+    as_json: bool,
+    max_cost: float | None,
+    timeout: float | None,
+    **flags: Any,
+) -> None:
+    """What an endpoint supports (n, logprobs, scoring, reasoning, headers, Batch API), in a few cheap requests."""
+    from pipeline.config import load_config
+    from pipeline.harvest import HarvestConfig
+    from pipeline.probe import probe as do_probe
+    from pipeline.probe import table, write_probe
+
+    cfg = run_stage(load_config, HarvestConfig, config_path, "harvest", flags)
+    t = cfg.all_teachers()[0]
+    if not t.model:
+        click.echo(
+            "error: no model to probe: pass --model NAME or set model: in the config", err=True
+        )
+        sys.exit(EXIT_USAGE)
+    result = run_stage(
+        do_probe,
+        t.base_url,
+        t.model,
+        t.api_key_env,
+        max_cost,
+        teacher=t,
+        timeout=timeout or 60.0,
+    )
+    if out is not None:
+        click.echo(f"probe result -> {write_probe(out, result)}", err=True)
+    click.echo(result.model_dump_json(indent=2) if as_json else table(result))
 
 
 @cli.command()

@@ -111,6 +111,10 @@ class TeacherConfig(StageConfig):
         default_factory=dict,
         description="Extra JSON fields sent in every request to this teacher: transport options such as OpenRouter's include_reasoning. Not part of the store key (use generation_extra for anything that changes the answer).",
     )
+    stream: bool = Field(
+        False,
+        description="Stream each answer (server-sent events, with stream_options.include_usage) instead of waiting for the whole body: for teachers that think for minutes (DeepSeek-R1), where a silent connection gets cut. The same rows are stored; `timeout` then bounds the wait between two chunks; a stream cut off is retried like a dropped connection.",
+    )
     share: float | None = Field(
         None,
         gt=0,
@@ -147,6 +151,12 @@ class Choice:
     reasoning: str | None
     finish_reason: str | None
     logprobs: Any
+
+    @property
+    def has_logprobs(self) -> bool:
+        """Token logprobs came back for this answer (an empty answer has none to give)."""
+        lp = self.logprobs
+        return not self.content or (isinstance(lp, dict) and bool(lp.get("content")))
 
 
 @dataclass
@@ -246,6 +256,62 @@ def parse_completion(data: Any, latency_s: float | None) -> Completion:
         reasoning_tokens=details.get("reasoning_tokens") if isinstance(details, dict) else None,
         latency_s=latency_s,
     )
+
+
+def assemble_stream(chunks: list[Any]) -> dict[str, Any]:
+    """The `data:` chunks of one streamed answer -> the body the same request returns unstreamed:
+    each choice's content, reasoning_content / reasoning and logprobs joined from its deltas
+    (inline <think> stays in the content, as unstreamed), the last chunk's usage."""
+    body: dict[str, Any] = {"choices": []}
+    choices: dict[int, dict[str, Any]] = {}
+    for chunk in chunks:
+        if not isinstance(chunk, dict):
+            raise TransientError(f"stream chunk is not an object: {str(chunk)[:80]!r}", status=200)
+        if chunk.get("error"):
+            raise TransientError(f"error in stream: {str(chunk['error'])[:200]}", status=200)
+        for key in ("id", "model", "system_fingerprint", "usage"):
+            if chunk.get(key):
+                body[key] = chunk[key]
+        for d in chunk.get("choices") or []:
+            i = int(d.get("index", 0))
+            c = choices.setdefault(i, {"index": i, "parts": {}, "finish_reason": None, "lp": None})
+            for key, text in (d.get("delta") or {}).items():
+                if key in ("content", "reasoning_content", "reasoning") and isinstance(text, str):
+                    c["parts"].setdefault(key, []).append(text)
+            c["finish_reason"] = d.get("finish_reason") or c["finish_reason"]
+            entries = (d.get("logprobs") or {}).get("content")
+            if isinstance(entries, list):
+                c["lp"] = (c["lp"] or []) + entries
+    for i in sorted(choices):
+        c = choices[i]
+        message = {"role": "assistant", "content": ""}
+        message.update({k: "".join(v) for k, v in c["parts"].items()})
+        body["choices"].append(
+            {
+                "index": i,
+                "message": message,
+                "finish_reason": c["finish_reason"],
+                "logprobs": None if c["lp"] is None else {"content": c["lp"]},
+            }
+        )
+    return body
+
+
+async def read_stream(resp: httpx.Response) -> dict[str, Any]:
+    """Read an SSE chat-completions stream to its `data: [DONE]` and assemble it. A stream that
+    ends before [DONE] (a proxy cut it, the server died) is transient: asked again, it may finish."""
+    chunks: list[Any] = []
+    async for line in resp.aiter_lines():
+        if not line.startswith("data:"):
+            continue  # blank separators, `: keep-alive` comments, `event:` lines
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return assemble_stream(chunks)
+        try:
+            chunks.append(json.loads(data))
+        except ValueError:
+            raise TransientError(f"unparseable stream chunk: {data[:80]!r}", status=200) from None
+    raise TransientError(f"stream ended before [DONE] after {len(chunks)} chunks", status=200)
 
 
 def _server_message(resp: httpx.Response) -> str:
@@ -406,12 +472,28 @@ class Teacher:
         for pool in self.pools:
             await pool.aclose()
 
-    async def _post(self, body: dict[str, Any]) -> httpx.Response:
-        """POST on the least busy pool."""
+    async def _post(self, body: dict[str, Any]) -> tuple[httpx.Response, Any]:
+        """POST on the least busy pool: (response, its JSON body, or None when unreadable; with
+        `stream`, the body assembled from the stream, or None when the status is not 200)."""
         i = min(range(len(self.pools)), key=self.pool_load.__getitem__)
         self.pool_load[i] += 1
         try:
-            return await self.pools[i].post(self.url, json=body)
+            if not self.cfg.stream:
+                resp = await self.pools[i].post(self.url, json=body)
+                try:
+                    return resp, resp.json()
+                except ValueError:
+                    return resp, None
+            body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            request = self.pools[i].build_request("POST", self.url, json=body)
+            resp = await self.pools[i].send(request, stream=True)
+            try:
+                if resp.status_code != 200:
+                    await resp.aread()  # the error body, for raise_for_status
+                    return resp, None
+                return resp, await read_stream(resp)
+            finally:
+                await resp.aclose()
         finally:
             self.pool_load[i] -= 1
 
@@ -419,7 +501,7 @@ class Teacher:
         """Send one chat-completions request; classify every failure (see the module docstring)."""
         started = time.monotonic()
         try:
-            resp = await self._post(body)
+            resp, data = await self._post(body)
         except httpx.TimeoutException:
             self.limiter.on_timeout()
             raise TransientError(f"timed out after {self.cfg.timeout:g}s") from None
@@ -439,12 +521,10 @@ class Teacher:
                 if e.status in (429, 503):
                     self.limiter.on_throttle(e.retry_after, e.status)
                 raise
-        try:
-            data = resp.json()
-        except ValueError:
+        if data is None:
             raise TransientError(
                 f"HTTP 200 with an unparseable body: {resp.text[:80]!r}", status=200
-            ) from None
+            )
         completion = parse_completion(data, latency)
         self.limiter.on_success(latency)
         return completion
