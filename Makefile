@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed-$(TORCH)
 CONFIG ?= configs/demo.yaml
 ARGS   ?=
 
-.PHONY: install test test-all lint format bench demo demo-kd harvest build finetune merge eval reference clean help
+.PHONY: install test test-all lint format bench demo demo-kd harvest build finetune merge eval onpolicy reference clean help
 
 help:
 	@echo "make demo      the whole pipeline offline on SmolLM2-135M (no key, no GPU)"
@@ -76,6 +76,9 @@ merge: install
 
 eval: install
 	$(BIN)/distill eval --config $(CONFIG) $(ARGS)
+
+onpolicy: install
+	$(BIN)/distill onpolicy --config $(CONFIG) $(ARGS)
 
 reference: install
 	$(BIN)/distill reference --write README.md

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from pipeline.errors import EXIT_INTERRUPTED, DistillError
+from pipeline.errors import EXIT_INTERRUPTED, EXIT_USAGE, DistillError
 from pipeline.redact import redact
 
 T = TypeVar("T")
@@ -116,6 +116,65 @@ def harvest(config_path: Path | None, **flags: Any) -> None:
     if cfg.json_summary:
         say(summary_json(summary))
     sys.exit(summary.exit_code)
+
+
+@cli.command()
+@click.option(
+    "--base-url", help="OpenAI-compatible API root (default: the config's, else $OPENAI_BASE_URL)."
+)
+@click.option("--model", help="Model name to probe (default: the config's).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="YAML config; its harvest: section (teacher, prices, extra_body). Flags override it.",
+)
+@click.option(
+    "--api-key-env", help="Environment variable holding the API key (default OPENAI_API_KEY)."
+)
+@click.option(
+    "--max-cost", type=float, help="Send no request that could take the probe past this (USD)."
+)
+@click.option("--timeout", type=float, help="Seconds to wait for one answer (default 60).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Run directory: write probe.json there (harvest reads it while fresh).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def probe(
+    config_path: Path | None,
+    out: Path | None,
+    as_json: bool,
+    max_cost: float | None,
+    timeout: float | None,
+    **flags: Any,
+) -> None:
+    """What an endpoint supports (n, logprobs, scoring, reasoning, headers, Batch API), in a few cheap requests."""
+    from pipeline.config import load_config
+    from pipeline.harvest import HarvestConfig
+    from pipeline.probe import probe as do_probe
+    from pipeline.probe import table, write_probe
+
+    cfg = run_stage(load_config, HarvestConfig, config_path, "harvest", flags)
+    t = cfg.all_teachers()[0]
+    if not t.model:
+        click.echo(
+            "error: no model to probe: pass --model NAME or set model: in the config", err=True
+        )
+        sys.exit(EXIT_USAGE)
+    result = run_stage(
+        do_probe,
+        t.base_url,
+        t.model,
+        t.api_key_env,
+        max_cost,
+        teacher=t,
+        timeout=timeout or 60.0,
+    )
+    if out is not None:
+        click.echo(f"probe result -> {write_probe(out, result)}", err=True)
+    click.echo(result.model_dump_json(indent=2) if as_json else table(result))
 
 
 @cli.command()
@@ -374,6 +433,57 @@ def build(config_path: Path | None, **flags: Any) -> None:
     click.echo(report.line(), err=True)
     if cfg.json_report:
         click.echo(report.to_json(), nl=False)
+
+
+@cli.command()
+@click.option(
+    "--prompts",
+    "prompts",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Prompt file the student answers (repeatable).",
+)
+@click.option("--data", help="Or a `distill build` dataset: its train split's prompts.")
+@click.option("--student", help="Student model folder (shares the teacher's tokenizer).")
+@click.option("--out", type=click.Path(path_type=Path), help="Run folder (adapter, report, store).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="YAML config; its onpolicy: section. Flags override it.",
+)
+@click.option("--base-url", help="Teacher API root (it must score texts: vLLM, SGLang, Together).")
+@click.option("--model", help="Teacher model name.")
+@click.option("--api-key-env", help="Environment variable holding the API key.")
+@click.option("--teacher-system-prompt-file", type=click.Path(path_type=Path))
+@click.option("--steps", type=int, help="Optimizer steps.")
+@click.option("--prompts-per-step", type=int)
+@click.option("--samples", type=int, help="Student samples per prompt per step.")
+@click.option("--max-new-tokens", type=int)
+@click.option("--lr", type=float)
+@click.option("--top-k", type=int, help="Teacher's top-k per token (prompt_logprobs only).")
+@click.option("--kd-alpha", type=float, help="Weight of the top-k forward-KL term.")
+@click.option("--eval-prompts", type=int, help="Last N prompts held out.")
+@click.option("--save-steps", type=int)
+@click.option("--concurrency", type=int, help="Most scoring requests in flight.")
+@click.option("--rpm", type=float)
+@click.option("--timeout", type=float)
+@click.option("--max-retries", type=int)
+@click.option("--limit", type=int, help="Only the first N unique prompts.")
+@click.option("--max-cost", type=float, help="Stop before scoring spend (USD) would pass this.")
+@click.option("--seed", type=int)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
+def onpolicy(config_path: Path | None, **flags: Any) -> None:
+    """On-policy distillation: the student samples, the teacher scores its tokens (reverse KL)."""
+    from pipeline.config import load_config
+    from pipeline.onpolicy import OnpolicyConfig
+    from pipeline.onpolicy import onpolicy as do_onpolicy
+
+    flags["prompts"] = list(flags["prompts"]) or None
+    cfg = run_stage(load_config, OnpolicyConfig, config_path, "onpolicy", flags)
+    summary = run_stage(do_onpolicy, cfg)
+    click.echo(summary.line(), err=True)
+    sys.exit(summary.exit_code)
 
 
 @cli.group()

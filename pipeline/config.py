@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pipeline.errors import ConfigError
 from pipeline.redact import redact
 
-SECTIONS = ("harvest", "batch", "build", "finetune", "merge", "eval")
+SECTIONS = ("harvest", "batch", "build", "finetune", "onpolicy", "merge", "eval")
 """The sections a config file may hold, in pipeline order; reference.py maps each to its model."""
 
 

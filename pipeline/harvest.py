@@ -39,6 +39,7 @@ from pipeline.errors import (
     TransientError,
     Unreachable,
 )
+from pipeline.probe import ProbeResult, probe, read_probe
 from pipeline.prompts import PromptRow, load_prompts, read_text_arg
 from pipeline.ratelimit import retrying
 from pipeline.record import content_hash
@@ -360,6 +361,56 @@ class Harvest:
         self.fatal: DistillError | None = None
         self.started = time.monotonic()
         self.teachers: list[Teacher] = []
+        self.probes: dict[str, ProbeResult] = {}  # what each teacher supports (learn_endpoints)
+
+    # -- what each endpoint supports ------------------------------------------------------------------
+
+    def learn_endpoints(self, jobs: list[tuple[TeacherConfig, list[Job]]]) -> None:
+        """What each teacher with work to do supports: a fresh `distill probe` result in the run
+        directory, else, when logprobs are asked, one cheap request (max_tokens 1). Decides `n`
+        vs separate requests, and stops the run before it pays for answers without the logprobs
+        asked for."""
+        for t, todo in jobs:
+            found = read_probe(Path(self.cfg.out), base_url=t.base_url, model=t.model)
+            if found is None and todo and self.cfg.logprobs:
+                found = self.probe_once(t)
+            if found is None:
+                continue
+            self.probes[t.label] = found
+            if todo and self.cfg.logprobs and found.logprobs is False:
+                raise TeacherError(
+                    f"{t.base_url} ({t.model}) ignores `logprobs`: a probe at "
+                    f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(found.probed_at))} got none "
+                    "back; drop --logprobs, or harvest from a server that returns them "
+                    "(`distill probe` shows what one supports)"
+                )
+
+    def probe_once(self, t: TeacherConfig) -> ProbeResult | None:
+        """One chat request (n=2, the top_logprobs the run asks); None if it got no answer: a
+        server that is down or busy is the retry policy's business, not a reason to stop."""
+        try:
+            found = probe(
+                t.base_url,
+                t.model or "",
+                t.api_key_env,
+                self.cfg.max_cost,
+                teacher=t,
+                max_requests=1,
+                max_tokens=1,
+                timeout=t.timeout,
+                top_k_tries=(self.cfg.top_logprobs or 1,),
+            )
+        except TeacherError as e:
+            if e.__cause__ is None:  # a bad key or model: harvest would stop on it too
+                raise
+            log.info("probe of %s got no answer (%s); going on without it", t.base_url, e)
+            return None
+        self.summary.requests_sent += found.requests
+        self.summary.cost_usd += found.cost_usd
+        log.info(
+            "probe of %s: n honoured %s, logprobs %s", t.base_url, found.n_honoured, found.logprobs
+        )
+        return found
 
     # -- one request --------------------------------------------------------------------------------
 
@@ -479,6 +530,19 @@ class Harvest:
         if sent is None:
             return
         completion, attempts = sent
+        if self.cfg.logprobs and not all(c.has_logprobs for c in completion.choices):
+            # Whatever a probe said: the first answer without them stops the run, unstored
+            # (its key promises logprobs), before thousands more are paid for.
+            t = teacher.cfg
+            self.summary.cost_usd += cost(
+                t, completion.prompt_tokens or 0, completion.completion_tokens or 0
+            )
+            self.fatal = self.fatal or TeacherError(
+                f"{t.base_url} ({t.model}) answered prompt {job.row.id} without the logprobs "
+                "asked for; stopped before paying for more (that answer is not stored): drop "
+                "--logprobs, or harvest from a server that returns them (`distill probe`)"
+            )
+            return
         longer = self.retry_longer(teacher.cfg, job, completion)
         if longer is not None:
             requeue(longer)
@@ -582,6 +646,9 @@ class Harvest:
         plans = []
         for tc, todo in jobs:
             teacher = Teacher(tc)
+            known = self.probes.get(tc.label)
+            if tc.use_n and known is not None and known.n_honoured is not None:
+                teacher.supports_n = known.n_honoured
             self.teachers.append(teacher)
             plans.append((teacher, todo))
         loop = asyncio.get_running_loop()
@@ -752,6 +819,7 @@ def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
         summary.total, summary.already_done = todo.total, todo.already_done
         summary.in_open_batches = todo.in_open_batches
         try:
+            h.learn_endpoints(todo.jobs)
             run_loop(h.run(todo.jobs))
         except DistillError as e:  # the log tells the whole story, fatal errors included
             summary.status, summary.exit_code = "failed", e.exit_code

@@ -19,9 +19,14 @@ from pathlib import Path
 from pipeline.errors import InputError
 
 MARKER = ".distill.json"
+# Entries that do not make a folder anyone's: the marker, and `distill probe --out RUN`'s result,
+# written into a run directory before the harvest (or on-policy run) that will own it.
+NEUTRAL = (MARKER, "probe.json")
 
 # Files that identify a stage's output written before markers existed.
 SIGNATURES: dict[str, tuple[str, ...]] = {
+    # first: an on-policy run also holds a store and a train report
+    "onpolicy": ("reverse_kl.png", "checkpoint"),
     "harvest": ("store.sqlite", "harvest.log", "lock"),
     "build": ("build_report.json",),
     "export": ("responses.jsonl", "responses.parquet", "dataset_info.json"),
@@ -61,7 +66,7 @@ def claim(out: Path, stage: str, flag: str = "--out") -> Path:
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: is a file, not a folder; choose a folder for {flag}")
     # A folder holding only a marker (a stage that stopped before writing) counts as empty.
-    if out.is_dir() and any(p.name != MARKER for p in out.iterdir()):
+    if out.is_dir() and any(p.name not in NEUTRAL for p in out.iterdir()):
         found = owner(out)
         if found is None:
             raise InputError(

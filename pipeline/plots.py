@@ -247,3 +247,42 @@ def plot_loss_curves(log_history: Path, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_reverse_kl(history: list[dict[str, Any]], path: Path) -> bool:
+    """On-policy distillation: reverse KL per step on the training rollouts and on held-out
+    prompts (pipeline/onpolicy.py's history); False when there is nothing to plot."""
+    train = [(h["step"], h["reverse_kl"]) for h in history if h.get("reverse_kl") is not None]
+    held = [
+        (h["step"], h["eval_reverse_kl"]) for h in history if h.get("eval_reverse_kl") is not None
+    ]
+    if not train and not held:
+        return False
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train:
+        ax.plot(
+            *zip(*train, strict=True),
+            color=FINETUNED_COLOR,
+            marker="." if len(train) < 30 else None,
+            label=f"student's own samples (last {train[-1][1]:.3f})",
+        )
+    if held:
+        ax.plot(
+            *zip(*held, strict=True),
+            color=TEACHER_COLOR,
+            marker="o",
+            label=f"held-out prompts (last {held[-1][1]:.3f})",
+        )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("On-policy distillation: reverse KL to the teacher (lower is better)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("KL(student || teacher), nats per sampled token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

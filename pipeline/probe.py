@@ -104,15 +104,16 @@ class _Prober:
         started = time.monotonic()
         try:
             resp = await self.client.request(method, url, json=body)
-        except httpx.TimeoutException:
+        # `from e` on what may pass (no answer, 429/5xx): harvest's own probe goes on without it.
+        except httpx.TimeoutException as e:
             raise TeacherError(
                 f"{url}: no answer in {self.t.timeout:g}s; is the server up (and the model loaded)?"
-            ) from None
+            ) from e
         except httpx.TransportError as e:
             raise TeacherError(
                 f"cannot reach {url}: {type(e).__name__}: {e}; is the server running, "
                 "and is the base URL right (it usually ends in /v1)?"
-            ) from None
+            ) from e
         resp.extensions["latency_s"] = time.monotonic() - started
         try:
             usage = resp.json().get("usage") or {}
@@ -127,10 +128,10 @@ class _Prober:
                 self.result.ratelimit_headers[k.lower()] = v
         return resp
 
-    async def chat(self, max_tokens: int) -> None:
+    async def chat(self, max_tokens: int, top_k_tries: tuple[int, ...]) -> None:
         r = self.result
         prompt = estimate_tokens(PROMPT)
-        for k in (*TOP_K_TRIES, 0):
+        for k in (*top_k_tries, 0):
             if not self.may_send("chat", (prompt, 2 * max_tokens)):
                 return
             body: dict[str, Any] = {
@@ -152,9 +153,7 @@ class _Prober:
                 try:
                     raise_for_status(resp, self.t)
                 except (TransientError, PromptRejected) as e:
-                    raise TeacherError(
-                        f"{e}; try the probe again when the server answers"
-                    ) from None
+                    raise TeacherError(f"{e}; try the probe again when the server answers") from e
             self.latencies.append(resp.extensions["latency_s"])
             choices = resp.json().get("choices") or []
             r.n_honoured = len(choices) >= 2
@@ -202,7 +201,11 @@ class _Prober:
 
 
 async def _probe(
-    t: TeacherConfig, max_cost: float | None, max_requests: int, max_tokens: int
+    t: TeacherConfig,
+    max_cost: float | None,
+    max_requests: int,
+    max_tokens: int,
+    top_k_tries: tuple[int, ...],
 ) -> ProbeResult:
     headers = {"Content-Type": "application/json"}
     key = t.api_key()
@@ -211,7 +214,7 @@ async def _probe(
     timeout = httpx.Timeout(t.timeout, connect=min(30.0, t.timeout))
     async with httpx.AsyncClient(headers=headers, timeout=timeout) as client:
         p = _Prober(t, client, max_cost, max_requests)
-        await p.chat(max_tokens)
+        await p.chat(max_tokens, top_k_tries)
         await p.scoring()
         await p.batches()
     if p.latencies:
@@ -229,9 +232,11 @@ def probe(
     max_requests: int = 8,
     max_tokens: int = 16,
     timeout: float = 60.0,
+    top_k_tries: tuple[int, ...] = TOP_K_TRIES,
 ) -> ProbeResult:
     """Probe one endpoint (see the module docstring). `teacher` supplies prices and extra_body
-    (from a harvest config); `base_url`, `model` and `api_key_env` override its fields."""
+    (from a harvest config); `base_url`, `model` and `api_key_env` override its fields. Harvest
+    probes with `max_requests=1` and the one `top_logprobs` it will ask (`top_k_tries=(k,)`)."""
     base = teacher.model_dump() if teacher is not None else {}
     t = TeacherConfig(
         **{
@@ -242,7 +247,7 @@ def probe(
             "timeout": timeout,
         }
     )
-    return asyncio.run(_probe(t, max_cost, max_requests, max_tokens))
+    return asyncio.run(_probe(t, max_cost, max_requests, max_tokens, top_k_tries))
 
 
 def write_probe(run_dir: Path, result: ProbeResult) -> Path:
@@ -276,3 +281,28 @@ def read_probe(
     if model is not None and result.model != model:
         return None
     return result
+
+
+def _yes_no(v: bool | None) -> str:
+    return "?" if v is None else "yes" if v else "no"
+
+
+def table(result: ProbeResult) -> str:
+    """The result as aligned `what  answer` lines, for the terminal."""
+    r = result
+    headers = ", ".join(sorted(r.ratelimit_headers)) or "none"
+    rows = [
+        ("endpoint", f"{r.base_url} ({r.model})"),
+        ("n honoured", _yes_no(r.n_honoured)),
+        ("logprobs", _yes_no(r.logprobs)),
+        ("top_logprobs", "?" if r.top_logprobs is None else str(r.top_logprobs)),
+        ("text scoring", r.scoring or "none"),
+        ("reasoning", r.reasoning or "none seen"),
+        ("rate-limit headers", headers),
+        ("batch API", _yes_no(r.batch_api)),
+        ("latency", "?" if r.latency_s is None else f"{r.latency_s:.3f}s"),
+        ("probe cost", f"{r.requests} requests, ${r.cost_usd:.6f}"),
+    ]
+    rows += [("note", n) for n in r.notes]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

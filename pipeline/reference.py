@@ -20,6 +20,7 @@ from pipeline.evaluate import EvalConfig
 from pipeline.finetune import FinetuneConfig
 from pipeline.harvest import HarvestConfig
 from pipeline.merge import MergeConfig
+from pipeline.onpolicy import OnpolicyConfig
 from pipeline.teacher import TeacherConfig
 
 REFERENCE: list[tuple[str, type[StageConfig]]] = [
@@ -29,6 +30,7 @@ REFERENCE: list[tuple[str, type[StageConfig]]] = [
     ("build", BuildConfig),
     ("build.filters", Filters),
     ("finetune", FinetuneConfig),
+    ("onpolicy", OnpolicyConfig),
     ("merge", MergeConfig),
     ("eval", EvalConfig),
 ]

@@ -117,7 +117,30 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX batch_requests_key ON batch_requests (key);
     """,
-    # 3: each prompt id's content, so a rerun that gives an id other text is stopped, not mixed:
+    # 3: on-policy rollouts (pipeline/onpolicy.py): what the student sampled and what the teacher
+    # said of each of its tokens, committed before a training step uses it. Token lists are JSON;
+    # `teacher_topk` is kd.pack_targets over the completion's positions (NULL without top-k).
+    """
+    CREATE TABLE rollouts (
+        key TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        step INTEGER NOT NULL,
+        prompt_id TEXT NOT NULL,
+        sample_index INTEGER NOT NULL,
+        teacher TEXT NOT NULL,
+        prompt_ids TEXT NOT NULL,
+        completion_ids TEXT NOT NULL,
+        teacher_logprobs TEXT NOT NULL,
+        teacher_topk BLOB,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        cost_usd REAL NOT NULL,
+        attempts INTEGER NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX rollouts_step ON rollouts (kind, step);
+    """,
+    # 4: each prompt id's content, so a rerun that gives an id other text is stopped, not mixed:
     # `hash` is content_hash(request messages) of the text harvested under the id now (build uses
     # only rows of that text), `source` the file:line it came from. Backfilled from `responses`.
     """
@@ -129,6 +152,23 @@ MIGRATIONS: list[str] = [
     );
     """,
 ]
+ROLLOUT_COLUMNS = (
+    "key",
+    "kind",
+    "step",
+    "prompt_id",
+    "sample_index",
+    "teacher",
+    "prompt_ids",
+    "completion_ids",
+    "teacher_logprobs",
+    "teacher_topk",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "attempts",
+    "created_at",
+)
 
 # Batch states whose requests are still out (not to be submitted again).
 BATCH_OPEN_STATES = ("prepared", "uploaded", "submitted")
@@ -461,7 +501,7 @@ class Store:
             try:
                 return dict(self.db.execute("SELECT id, hash FROM prompts").fetchall())
             except sqlite3.OperationalError as e:
-                if "no such table" in str(e):  # a read-only store of schema 1 or 2
+                if "no such table" in str(e):  # a read-only store of schema 1 to 3
                     return {}
                 raise
 
@@ -585,20 +625,62 @@ class Store:
             cur = self.db.execute("SELECT COUNT(*) FROM batch_requests WHERE key = ?", (key,))
             return int(cur.fetchone()[0])
 
+    # -- on-policy rollouts (pipeline/onpolicy.py) ------------------------------------------------
+
+    def add_rollout(self, row: dict[str, Any]) -> bool:
+        """Commit one scored rollout (ROLLOUT_COLUMNS; lists as JSON). False if its key was stored."""
+        values = [
+            canonical_json(v) if isinstance(v, list) else v
+            for v in (row[c] for c in ROLLOUT_COLUMNS)
+        ]
+        sql = f"INSERT INTO rollouts ({', '.join(ROLLOUT_COLUMNS)}) VALUES ({', '.join('?' * len(ROLLOUT_COLUMNS))}) ON CONFLICT(key) DO NOTHING"
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            cur = self.db.execute(sql, values)
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise _friendly(e, self.path) from None
+        return cur.rowcount == 1
+
+    def rollouts(self, kind: str, step: int | None = None) -> dict[str, dict[str, Any]]:
+        """Stored rollouts of one kind (train/eval), of one step when given, by key; JSON decoded."""
+        sql = "SELECT * FROM rollouts WHERE kind = ?"
+        args: tuple[Any, ...] = (kind,)
+        if step is not None:
+            sql, args = sql + " AND step = ?", (kind, step)
+        out = {}
+        for r in self.db.execute(sql, args):
+            row = dict(r)
+            for c in ("prompt_ids", "completion_ids", "teacher_logprobs"):
+                row[c] = json.loads(row[c])
+            out[row["key"]] = row
+        return out
+
+    def rollout_totals(self) -> tuple[float, int]:
+        """(USD spent on scoring, teacher tokens scored) over every stored rollout."""
+        r = self.db.execute(
+            "SELECT COALESCE(SUM(cost_usd), 0), COALESCE(SUM(prompt_tokens), 0) FROM rollouts"
+        ).fetchone()
+        return float(r[0]), int(r[1])
+
 
 @contextlib.contextmanager
-def open_run(run_dir: Path, log: logging.Logger, config_yaml: str | None = None) -> Iterator[Store]:
-    """A run directory opened for writing: claimed for harvest (never another stage's folder),
+def open_run(
+    run_dir: Path, log: logging.Logger, config_yaml: str | None = None, stage: str = "harvest"
+) -> Iterator[Store]:
+    """A run directory opened for writing: claimed for `stage` (never another stage's folder),
     locked (one writer at a time), its store open, `log` appending to RUN/harvest.log, and
     RUN/config.yaml written if given."""
-    claim(run_dir, "harvest")
+    claim(run_dir, stage)
     lock = RunLock(run_dir)
     lock.acquire()
     handler = None
     try:
         with Store(run_dir) as store:
             try:
-                record(run_dir, "harvest", [STORE_FILE, "lock", "harvest.log", "config.yaml"])
+                record(run_dir, stage, [STORE_FILE, "lock", "harvest.log", "config.yaml"])
                 handler = logging.FileHandler(run_dir / "harvest.log", encoding="utf-8")
                 if config_yaml is not None:
                     (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -638,7 +720,7 @@ def migrate(db: sqlite3.Connection) -> None:
             for stmt in script.split(";"):
                 if stmt.strip():
                     db.execute(stmt)
-            if i == 3:
+            if i == 4:  # the prompts table: filled from the rows of a store harvested before
                 backfill_prompts(db)
             db.execute(f"PRAGMA user_version={i}")
             db.execute("COMMIT")
@@ -648,7 +730,7 @@ def migrate(db: sqlite3.Connection) -> None:
 
 
 def backfill_prompts(db: sqlite3.Connection) -> None:
-    """Each prompt id without a recorded text gets that of its latest row (migration 3 for a store
+    """Each prompt id without a recorded text gets that of its latest row (migration 4 for a store
     harvested before; `distill doctor` after a recovery)."""
     rows = db.execute(
         "SELECT prompt_id, messages, min(created_at) OVER (PARTITION BY prompt_id) FROM responses "

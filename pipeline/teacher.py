@@ -111,6 +111,10 @@ class TeacherConfig(StageConfig):
         default_factory=dict,
         description="Extra JSON fields sent in every request to this teacher: transport options such as OpenRouter's include_reasoning. Not part of the store key (use generation_extra for anything that changes the answer).",
     )
+    stream: bool = Field(
+        False,
+        description="Stream each answer (server-sent events, with stream_options.include_usage) instead of waiting for the whole body: for teachers that think for minutes (DeepSeek-R1), where a silent connection gets cut. The same rows are stored; `timeout` then bounds the wait between two chunks; a stream cut off is retried like a dropped connection.",
+    )
     share: float | None = Field(
         None,
         gt=0,
@@ -147,6 +151,12 @@ class Choice:
     reasoning: str | None
     finish_reason: str | None
     logprobs: Any
+
+    @property
+    def has_logprobs(self) -> bool:
+        """Token logprobs came back for this answer (an empty answer has none to give)."""
+        lp = self.logprobs
+        return not self.content or (isinstance(lp, dict) and bool(lp.get("content")))
 
 
 @dataclass
@@ -246,6 +256,62 @@ def parse_completion(data: Any, latency_s: float | None) -> Completion:
         reasoning_tokens=details.get("reasoning_tokens") if isinstance(details, dict) else None,
         latency_s=latency_s,
     )
+
+
+def assemble_stream(chunks: list[Any]) -> dict[str, Any]:
+    """The `data:` chunks of one streamed answer -> the body the same request returns unstreamed:
+    each choice's content, reasoning_content / reasoning and logprobs joined from its deltas
+    (inline <think> stays in the content, as unstreamed), the last chunk's usage."""
+    body: dict[str, Any] = {"choices": []}
+    choices: dict[int, dict[str, Any]] = {}
+    for chunk in chunks:
+        if not isinstance(chunk, dict):
+            raise TransientError(f"stream chunk is not an object: {str(chunk)[:80]!r}", status=200)
+        if chunk.get("error"):
+            raise TransientError(f"error in stream: {str(chunk['error'])[:200]}", status=200)
+        for key in ("id", "model", "system_fingerprint", "usage"):
+            if chunk.get(key):
+                body[key] = chunk[key]
+        for d in chunk.get("choices") or []:
+            i = int(d.get("index", 0))
+            c = choices.setdefault(i, {"index": i, "parts": {}, "finish_reason": None, "lp": None})
+            for key, text in (d.get("delta") or {}).items():
+                if key in ("content", "reasoning_content", "reasoning") and isinstance(text, str):
+                    c["parts"].setdefault(key, []).append(text)
+            c["finish_reason"] = d.get("finish_reason") or c["finish_reason"]
+            entries = (d.get("logprobs") or {}).get("content")
+            if isinstance(entries, list):
+                c["lp"] = (c["lp"] or []) + entries
+    for i in sorted(choices):
+        c = choices[i]
+        message = {"role": "assistant", "content": ""}
+        message.update({k: "".join(v) for k, v in c["parts"].items()})
+        body["choices"].append(
+            {
+                "index": i,
+                "message": message,
+                "finish_reason": c["finish_reason"],
+                "logprobs": None if c["lp"] is None else {"content": c["lp"]},
+            }
+        )
+    return body
+
+
+async def read_stream(resp: httpx.Response) -> dict[str, Any]:
+    """Read an SSE chat-completions stream to its `data: [DONE]` and assemble it. A stream that
+    ends before [DONE] (a proxy cut it, the server died) is transient: asked again, it may finish."""
+    chunks: list[Any] = []
+    async for line in resp.aiter_lines():
+        if not line.startswith("data:"):
+            continue  # blank separators, `: keep-alive` comments, `event:` lines
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return assemble_stream(chunks)
+        try:
+            chunks.append(json.loads(data))
+        except ValueError:
+            raise TransientError(f"unparseable stream chunk: {data[:80]!r}", status=200) from None
+    raise TransientError(f"stream ended before [DONE] after {len(chunks)} chunks", status=200)
 
 
 def _server_message(resp: httpx.Response) -> str:
@@ -406,12 +472,28 @@ class Teacher:
         for pool in self.pools:
             await pool.aclose()
 
-    async def _post(self, body: dict[str, Any]) -> httpx.Response:
-        """POST on the least busy pool."""
+    async def _post(self, body: dict[str, Any]) -> tuple[httpx.Response, Any]:
+        """POST on the least busy pool: (response, its JSON body, or None when unreadable; with
+        `stream`, the body assembled from the stream, or None when the status is not 200)."""
         i = min(range(len(self.pools)), key=self.pool_load.__getitem__)
         self.pool_load[i] += 1
         try:
-            return await self.pools[i].post(self.url, json=body)
+            if not self.cfg.stream:
+                resp = await self.pools[i].post(self.url, json=body)
+                try:
+                    return resp, resp.json()
+                except ValueError:
+                    return resp, None
+            body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            request = self.pools[i].build_request("POST", self.url, json=body)
+            resp = await self.pools[i].send(request, stream=True)
+            try:
+                if resp.status_code != 200:
+                    await resp.aread()  # the error body, for raise_for_status
+                    return resp, None
+                return resp, await read_stream(resp)
+            finally:
+                await resp.aclose()
         finally:
             self.pool_load[i] -= 1
 
@@ -419,7 +501,7 @@ class Teacher:
         """Send one chat-completions request; classify every failure (see the module docstring)."""
         started = time.monotonic()
         try:
-            resp = await self._post(body)
+            resp, data = await self._post(body)
         except httpx.TimeoutException:
             self.limiter.on_timeout()
             raise TransientError(f"timed out after {self.cfg.timeout:g}s") from None
@@ -439,12 +521,123 @@ class Teacher:
                 if e.status in (429, 503):
                     self.limiter.on_throttle(e.retry_after, e.status)
                 raise
-        try:
-            data = resp.json()
-        except ValueError:
+        if data is None:
             raise TransientError(
                 f"HTTP 200 with an unparseable body: {resp.text[:80]!r}", status=200
-            ) from None
+            )
         completion = parse_completion(data, latency)
         self.limiter.on_success(latency)
         return completion
+
+
+# -- scoring a given text (on-policy distillation) -------------------------------------------------
+
+
+@dataclass
+class Scores:
+    """A teacher's log-probabilities for each token of a text it was given, not one it wrote."""
+
+    logprobs: list[float | None]  # per token: log p(token | tokens before it); None for the first
+    top: list[dict[int, float]]  # per token: the teacher's top-k {token id: logprob} (ids only)
+    tokens: list[str]  # per token: the text the server decoded it to (for the tokenizer check)
+    prompt_tokens: int  # what the server counted (usage), else the tokens sent
+    completion_tokens: int  # the one token it generated to answer the request
+
+
+def score_body(
+    t: TeacherConfig, prompt: list[int], protocol: str, top_k: int = 0
+) -> dict[str, Any]:
+    """The JSON body of one /v1/completions request that scores `prompt`, given as token ids so
+    nothing is re-tokenized. protocol "prompt_logprobs" (vLLM):
+    per prompt token the actual token's logprob and the top `top_k`; "echo" (SGLang, Together):
+    `echo` + `logprobs`, whose top-k come keyed by token text, so only the actual token is used.
+    max_tokens is 1, not 0: several servers refuse 0, and the one token is billed as output."""
+    body: dict[str, Any] = {"model": t.model, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    if protocol == "prompt_logprobs":
+        body["prompt_logprobs"] = top_k
+    elif protocol == "echo":
+        body.update(echo=True, logprobs=1)
+    else:
+        raise ValueError(f"unknown scoring protocol {protocol!r}")
+    body.update(t.extra_body)
+    return body
+
+
+def parse_scores(data: Any, protocol: str, ids: list[int]) -> Scores:
+    """A scoring reply for the token ids `ids` -> Scores, one entry per id. A body without the
+    scores asked for raises TransientError (an overloaded proxy may drop them; asking again may
+    work); a prompt_logprobs row that lacks the id sent means the server re-tokenized: an error."""
+    n = len(ids)
+    choices = data.get("choices") if isinstance(data, dict) else None
+    c = choices[0] if isinstance(choices, list) and choices else None
+    if not isinstance(c, dict):
+        raise TransientError("HTTP 200 with empty or missing choices", status=200)
+    logprobs: list[float | None] = []
+    top: list[dict[int, float]] = []
+    tokens: list[str] = []
+    if protocol == "prompt_logprobs":
+        rows = c.get("prompt_logprobs")
+        if not isinstance(rows, list) or len(rows) < n:
+            raise TransientError("HTTP 200 without prompt_logprobs for every token", status=200)
+        for tid, row in zip(ids, rows):
+            if not row:  # the first token has no context, so no logprob
+                logprobs.append(None)
+                top.append({})
+                tokens.append("")
+                continue
+            own = row.get(str(tid))
+            if not isinstance(own, dict):
+                raise TeacherError(
+                    f"the teacher's prompt_logprobs do not hold the token ids sent (token {tid} "
+                    "missing): it re-tokenized the prompt; use a server that takes token-id prompts"
+                )
+            logprobs.append(float(own["logprob"]))
+            top.append({int(i): float(v["logprob"]) for i, v in row.items()})
+            tokens.append(str(own.get("decoded_token", "")))
+    else:
+        lp = c.get("logprobs")
+        if not isinstance(lp, dict) or not isinstance(lp.get("token_logprobs"), list):
+            raise TransientError("HTTP 200 without echoed token logprobs", status=200)
+        if len(lp["token_logprobs"]) < n:
+            raise TransientError("HTTP 200 with fewer echoed tokens than sent", status=200)
+        logprobs = [None if v is None else float(v) for v in lp["token_logprobs"][:n]]
+        tokens = [str(x) for x in (lp.get("tokens") or [])][:n]
+        top = [{} for _ in range(n)]
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    return Scores(
+        logprobs=logprobs,
+        top=top,
+        tokens=tokens,
+        prompt_tokens=int(usage.get("prompt_tokens") or n),
+        completion_tokens=int(usage.get("completion_tokens") or 1),
+    )
+
+
+async def post_score(teacher: Teacher, body: dict[str, Any]) -> Any:
+    """Send one scoring request on a Teacher's pools and limiter; failures classified as for chat
+    (`raise_for_status`), so `retrying` and the limiter treat it like any other request."""
+    url = f"{teacher.cfg.base_url}/completions"
+    started = time.monotonic()
+    try:
+        resp = await teacher.pools[0].post(url, json=body)
+    except httpx.TimeoutException:
+        teacher.limiter.on_timeout()
+        raise TransientError(f"timed out after {teacher.cfg.timeout:g}s") from None
+    except httpx.TransportError as e:
+        raise TransientError(f"connection error: {type(e).__name__}: {e}") from None
+    teacher.limiter.observe_headers(resp.headers)
+    if resp.status_code != 200:
+        try:
+            raise_for_status(resp, teacher.cfg)
+        except TransientError as e:
+            if e.status in (429, 503):
+                teacher.limiter.on_throttle(e.retry_after, e.status)
+            raise
+    try:
+        data = resp.json()
+    except ValueError:
+        raise TransientError(
+            f"HTTP 200 with an unparseable body: {resp.text[:80]!r}", status=200
+        ) from None
+    teacher.limiter.on_success(time.monotonic() - started)
+    return data

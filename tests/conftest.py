@@ -27,6 +27,40 @@ def server() -> Iterator[OpenAIServer]:
         yield srv
 
 
+def vllm_sized_model(path: Path) -> Path:
+    """tests.tinymodels' tiny Qwen2 (float32), widened to head_dim 64: vLLM's CPU attention has
+    no kernel for its head_dim of 8 ("Unsupported CPU attention configuration: head_dim=8")."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.tinymodels import make_tiny_model
+
+    make_tiny_model(path, arch="qwen2")
+    config = AutoConfig.from_pretrained(path)
+    config.hidden_size, config.intermediate_size = 128, 256
+    config.num_attention_heads, config.num_key_value_heads = 2, 1
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def vllm_teacher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
+    """vLLM's CPU build serving a tiny model for the whole session (it starts in 2-3 minutes):
+    (base_url, model name to send, model folder). Skips only when vLLM cannot be installed."""
+    from pipeline.demo.serve import ensure_vllm, serve_teacher, served_model_name
+    from pipeline.errors import TeacherError
+
+    try:
+        ensure_vllm()
+    except TeacherError as e:
+        pytest.skip(f"vLLM's CPU build cannot be installed here: {e}")
+    root = tmp_path_factory.mktemp("vllm")
+    model_dir = vllm_sized_model(root / "tiny")
+    with serve_teacher(model_dir, log_path=root / "vllm.log", engine="vllm") as url:
+        yield url, served_model_name(model_dir), model_dir
+
+
 @pytest.fixture(autouse=True)
 def _no_real_keys(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Tests never see the developer's key or base URL, and write under tmp_path."""

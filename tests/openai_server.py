@@ -14,6 +14,8 @@ deterministically from the last user message unless `responder` is set, and can:
   or `echo` + `logprobs`), and list batches (GET /v1/batches) for the probe.
 - play a leaky proxy (`echo_status`): answer every request with that status (400/401/500), quoting
   the request's Authorization header and URL in the body, as some servers do.
+- stream answers as server-sent events when asked (`stream: true`, usage last with
+  `stream_options.include_usage`), and cut the first `stream_cuts` streams half way.
 Every request is counted, so tests can assert "the second run sent nothing".
 """
 
@@ -95,6 +97,7 @@ class OpenAIServer:
     scoring: str | None = None  # /v1/completions scores prompts: None | "prompt_logprobs" | "echo"
     batches: bool = False  # answer GET /v1/batches
     echo_status: int | None = None  # answer everything with this status, echoing Authorization
+    stream_cuts: int = 0  # close the connection half way through this many streams
 
     def __post_init__(self) -> None:
         self.requests = 0  # chat completion requests received
@@ -294,6 +297,14 @@ class OpenAIServer:
         completion_tokens += reasoning_tokens
         self.completed += 1
         self._count(200)
+        if body.get("stream"):
+            usage = {
+                "prompt_tokens": max(1, prompt_chars // 4),
+                "completion_tokens": completion_tokens,
+                "total_tokens": max(1, prompt_chars // 4) + completion_tokens,
+                "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+            }
+            return await self._sse(request, body, choices, usage, rl_headers)
         return web.json_response(
             {
                 "id": f"chatcmpl-{self.requests}",
@@ -351,6 +362,63 @@ class OpenAIServer:
         else:
             choice["logprobs"] = None
         return choice
+
+    async def _sse(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        choices: list[dict[str, Any]],
+        usage: dict[str, Any],
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """The same answer as server-sent chunks: role, reasoning deltas, content deltas (a few
+        characters each, with their share of the logprobs), finish_reason, usage, [DONE]."""
+
+        def pieces(text: str) -> list[str]:
+            return [text[i : i + 7] for i in range(0, len(text), 7)] or [""]
+
+        deltas: list[dict[str, Any]] = []
+        for c in choices:
+            i, msg = c["index"], c["message"]
+            deltas.append({"index": i, "delta": {"role": "assistant", "content": ""}})
+            for key in ("reasoning_content", "reasoning"):
+                deltas += [{"index": i, "delta": {key: p}} for p in pieces(msg.get(key) or "")]
+            parts = pieces(msg["content"] or "")
+            entries = (c.get("logprobs") or {}).get("content")
+            for j, p in enumerate(parts):
+                d: dict[str, Any] = {"index": i, "delta": {"content": p}}
+                if entries is not None:
+                    share = entries[
+                        j * len(entries) // len(parts) : (j + 1) * len(entries) // len(parts)
+                    ]
+                    d["logprobs"] = {"content": share}
+                deltas.append(d)
+            deltas.append({"index": i, "delta": {}, "finish_reason": c["finish_reason"]})
+        head = {
+            "id": f"chatcmpl-{self.requests}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": f"{body.get('model')}-2026-01-01",
+            "system_fingerprint": "fp_test",
+        }
+        chunks = [{**head, "choices": [d]} for d in deltas]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            chunks.append({**head, "choices": [], "usage": usage})
+        resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        cut = self.stream_cuts > 0
+        for k, chunk in enumerate(chunks):
+            if cut and k == len(chunks) // 2:
+                self.stream_cuts -= 1
+                self.completed -= 1
+                self._count(0)
+                assert request.transport is not None
+                request.transport.close()
+                raise ConnectionResetError("stream cut on purpose")
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
 
     async def list_models(self, request: web.Request) -> web.Response:
         names = sorted(self.models or {"test-model"})

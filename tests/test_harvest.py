@@ -94,8 +94,9 @@ def test_row_schema_and_provenance(server: OpenAIServer, tmp_path: Path) -> None
     )
     lp = unpack_logprobs(r["logprobs"])
     assert lp[0][0] == "2" and len(lp[0][2]) == 2
-    # what was sent
-    body = server.bodies[0]
+    # what was sent (after the one-token probe that logprobs runs start with)
+    assert server.bodies[0]["max_tokens"] == 1 and len(server.bodies) == 2
+    body = server.bodies[1]
     assert (
         body["temperature"] == 0.7
         and body["max_tokens"] == 64

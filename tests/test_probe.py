@@ -12,7 +12,15 @@ import pytest
 from bench.common import free_port
 from pipeline.errors import EXIT_FAILED, TeacherError
 from pipeline.probe import ProbeResult, probe, read_probe, write_probe
+from pipeline.store import Store
 from pipeline.teacher import TeacherConfig
+from tests.conftest import (
+    arithmetic_rows,
+    assert_one_line_error,
+    harvest_args,
+    run_cli,
+    write_jsonl,
+)
 from tests.openai_server import OpenAIServer
 
 
@@ -97,3 +105,126 @@ def test_the_result_is_stored_in_the_run_directory_and_read_back_while_fresh(
     assert read_probe(tmp_path / "run", 3600, model="other") is None
     assert read_probe(tmp_path / "empty") is None
     assert isinstance(ProbeResult.model_validate_json(path.read_text()), ProbeResult)
+
+
+# -- `distill probe` as a user runs it ------------------------------------------------------------
+
+
+def test_the_command_prints_a_table_or_json_and_writes_the_run_directory(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    server.reasoning, server.scoring = "reasoning_content", "prompt_logprobs"
+    proc = run_cli("probe", "--base-url", server.url, "--model", "m")
+    assert proc.returncode == 0, proc.stderr
+    assert "n honoured          yes" in proc.stdout
+    assert "text scoring        prompt_logprobs" in proc.stdout
+    assert "reasoning           reasoning_content" in proc.stdout
+    run = tmp_path / "run"
+    proc = run_cli("probe", "--base-url", server.url, "--model", "m", "--json", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    printed = ProbeResult.model_validate_json(proc.stdout)
+    assert printed.top_logprobs == 20 and printed.scoring == "prompt_logprobs"
+    assert read_probe(run, base_url=server.url, model="m") == printed
+
+
+def test_the_command_takes_the_teacher_from_a_config(server: OpenAIServer, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"harvest:\n  base_url: {server.url}\n  model: from-config\n"
+        "  price_input: 1000000\n  price_output: 1000000\n"
+    )
+    proc = run_cli("probe", "--config", str(cfg), "--max-cost", "0.5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = ProbeResult.model_validate_json(proc.stdout)
+    assert r.model == "from-config" and server.requests == 0
+    assert any("max_cost" in n for n in r.notes)
+
+
+def test_the_command_errors_like_harvest(server: OpenAIServer, tmp_path: Path) -> None:
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    proc = run_cli("probe", "--base-url", closed, "--model", "m")
+    assert_one_line_error(proc, "cannot reach", closed)
+    assert proc.returncode == EXIT_FAILED
+
+    server.api_key = "sk-right"
+    proc = run_cli(
+        "probe", "--base-url", server.url, "--model", "m", env={"OPENAI_API_KEY": "sk-wrong-9"}
+    )
+    assert_one_line_error(proc, "HTTP 401", "OPENAI_API_KEY")
+    assert proc.returncode == EXIT_FAILED and "sk-wrong-9" not in proc.stderr
+
+    server.api_key, server.models = None, {"real"}
+    proc = run_cli("probe", "--base-url", server.url, "--model", "nope", "--out", str(tmp_path))
+    assert_one_line_error(proc, "HTTP 404", "'nope'", "base URL")
+    assert proc.returncode == EXIT_FAILED and not (tmp_path / "probe.json").exists()
+
+    # harvest says the same of the same model
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(1))
+    harvested = run_cli(*harvest_args(server, p, tmp_path / "run", model="nope"))
+    assert harvested.returncode == proc.returncode
+    assert harvested.stderr.split(":")[1] == proc.stderr.split(":")[1]  # "HTTP 404 from <url>"
+
+
+# -- harvest uses what the probe found ------------------------------------------------------------
+
+
+def stored(run: Path) -> int:
+    if not (run / "store.sqlite").exists():
+        return 0
+    with Store(run, readonly=True) as s:
+        return s.count()
+
+
+def test_harvest_with_logprobs_stops_after_one_cheap_request_to_a_server_that_ignores_them(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    server.supports_logprobs = False
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(50))
+    run = tmp_path / "run"
+    proc = run_cli(*harvest_args(server, p, run), "--logprobs", "--top-logprobs", "5")
+    assert_one_line_error(proc, "ignores `logprobs`", server.url, "--logprobs")
+    assert proc.returncode == EXIT_FAILED
+    assert server.requests == 1  # the probe: n=2, max_tokens 1, the run's top_logprobs
+    assert server.bodies[0]["max_tokens"] == 1 and server.bodies[0]["top_logprobs"] == 5
+    assert stored(run) == 0
+    # without --logprobs the same server is harvested as usual, and not probed
+    assert run_cli(*harvest_args(server, p, run, "--limit", "3")).returncode == 0
+    assert server.requests == 4 and stored(run) == 3
+
+
+def test_harvest_reads_a_fresh_probe_from_the_run_directory(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    server.supports_n, server.supports_logprobs = False, False
+    run = tmp_path / "run"
+    assert (
+        run_cli("probe", "--base-url", server.url, "--model", "m", "--out", str(run)).returncode
+        == 0
+    )
+    probed = server.requests
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(4))
+    proc = run_cli(*harvest_args(server, p, run), "--logprobs")
+    assert_one_line_error(proc, "ignores `logprobs`", "a probe at")
+    assert server.requests == probed  # nothing sent: probe.json said so
+    # n: the probe found it ignored, so each sample is its own request from the start
+    server.bodies.clear()
+    assert run_cli(*harvest_args(server, p, run), "--samples", "3").returncode == 0
+    assert len(server.bodies) == 12 and all("n" not in b for b in server.bodies)
+    assert stored(run) == 12
+
+
+def test_harvest_stops_at_the_first_answer_without_logprobs_whatever_the_probe_said(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    assert (
+        run_cli("probe", "--base-url", server.url, "--model", "m", "--out", str(run)).returncode
+        == 0
+    )
+    server.supports_logprobs = False  # e.g. a proxy routed the run elsewhere
+    before = server.requests
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(50))
+    proc = run_cli(*harvest_args(server, p, run), "--logprobs", "--concurrency", "1")
+    assert_one_line_error(proc, "prompt q0", "without the logprobs", "not stored")
+    assert proc.returncode == EXIT_FAILED
+    assert server.requests - before == 1 and stored(run) == 0

@@ -79,7 +79,7 @@ def test_a_store_of_the_first_schema_opens_and_keeps_its_rows(tmp_path: Path) ->
             ("k", [{"role": "user", "content": "hi"}])
         ]
         assert st.batches() == [] and st.keys_in_open_batches() == set()
-        # migration 3 backfills each prompt id's text from its rows
+        # migration 4 backfills each prompt id's text from its rows
         assert st.prompt_hashes() == {"p": content_hash([{"role": "user", "content": "hi"}])}
 
 

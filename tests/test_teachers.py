@@ -168,3 +168,62 @@ def test_routing_config_errors(server: OpenAIServer, second: OpenAIServer, tmp_p
     )
     assert proc.returncode == ConfigError.exit_code
     assert_one_line_error(proc, "c.yaml", "shares add up to 1")
+
+
+# -- streaming -----------------------------------------------------------------------------------
+
+# What differs between two runs of the same request, streamed or not.
+PER_RUN = {"latency_s", "created_at", "response_id", "attempts", "id", "rowid"}
+
+
+def comparable(run: Path) -> list[dict]:
+    rows = [{k: v for k, v in r.items() if k not in PER_RUN} for r in rows_of(run)]
+    return sorted(rows, key=lambda r: (r["prompt_id"], r["sample_index"]))
+
+
+@pytest.mark.parametrize("shape", ["reasoning_content", "reasoning", "think"])
+def test_a_streamed_answer_is_stored_as_the_same_row(
+    server: OpenAIServer, tmp_path: Path, shape: str
+) -> None:
+    server.reasoning = shape
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(3))
+    kw = dict(samples=2, logprobs=True, top_logprobs=2, price_input=1.0, price_output=2.0)
+    plain = HarvestConfig(prompts=[p], out=tmp_path / "plain", model="m", base_url=server.url, **kw)  # type: ignore[arg-type]
+    assert harvest(plain, pretty=False).completed == 6
+    assert not any(b.get("stream") for b in server.bodies)
+    server.bodies.clear()
+    streamed = plain.model_copy(update={"out": tmp_path / "streamed", "stream": True})
+    s = harvest(streamed, pretty=False)
+    assert s.completed == 6 and s.prompt_tokens > 0 and s.cost_usd > 0
+    sent = [b for b in server.bodies if b.get("max_tokens") != 1]  # not the logprobs probe
+    assert sent and all(
+        b["stream"] is True and b["stream_options"] == {"include_usage": True} for b in sent
+    )
+    a, b = comparable(tmp_path / "plain"), comparable(tmp_path / "streamed")
+    assert a == b
+    assert all(r["reasoning"] and r["logprobs"] and r["completion_tokens"] for r in b)
+    assert all(r["prompt_tokens"] for r in b)  # usage, from the stream's last chunk
+    assert all(r["reasoning_tokens"] for r in b) or shape == "think"
+    assert "<think>" not in "".join(r["response"] for r in b)
+
+
+def test_a_stream_cut_half_way_is_retried_and_stored_once(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    server.stream_cuts, server.reasoning = 2, "reasoning_content"
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(4))
+    cfg = HarvestConfig(
+        prompts=[p],
+        out=tmp_path / "run",
+        model="m",
+        base_url=server.url,
+        stream=True,
+        concurrency=1,
+    )
+    s = harvest(cfg, pretty=False)
+    assert s.completed == 4 and s.failed == 0 and s.retries == 2
+    assert server.status_counts[0] == 2 and server.stream_cuts == 0
+    rows = rows_of(tmp_path / "run")
+    assert sorted(r["prompt_id"] for r in rows) == ["q0", "q1", "q2", "q3"]
+    assert [r["attempts"] for r in rows if r["prompt_id"] == "q0"] == [3]
+    assert all(r["reasoning"] and r["response"].endswith(".") for r in rows)
