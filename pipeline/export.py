@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.artifacts import DatasetWriter
 from pipeline.errors import StoreError
 from pipeline.reasoning import content_text
 from pipeline.record import Response
@@ -51,9 +53,17 @@ EXPORT_COLUMNS: dict[str, tuple[str, str]] = {
 }
 
 
-def export_rows(store: Store) -> list[dict[str, Any]]:
-    """The stored responses as export rows (nested values as JSON text, the answer appended)."""
-    return [_row(r) for r in store.iter_responses()]
+def export_rows(store: Store) -> Iterator[dict[str, Any]]:
+    """The stored responses as export rows (nested values as JSON text, the answer appended), one
+    at a time: an export holds one batch of rows, not the run."""
+    return (_row(r) for r in store.iter_responses())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _row(r: Response) -> dict[str, Any]:
@@ -88,35 +98,31 @@ def features():  # type: ignore[no-untyped-def]
 
 
 def export(run_dir: Path, to: Path, fmt: ExportFormat = "hf") -> Path:
-    """Write the run's responses to `to` in `fmt`; returns the path written."""
-    with Store(run_dir, readonly=True) as store:
-        rows = export_rows(store)
-    if not rows:
-        raise StoreError(
-            f"{run_dir}: the store holds no responses yet; run `distill harvest` first"
-        )
+    """Write the run's responses to `to` in `fmt`; returns the path written. Rows stream from the
+    store to the file, so memory stays flat whatever the run's size."""
     to = Path(to)
-    if fmt == "jsonl":
-        to.mkdir(parents=True, exist_ok=True)
-        path = to / "responses.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(path)
-        return path
-    import datasets
-
-    datasets.disable_progress_bars()
-    ds = datasets.Dataset.from_list(rows, features=features())
-    if fmt == "parquet":
-        to.mkdir(parents=True, exist_ok=True)
-        path = to / "responses.parquet"
-        ds.to_parquet(str(path))
-        return path
-    if to.exists():
-        if not (to / "dataset_info.json").exists() and any(to.iterdir()):
+    with Store(run_dir, readonly=True) as store:
+        if not store.count():
+            raise StoreError(
+                f"{run_dir}: the store holds no responses yet; run `distill harvest` first"
+            )
+        foreign = to.exists() and not (to / "dataset_info.json").exists() and any(to.iterdir())
+        if fmt == "hf" and foreign:
             raise StoreError(f"{to}: exists and is not a dataset folder; choose an empty --to")
+        path = to if fmt == "hf" else to / f"responses.{fmt}"
+        # Written next to the target, then renamed over it: an interrupted export leaves the last one.
+        tmp = path.parent / f".{path.name}.tmp"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)
+        kind = {"hf": "arrow", "parquet": "parquet", "jsonl": "jsonl"}[fmt]
+        try:
+            with DatasetWriter(tmp, kind, None if fmt == "jsonl" else features()) as out:
+                for row in export_rows(store):
+                    out.write(row)
+        except BaseException:
+            _remove(tmp)
+            raise
+    if fmt == "hf" and to.exists():
         shutil.rmtree(to)
-    ds.save_to_disk(str(to))
-    return to
+    tmp.replace(path)
+    return path
