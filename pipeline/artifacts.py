@@ -84,7 +84,7 @@ def _arrow_state(folder: Path, features: Any) -> None:
     with (folder / "data-00000-of-00001.arrow").open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    state = {
+    state: dict[str, Any] = {
         "_data_files": [{"filename": "data-00000-of-00001.arrow"}],
         "_fingerprint": digest.hexdigest()[:16],
         "_format_columns": None,

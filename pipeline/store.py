@@ -340,6 +340,11 @@ class Store:
                     row[col] = json.loads(row[col])
             yield Response(**row)
 
+    def has_logprobs(self) -> bool:
+        """Whether any stored answer carries token logprobs."""
+        sql = "SELECT 1 FROM responses WHERE logprobs IS NOT NULL LIMIT 1"
+        return self.db.execute(sql).fetchone() is not None
+
     def failures(self) -> list[dict[str, Any]]:
         cur = self.db.execute("SELECT * FROM failures ORDER BY prompt_id, sample_index, key")
         return [dict(r) for r in cur]
