@@ -1,4 +1,5 @@
-"""Readers for what one stage leaves on disk for the next: the built dataset and a fine-tune run.
+"""Readers for what one stage leaves on disk for the next: the built dataset and a fine-tune run,
+and the streaming writer that `distill build` and `distill export` write datasets with.
 
     ds = read_dataset("data/demo/dataset")        # DatasetDict with train/eval, checked
     run = read_finetune_run("data/demo/student")  # run.adapter, run.student, run.report
@@ -18,6 +19,84 @@ from typing import Any
 import yaml
 
 from pipeline.errors import InputError
+
+
+class DatasetWriter:
+    """Rows written one at a time to an Arrow split folder (the layout `save_to_disk` writes:
+    `datasets.load_from_disk` reads it), a Parquet file or a JSONL file, in batches of `batch` rows:
+    memory stays flat whatever the row count, and the same rows always give the same bytes.
+
+    `datasets.Dataset.from_list(rows).save_to_disk()` would hold every row, then read the Arrow file
+    back through a memory map, whose pages count as resident: both grow with the dataset.
+    """
+
+    def __init__(self, path: Path, kind: str, features: Any = None, batch: int = 1000):
+        self.path, self.kind, self.rows = path, kind, 0
+        if kind == "jsonl":
+            self.file = path.open("w", encoding="utf-8")
+            return
+        from datasets.arrow_writer import ArrowWriter, ParquetWriter
+
+        if kind == "arrow":
+            path.mkdir(parents=True, exist_ok=True)
+            target = path / "data-00000-of-00001.arrow"
+        else:
+            target = path
+        cls = ArrowWriter if kind == "arrow" else ParquetWriter
+        self.features = features
+        self.writer = cls(features=features, path=str(target), writer_batch_size=batch)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.rows += 1
+        if self.kind == "jsonl":
+            self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            self.writer.write(row)
+
+    def close(self) -> None:
+        if self.kind == "jsonl":
+            self.file.close()
+            return
+        self.writer.finalize()
+        self.writer.close()
+        if self.kind == "arrow":
+            _arrow_state(self.path, self.features)
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        elif self.kind == "jsonl":
+            self.file.close()
+        else:
+            self.writer.close()
+
+
+def _arrow_state(folder: Path, features: Any) -> None:
+    """state.json and dataset_info.json beside the Arrow file, as `save_to_disk` writes them; the
+    fingerprint is the file's hash, so it changes with the data and only with it."""
+    import datasets
+    from datasets.utils.py_utils import asdict  # save_to_disk's: leaves out unset fields
+
+    digest = hashlib.sha256()
+    with (folder / "data-00000-of-00001.arrow").open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    state: dict[str, Any] = {
+        "_data_files": [{"filename": "data-00000-of-00001.arrow"}],
+        "_fingerprint": digest.hexdigest()[:16],
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), "utf-8")
+    info = asdict(datasets.DatasetInfo(features=features))
+    info = {k: info[k] for k in sorted(info)}
+    (folder / "dataset_info.json").write_text(json.dumps(info, indent=2), "utf-8")
 
 
 def read_dataset(path: str | Path, split: str = "train") -> Any:

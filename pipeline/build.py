@@ -17,20 +17,22 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import json
 import math
 import re
 import shutil
-import statistics
+from array import array
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.artifacts import fingerprint
+from pipeline.artifacts import DatasetWriter
 from pipeline.config import StageConfig
 from pipeline.errors import ConfigError, InputError, StoreError
 from pipeline.outdir import claim, replace_own
@@ -311,20 +313,18 @@ class BuildReport:
 # -- filters -----------------------------------------------------------------------------------------
 
 
-def _lengths(rows: list[Row], tokenizer_dir: Path | None) -> str:
-    """Fill each row's answer and reasoning length; returns the unit."""
-    if tokenizer_dir is None:
+def _lengths(rows: list[Row], tok: Any) -> None:
+    """Fill each row's answer and reasoning length, in the tokenizer's tokens or in characters."""
+    if tok is None:
         for r in rows:
             r.answer_len, r.reasoning_len = len(r.answer), len(r.reasoning)
-        return "characters"
-    tok = _load_tokenizer(tokenizer_dir)
+        return
     answers = tok([r.answer for r in rows], add_special_tokens=False)["input_ids"] if rows else []
     reasonings = (
         tok([r.reasoning for r in rows], add_special_tokens=False)["input_ids"] if rows else []
     )
     for r, a, b in zip(rows, answers, reasonings):
         r.answer_len, r.reasoning_len = len(a), (len(b) if r.reasoning else 0)
-    return f"tokens ({tokenizer_dir.name} tokenizer)"
 
 
 def _length_reason(cfg: BuildConfig, r: Row) -> str | None:
@@ -517,16 +517,31 @@ def split_prompts(
     ids = sorted({p for p in prompt_ids if p not in fixed})
     if cfg.eval_size is None:
         return forced | {p for p in ids if prompt_hash(cfg.seed, p) < cfg.eval_fraction}
-    n = cfg.eval_size
-    if n and not forced and n >= len(ids):  # not silently: it would leave one train prompt
+    return forced | eval_rank(iter(ids), cfg, lambda: bool(forced))
+
+
+def eval_rank(ids: Iterator[str], cfg: BuildConfig, forced: Callable[[], bool]) -> set[str]:
+    """The eval_size distinct `ids` with the lowest prompt_hash (fewer if that would leave nothing
+    to train on and no prompt is `forced` to eval): a heap of eval_size ids, so a rank over a
+    million prompts holds only the ones it keeps."""
+    counted = 0
+
+    def counting() -> Iterator[str]:
+        nonlocal counted
+        for p in ids:
+            counted += 1
+            yield p
+
+    n = cfg.eval_size or 0
+    low = heapq.nsmallest(n, counting(), key=lambda p: (prompt_hash(cfg.seed, p), p))
+    if n and not forced() and n >= counted:  # not silently: it would leave one train prompt
         raise ConfigError(
-            f"--eval-size {n} is not below the {len(ids)} prompts to split (after filters): "
-            f"nothing would be left to train on; pass --eval-size {max(0, len(ids) - 1)} or less"
+            f"--eval-size {n} is not below the {counted} prompts to split (after filters): "
+            f"nothing would be left to train on; pass --eval-size {max(0, counted - 1)} or less"
         )
-    if not forced:
-        n = min(n, max(0, len(ids) - 1))  # always leave something to train on
-    ranked = sorted(ids, key=lambda p: (prompt_hash(cfg.seed, p), p))
-    return forced | set(ranked[:n])
+    if not forced():
+        n = min(n, max(0, counted - 1))  # always leave something to train on
+    return set(low[:n])
 
 
 # -- training messages -------------------------------------------------------------------------------
@@ -603,20 +618,16 @@ def _openai(row: dict[str, Any]) -> dict[str, Any]:
     return {"messages": msgs}
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+SHAPES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "sharegpt": _sharegpt,
+    "openai": _openai,
+}
 
 
-def write_dataset(
-    splits: dict[str, list[dict[str, Any]]], cfg: BuildConfig, out: Path
-) -> list[str]:
-    """Write the splits in cfg.format under `out` (a fresh folder); returns the files' names."""
+def open_writers(cfg: BuildConfig, out: Path, kd_columns: bool) -> dict[str, DatasetWriter]:
+    """A streaming writer per split in cfg.format under `out` (a fresh folder): the rows go to disk
+    in batches as curation passes them, so the build never holds the dataset."""
     if cfg.format in ("jsonl", "sharegpt", "openai"):
-        shape = {"jsonl": lambda r: r, "sharegpt": _sharegpt, "openai": _openai}[cfg.format]
-        for name, rows in splits.items():
-            _write_jsonl(out / f"{name}.jsonl", [shape(r) for r in rows])
         if cfg.format == "sharegpt":  # LLaMA-Factory reads this file to learn the format
             info = {
                 f"distill_{name}": {
@@ -624,53 +635,48 @@ def write_dataset(
                     "formatting": "sharegpt",
                     "columns": {"messages": "conversations"},
                 }
-                for name in splits
+                for name in ("train", "eval")
             }
             (out / "dataset_info.json").write_text(
                 json.dumps(info, indent=2) + "\n", encoding="utf-8"
             )
-        return sorted(p.name for p in out.iterdir())
+        return {name: DatasetWriter(out / f"{name}.jsonl", "jsonl") for name in ("train", "eval")}
     import datasets
 
     datasets.disable_progress_bars()
     feats = _features(cfg.reasoning)
-    if any("kd_check" in r for rows in splits.values() for r in rows):
+    if kd_columns:
         feats["kd_targets"] = datasets.Value("binary")
         feats["kd_check"] = datasets.Value("string")
         feats["kd_resegment"] = datasets.List(datasets.Value("int32"))
-    dss = {
-        name: datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in feats}, features=feats)
-        for name, rows in splits.items()
-    }
     if cfg.format == "parquet":
-        for name, ds in dss.items():
-            ds.to_parquet(str(out / f"{name}.parquet"))
-    else:
-        # An empty split still gets one (empty) Arrow file: without it load_from_disk fails.
-        shards = {name: 1 for name, ds in dss.items() if len(ds) == 0}
-        datasets.DatasetDict(dss).save_to_disk(str(out), num_shards=shards)
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+        return {n: DatasetWriter(out / f"{n}.parquet", "parquet", feats) for n in ("train", "eval")}
+    (out / "dataset_dict.json").write_text('{"splits": ["train", "eval"]}', encoding="utf-8")
+    return {n: DatasetWriter(out / n, "arrow", feats) for n in ("train", "eval")}
 
 
 # -- statistics and the card -------------------------------------------------------------------------
 
 
-def _stats(values: list[int]) -> dict[str, float | int]:
+def _stats(values: array[int]) -> dict[str, float | int]:
+    """n, min, mean, median, p90, max: sorted with numpy (8 bytes a value, not a Python int each)."""
+    import numpy as np
+
     if not values:
         return {"n": 0}
-    v = sorted(values)
+    v = np.sort(np.frombuffer(values, dtype=np.int64))
+    n = len(v)
     return {
-        "n": len(v),
-        "min": v[0],
-        "mean": round(statistics.fmean(v), 1),
-        "median": statistics.median(v),
-        "p90": v[max(0, math.ceil(0.9 * len(v)) - 1)],
-        "max": v[-1],
+        "n": n,
+        "min": int(v[0]),
+        "mean": round(int(v.sum()) / n, 1),
+        "median": int(v[n // 2]) if n % 2 else (int(v[n // 2 - 1]) + int(v[n // 2])) / 2,
+        "p90": int(v[max(0, math.ceil(0.9 * n) - 1)]),
+        "max": int(v[-1]),
     }
 
 
-def _teachers(rows: list[Row]) -> list[dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
+def _add_teachers(out: dict[str, dict[str, Any]], rows: list[Row]) -> None:
     for r in rows:
         s = r.store
         t = out.setdefault(
@@ -690,6 +696,9 @@ def _teachers(rows: list[Row]) -> list[dict[str, Any]]:
         if s.response_model:
             t["response_models"].add(s.response_model)
         t["params"][json.dumps(s.params, sort_keys=True)] = s.params
+
+
+def _teachers(out: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     result = []
     for name in sorted(out):
         t = out[name]
@@ -886,42 +895,40 @@ def _load_tokenizer(tokenizer_dir: Path):  # type: ignore[no-untyped-def]
         ) from None
 
 
-def kd_targets(
-    cfg: BuildConfig, cur: Curation, splits: dict[str, list[dict[str, Any]]]
-) -> dict[str, Any]:
+class KDTargets:
     """The teacher's top-k for every answer token, on the student's tokens of the row as
-    `distill finetune` renders it (pipeline/kd.py aligns); adds kd.KD_COLUMNS to each output row.
+    `distill finetune` renders it (pipeline/kd.py aligns): `add` puts kd.KD_COLUMNS on one output
+    row as it is written; `report` is the report's `kd` section ({} when not built): coverage, and
+    why the other answer tokens have no target.
 
-    Built when the run has logprobs and `tokenizer` names the student; returns the report's `kd`
-    section ({} when not built): coverage, and why the other answer tokens have no target.
+    Built when the run has logprobs and `tokenizer` names the student.
     """
-    from pipeline import kd
 
-    if cfg.tokenizer is None or not any(r.store.logprobs for r in cur.kept):
-        return {}
-    if cfg.format not in ("hf", "parquet"):
-        return {
-            "stored": False,
-            "why": f"format {cfg.format} has no binary column: use hf or parquet",
-        }
-    # The rendering finetune uses (its training template), so the positions point at its tokens.
-    from pipeline.finetune import prepare_messages, renders_reasoning, training_template
+    def __init__(self, cfg: BuildConfig, tok: Any, has_logprobs: bool):
+        self.cfg, self.tok = cfg, tok
+        self.wanted = cfg.tokenizer is not None and has_logprobs
+        self.on = self.wanted and cfg.format in ("hf", "parquet")
+        self.totals: dict[str, Counter[str]] = {"train": Counter(), "eval": Counter()}
+        self.modes: Counter[str] = Counter()
+        self.stored = 0
+        self.seen_logprobs = False  # a kept row had logprobs (else, as before, no kd section)
+        if self.on:
+            # The rendering finetune uses (its training template), so positions point at its tokens.
+            from pipeline.finetune import renders_reasoning, training_template
 
-    tok = _load_tokenizer(cfg.tokenizer)
-    template, how = training_template(tok)
-    native = renders_reasoning(tok, template)
-    outs = {name: iter(rows) for name, rows in splits.items()}
-    totals: dict[str, Counter[str]] = {"train": Counter(), "eval": Counter()}
-    modes: Counter[str] = Counter()
-    stored = 0
-    for r in cur.kept:
-        name = "eval" if r.prompt_id in cur.eval_ids else "train"
-        row = next(outs[name])
-        msgs = prepare_messages(row["messages"], native)
-        text = tok.apply_chat_template(msgs, chat_template=template, tokenize=False)
+            self.template, _ = training_template(tok)
+            self.native = renders_reasoning(tok, self.template)
+
+    def add(self, r: Row, row: dict[str, Any], split: str) -> None:
+        from pipeline import kd
+        from pipeline.finetune import prepare_messages
+
+        tok = self.tok
+        msgs = prepare_messages(row["messages"], self.native)
+        text = tok.apply_chat_template(msgs, chat_template=self.template, tokenize=False)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-        al = _align_row(r, msgs[-1], text, ids, offsets, tok, native)
+        al = _align_row(r, msgs[-1], text, ids, offsets, tok, self.native)
         row["kd_check"] = kd.ids_check(ids)
         row["kd_targets"] = (
             kd.pack_targets(al.positions, al.ids, al.logprobs) if al.positions else None
@@ -929,30 +936,44 @@ def kd_targets(
         row["kd_resegment"] = (
             [al.resegment[0], al.resegment[1], *al.resegment[2]] if al.resegment else None
         )
-        stored += len(row["kd_targets"] or b"")
-        totals[name].update(al.counts)
-        modes[al.mode] += 1
-    total = totals["train"] + totals["eval"]
+        self.stored += len(row["kd_targets"] or b"")
+        self.seen_logprobs = self.seen_logprobs or bool(r.store.logprobs)
+        self.totals[split].update(al.counts)
+        self.modes[al.mode] += 1
 
-    def tokens(c: Counter[str]) -> int:
-        return sum(v for k, v in c.items() if k != "alts_dropped")
+    def report(self) -> dict[str, Any]:
+        from pipeline import kd
 
-    n = tokens(total)
-    return {
-        "tokenizer": str(cfg.tokenizer),
-        "tokenizer_id": kd.tokenizer_id(tok),
-        "answer_tokens": n,
-        "target_tokens": total["target"],
-        "coverage": round(total["target"] / n, 4) if n else 0.0,
-        "coverage_by_split": {
-            k: round(c["target"] / tokens(c), 4) if tokens(c) else None for k, c in totals.items()
-        },
-        "no_target": {k: total[k] for k in KD_WHY if total[k]},
-        "alts_dropped": total["alts_dropped"],
-        "rows_by_alignment": dict(sorted(modes.items())),
-        "bytes": stored,
-        "bytes_per_1000_answer_tokens": round(1000 * stored / n) if n else None,
-    }
+        if not self.wanted or (self.on and not self.seen_logprobs):
+            return {}
+        if not self.on:
+            return {
+                "stored": False,
+                "why": f"format {self.cfg.format} has no binary column: use hf or parquet",
+            }
+        totals = self.totals
+        total = totals["train"] + totals["eval"]
+
+        def tokens(c: Counter[str]) -> int:
+            return sum(v for k, v in c.items() if k != "alts_dropped")
+
+        n, stored = tokens(total), self.stored
+        return {
+            "tokenizer": str(self.cfg.tokenizer),
+            "tokenizer_id": kd.tokenizer_id(self.tok),
+            "answer_tokens": n,
+            "target_tokens": total["target"],
+            "coverage": round(total["target"] / n, 4) if n else 0.0,
+            "coverage_by_split": {
+                k: round(c["target"] / tokens(c), 4) if tokens(c) else None
+                for k, c in totals.items()
+            },
+            "no_target": {k: total[k] for k in KD_WHY if total[k]},
+            "alts_dropped": total["alts_dropped"],
+            "rows_by_alignment": dict(sorted(self.modes.items())),
+            "bytes": stored,
+            "bytes_per_1000_answer_tokens": round(1000 * stored / n) if n else None,
+        }
 
 
 def _align_row(
@@ -1017,18 +1038,124 @@ def _card_kd(rep: BuildReport) -> list[str]:
 # -- the stage ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class Curation:
-    """What curation decided: every stored answer marked kept or removed, and the eval prompts."""
+class Tally:
+    """The report's numbers, summed one prompt at a time as curation passes: counts, a few small
+    sets (teachers, failed prompts), the split's prompt ids spooled to files, and the kept rows'
+    lengths (8 bytes each, for the median and p90): nothing that holds the rows."""
 
-    rows: list[Row]
-    failures: list[dict[str, Any]]  # the store's failed requests (counted, never kept)
-    unit: str  # what lengths are counted in
-    eval_ids: set[str]
+    def __init__(self, cfg: BuildConfig, failures: list[dict[str, Any]], spool: Path):
+        self.cfg = cfg
+        self.removed = dict.fromkeys(FILTERS, 0)
+        self.removed["failed"] = len(failures)
+        self.reasons: dict[str, Counter[str]] = {}
+        for f in failures:
+            self.reasons.setdefault("failed", Counter())[
+                f"HTTP {f['status']}" if f["status"] else "no response"
+            ] += 1
+        self.failed_only = {str(f["prompt_id"]) for f in failures}  # minus prompts with answers
+        self.responses = self.kept = self.with_ref = self.prompts = self.kept_prompts = 0
+        self.verified: Counter[str] = Counter()
+        self.split = {name: {"rows": 0, "prompts": 0} for name in ("train", "eval")}
+        # Prompts come in sorted id order, so the fingerprint (sha256 of the sorted ids, one a
+        # line) and splits.json are written as they pass.
+        self.hashes = {name: hashlib.sha256() for name in ("train", "eval")}
+        self.ids = {
+            name: (spool / f".{name}_ids").open("w+", encoding="utf-8") for name in self.hashes
+        }
+        self.teachers: dict[str, dict[str, Any]] = {}
+        self.dates: list[str] = []
+        self.lengths = {k: array("q") for k in ("answer", "reasoning", "teacher_completion_tokens")}
 
-    @property
-    def kept(self) -> list[Row]:
-        return [r for r in self.rows if r.removed_by is None]
+    def add(self, rows: list[Row], split: str | None) -> None:
+        pid = rows[0].prompt_id
+        self.failed_only.discard(pid)
+        self.prompts += 1
+        self.responses += len(rows)
+        kept = [r for r in rows if r.removed_by is None]
+        for r in rows:
+            if r.removed_by is not None:
+                self.removed[r.removed_by] += 1
+                self.reasons.setdefault(r.removed_by, Counter())[r.reason] += 1
+            self.with_ref += r.store.reference is not None
+        _add_teachers(self.teachers, rows)
+        created = [r.store.created_at for r in rows]
+        self.dates = [min(self.dates + created), max(self.dates + created)]
+        if not kept or split is None:
+            return
+        self.kept += len(kept)
+        self.kept_prompts += 1
+        self.verified.update(str(r.verified).lower() for r in kept)
+        self.split[split]["rows"] += len(kept)
+        self.split[split]["prompts"] += 1
+        first = self.split[split]["prompts"] == 1
+        self.hashes[split].update(("" if first else "\n").encode() + pid.encode())
+        self.ids[split].write(json.dumps(pid, ensure_ascii=False) + "\n")
+        self.lengths["answer"].extend(r.answer_len for r in kept)
+        self.lengths["reasoning"].extend(r.reasoning_len for r in kept if r.reasoning)
+        self.lengths["teacher_completion_tokens"].extend(
+            r.store.completion_tokens for r in kept if r.store.completion_tokens is not None
+        )
+
+    def splits_json(self) -> str:
+        """splits.json: the prompt ids of each split, sorted (as json.dumps(indent=1) writes it)."""
+        parts = []
+        for name, f in self.ids.items():
+            f.seek(0)
+            ids = ",\n".join(f"  {line.rstrip()}" for line in f)
+            parts.append(f' "{name}": [\n{ids}\n ]' if ids else f' "{name}": []')
+            f.close()
+            Path(f.name).unlink()
+        return "{\n" + ",\n".join(parts) + "\n}\n"
+
+    def report(self, to: Path, unit: str) -> BuildReport:
+        """The report's numbers: what each filter removed and why, the prompts, split and lengths."""
+        cfg = self.cfg
+        rep = BuildReport(run=str(cfg.run), to=str(to), format=cfg.format)
+        rep.responses = self.responses
+        rep.rows_in = self.responses + self.removed["failed"]
+        rep.removed = self.removed
+        rep.reasons = {
+            k: dict(sorted(self.reasons[k].items())) for k in FILTERS if k in self.reasons
+        }
+        rep.kept = self.kept
+        rep.verified = {k: self.verified[k] for k in ("true", "false", "none")}
+        in_store = self.prompts + len(self.failed_only)
+        rep.prompts = {
+            "in_store": in_store,
+            "kept": self.kept_prompts,
+            "lost": in_store - self.kept_prompts,
+        }
+        rep.verification = {
+            "mode": cfg.verify,
+            "rel_tol": cfg.rel_tol,
+            "abs_tol": cfg.abs_tol,
+            "answer_patterns": cfg.answer_patterns,
+            "rows_with_reference": self.with_ref,
+            "rows_without_reference": self.responses - self.with_ref,  # counted, never checked
+        }
+        sp = self.split
+        rep.split = {
+            "by": f"{cfg.split_field}, then prompt_id" if cfg.split_field else "prompt_id",
+            "rule": (
+                f"the {cfg.eval_size} lowest hashes (eval_size: a rank, moves when prompts change)"
+                if cfg.eval_size is not None
+                else f"hash < eval_fraction {cfg.eval_fraction:g} (a prompt never moves)"
+            ),
+            "eval_filtered": cfg.filter_eval,
+            "seed": cfg.seed,
+            "train_rows": sp["train"]["rows"],
+            "eval_rows": sp["eval"]["rows"],
+            "train_prompts": sp["train"]["prompts"],
+            "eval_prompts": sp["eval"]["prompts"],
+            "train_fingerprint": self.hashes["train"].hexdigest(),
+            "eval_fingerprint": self.hashes["eval"].hexdigest(),
+        }
+        rep.teachers = _teachers(self.teachers)
+        first, last = (self.dates[0], self.dates[1]) if self.dates else (None, None)
+        rep.harvested = {"first": first, "last": last}
+        rep.lengths = {"unit": unit, **{k: _stats(v) for k, v in self.lengths.items()}}
+        rep.config = cfg.model_dump(mode="json", exclude={"to", "json_report"})
+        return rep
 
 
 def _check_paths(cfg: BuildConfig) -> tuple[Path, Path]:
@@ -1051,115 +1178,73 @@ def _check_paths(cfg: BuildConfig) -> tuple[Path, Path]:
     return run, Path(cfg.to)
 
 
-def curate(cfg: BuildConfig, run: Path) -> Curation:
-    """Read the store, run the filters and the selection, and choose the eval prompts."""
-    custom = load_function(cfg.custom_filter, "custom_filter") if cfg.custom_filter else None
-    if cfg.verify not in MODES:  # a custom check that cannot load fails before anything is read
-        load_function(cfg.verify, "verify")
+def prompt_groups(
+    cfg: BuildConfig, run: Path, custom: Callable[[dict[str, Any]], Any] | None, tok: Any
+) -> Iterator[tuple[list[Row], dict[str, bool]]]:
+    """The store's answers one prompt at a time (the store yields them sorted by prompt id), each
+    marked by the filters and the selection, with the prompt's split_field split if it has one."""
     with Store(run, readonly=True) as store:
-        rows = [Row(s) for s in store.iter_responses()]
-        failures = store.failures()
         current = store.prompt_hashes()
-    if not rows and not failures:
-        raise StoreError(f"{run}: the store holds no responses yet; run `distill harvest` first")
-    # Only the current text of each prompt id counts: answers to a replaced text are set aside.
-    replaced = [
-        r for r in rows if current.get(r.prompt_id, "") not in ("", content_hash(r.store.messages))
-    ]
-    for r in replaced:
-        r.removed_by, r.reason = "replaced_prompt", "the prompt's text was replaced"
-    rows = [r for r in rows if r.removed_by is None]
-    unit = _lengths(rows, cfg.tokenizer)
-    fixed = fixed_splits(rows, cfg)
-    apply_filters(cfg, rows, custom)
-    select(cfg, rows)
-    if cfg.filter_eval:
-        kept_prompts = sorted({r.prompt_id for r in rows if r.removed_by is None})
-        return Curation(rows + replaced, failures, unit, split_prompts(kept_prompts, cfg, fixed))
-    # Held-out prompts as the teacher answered them: the split is made before filtering.
-    eval_ids = split_prompts(sorted({r.prompt_id for r in rows}), cfg, fixed)
-    for r in rows:
-        if r.prompt_id in eval_ids:
-            r.removed_by, r.reason = None, ""
-    return Curation(rows + replaced, failures, unit, eval_ids)
+        for _, group in groupby(store.iter_responses(), key=lambda s: str(s.prompt_id)):
+            rows = [Row(s) for s in group]
+            # Only the current text of each prompt id counts: answers to a replaced text are set aside.
+            live = []
+            for r in rows:
+                if current.get(r.prompt_id, "") in ("", content_hash(r.store.messages)):
+                    live.append(r)
+                else:
+                    r.removed_by, r.reason = "replaced_prompt", "the prompt's text was replaced"
+            _lengths(live, tok)
+            fixed = fixed_splits(live, cfg)
+            apply_filters(cfg, live, custom)
+            select(cfg, live)
+            yield rows, fixed
 
 
-def make_report(cfg: BuildConfig, cur: Curation, to: Path) -> BuildReport:
-    """The report's numbers: what each filter removed and why, the prompts, split and lengths."""
-    rows, kept = cur.rows, cur.kept
-    rep = BuildReport(run=str(cfg.run), to=str(to), format=cfg.format)
-    rep.responses = len(rows)
-    rep.rows_in = len(rows) + len(cur.failures)
-    rep.removed["failed"] = len(cur.failures)
-    reasons: dict[str, Counter[str]] = {}
-    for f in cur.failures:
-        reasons.setdefault("failed", Counter())[
-            f"HTTP {f['status']}" if f["status"] else "no response"
-        ] += 1
-    for r in rows:
-        if r.removed_by is not None:
-            rep.removed[r.removed_by] += 1
-            reasons.setdefault(r.removed_by, Counter())[r.reason] += 1
-    rep.reasons = {k: dict(sorted(reasons[k].items())) for k in FILTERS if k in reasons}
-    rep.kept = len(kept)
-    rep.verified = {
-        "true": sum(r.verified is True for r in kept),
-        "false": sum(r.verified is False for r in kept),
-        "none": sum(r.verified is None for r in kept),
-    }
-    all_prompts = {r.prompt_id for r in rows} | {str(f["prompt_id"]) for f in cur.failures}
-    kept_prompts = {r.prompt_id for r in kept}
-    rep.prompts = {
-        "in_store": len(all_prompts),
-        "kept": len(kept_prompts),
-        "lost": len(all_prompts) - len(kept_prompts),
-    }
-    with_ref = sum(r.store.reference is not None for r in rows)
-    rep.verification = {
-        "mode": cfg.verify,
-        "rel_tol": cfg.rel_tol,
-        "abs_tol": cfg.abs_tol,
-        "answer_patterns": cfg.answer_patterns,
-        "rows_with_reference": with_ref,
-        "rows_without_reference": len(rows) - with_ref,  # counted, never checked nor removed
-    }
-    eval_rows = sum(r.prompt_id in cur.eval_ids for r in kept)
-    ids = split_ids(cur)
-    rep.split = {
-        "by": f"{cfg.split_field}, then prompt_id" if cfg.split_field else "prompt_id",
-        "rule": (
-            f"the {cfg.eval_size} lowest hashes (eval_size: a rank, moves when prompts change)"
-            if cfg.eval_size is not None
-            else f"hash < eval_fraction {cfg.eval_fraction:g} (a prompt never moves)"
-        ),
-        "eval_filtered": cfg.filter_eval,
-        "seed": cfg.seed,
-        "train_rows": len(kept) - eval_rows,
-        "eval_rows": eval_rows,
-        "train_prompts": len(ids["train"]),
-        "eval_prompts": len(ids["eval"]),
-        "train_fingerprint": fingerprint(ids["train"]),
-        "eval_fingerprint": fingerprint(ids["eval"]),
-    }
-    rep.teachers = _teachers(rows)
-    dates = sorted(r.store.created_at for r in rows)
-    rep.harvested = {"first": dates[0] if dates else None, "last": dates[-1] if dates else None}
-    rep.lengths = {
-        "unit": cur.unit,
-        "answer": _stats([r.answer_len for r in kept]),
-        "reasoning": _stats([r.reasoning_len for r in kept if r.reasoning]),
-        "teacher_completion_tokens": _stats(
-            [r.store.completion_tokens for r in kept if r.store.completion_tokens is not None]
-        ),
-    }
-    rep.config = cfg.model_dump(mode="json", exclude={"to", "json_report"})
-    return rep
+def curate(
+    cfg: BuildConfig, run: Path, custom: Callable[[dict[str, Any]], Any] | None, tok: Any
+) -> Iterator[tuple[list[Row], str | None]]:
+    """Each prompt's rows, marked kept or removed, and its split ("train", "eval", or None when
+    nothing of it is kept). A prompt's split depends on its id alone (eval_fraction), so one pass
+    does; eval_size is a rank over the prompts kept, so it first takes a pass to find them."""
+    ranked = _ranked(cfg, run, custom, tok) if cfg.eval_size is not None else set()
+    for rows, fixed in prompt_groups(cfg, run, custom, tok):
+        pid = rows[0].prompt_id
+        if cfg.filter_eval and all(r.removed_by is not None for r in rows):
+            yield rows, None
+            continue
+        if pid in fixed:
+            is_eval = fixed[pid]
+        elif cfg.eval_size is None:
+            is_eval = prompt_hash(cfg.seed, pid) < cfg.eval_fraction
+        else:
+            is_eval = pid in ranked
+        if is_eval and not cfg.filter_eval:
+            # Held-out prompts as the teacher answered them: the split is made before filtering.
+            for r in rows:
+                if r.removed_by != "replaced_prompt":
+                    r.removed_by, r.reason = None, ""
+        yield rows, ("eval" if is_eval else "train")
 
 
-def split_ids(cur: Curation) -> dict[str, list[str]]:
-    """The prompt ids of each split, sorted: what `distill build` writes to splits.json."""
-    kept = {r.prompt_id for r in cur.kept}
-    return {"train": sorted(kept - cur.eval_ids), "eval": sorted(kept & cur.eval_ids)}
+def _ranked(
+    cfg: BuildConfig, run: Path, custom: Callable[[dict[str, Any]], Any] | None, tok: Any
+) -> set[str]:
+    """eval_size's prompts: a first pass over the store keeps only a heap of eval_size ids."""
+    forced = False
+
+    def candidates() -> Iterator[str]:
+        nonlocal forced
+        for rows, fixed in prompt_groups(cfg, run, custom, tok):
+            pid = rows[0].prompt_id
+            if cfg.filter_eval and all(r.removed_by is not None for r in rows):
+                continue
+            if pid in fixed:
+                forced = forced or fixed[pid]
+                continue
+            yield pid
+
+    return eval_rank(candidates(), cfg, lambda: forced)  # known once the pass is done
 
 
 def _prepare_out(to: Path) -> Path:
@@ -1178,29 +1263,56 @@ def _prepare_out(to: Path) -> Path:
 
 
 def build(cfg: BuildConfig) -> BuildReport:
-    """Curate the run's answers and write the dataset, its card and its report to cfg.to."""
-    run, to = _check_paths(cfg)
-    cur = curate(cfg, run)
-    rep = make_report(cfg, cur, to)
-    if not rep.kept:
-        removed = ", ".join(f"{k} {v}" for k, v in rep.removed.items() if v)
-        raise InputError(
-            f"{run}: every one of {rep.rows_in} rows was removed ({removed}); relax the filters in the build config"
-        )
-    splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
-    for r in cur.kept:
-        splits["eval" if r.prompt_id in cur.eval_ids else "train"].append(output_row(r, cfg))
-    rep.kd = kd_targets(cfg, cur, splits)
+    """Curate the run's answers and write the dataset, its card and its report to cfg.to.
 
+    One prompt's rows at a time go from the store through the filters to the writers, so memory
+    stays flat whatever the run's size (eval_size reads the store twice: see `curate`)."""
+    run, to = _check_paths(cfg)
+    custom = load_function(cfg.custom_filter, "custom_filter") if cfg.custom_filter else None
+    if cfg.verify not in MODES:  # a custom check that cannot load fails before anything is read
+        load_function(cfg.verify, "verify")
+    with Store(run, readonly=True) as store:
+        failures = store.failures()
+        if not store.count() and not failures:
+            raise StoreError(
+                f"{run}: the store holds no responses yet; run `distill harvest` first"
+            )
+        has_logprobs = store.has_logprobs()
+    tok = _load_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else None
+    unit = "characters" if cfg.tokenizer is None else f"tokens ({cfg.tokenizer.name} tokenizer)"
+    kd = KDTargets(cfg, tok, has_logprobs)
+    shape = SHAPES.get(cfg.format)
+
+    existed = to.exists()
     tmp = _prepare_out(to)
     try:
-        write_dataset(splits, cfg, tmp)
+        tally = Tally(cfg, failures, tmp)
+        writers = open_writers(cfg, tmp, kd.on)
+        for rows, split in curate(cfg, run, custom, tok):
+            tally.add(rows, split)
+            for r in rows:
+                if split is None or r.removed_by is not None:
+                    continue
+                row = output_row(r, cfg)
+                if kd.on:
+                    kd.add(r, row, split)
+                writers[split].write(shape(row) if shape else row)
+        for w in writers.values():
+            w.close()
+        rep = tally.report(to, unit)
+        rep.kd = kd.report()
+        (tmp / "splits.json").write_text(tally.splits_json(), encoding="utf-8")
+        if not rep.kept:
+            removed = ", ".join(f"{k} {v}" for k, v in rep.removed.items() if v)
+            raise InputError(
+                f"{run}: every one of {rep.rows_in} rows was removed ({removed}); relax the filters in the build config"
+            )
         (tmp / "README.md").write_text(dataset_card(rep, cfg), encoding="utf-8")
         (tmp / "build_report.json").write_text(rep.to_json(), encoding="utf-8")
-        splits_json = json.dumps(split_ids(cur), indent=1, ensure_ascii=False) + "\n"
-        (tmp / "splits.json").write_text(splits_json, encoding="utf-8")
         replace_own(to, "build", tmp)  # only the earlier build's files go; a user's stay
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not existed:  # nothing written: leave no folder behind either
+            shutil.rmtree(to, ignore_errors=True)
         raise
     return rep

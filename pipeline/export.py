@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.artifacts import DatasetWriter
 from pipeline.errors import StoreError
 from pipeline.outdir import claim, record, replace_own
 from pipeline.reasoning import content_text
@@ -52,9 +54,17 @@ EXPORT_COLUMNS: dict[str, tuple[str, str]] = {
 }
 
 
-def export_rows(store: Store) -> list[dict[str, Any]]:
-    """The stored responses as export rows (nested values as JSON text, the answer appended)."""
-    return [_row(r) for r in store.iter_responses()]
+def export_rows(store: Store) -> Iterator[dict[str, Any]]:
+    """The stored responses as export rows (nested values as JSON text, the answer appended), one
+    at a time: an export holds one batch of rows, not the run."""
+    return (_row(r) for r in store.iter_responses())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _row(r: Response) -> dict[str, Any]:
@@ -89,34 +99,30 @@ def features():  # type: ignore[no-untyped-def]
 
 
 def export(run_dir: Path, to: Path, fmt: ExportFormat = "hf") -> Path:
-    """Write the run's responses to `to` in `fmt`; returns the path written."""
+    """Write the run's responses to `to` in `fmt`; returns the path written. Rows stream from the
+    store to the file, so memory stays flat whatever the run's size."""
     with Store(run_dir, readonly=True) as store:
-        rows = export_rows(store)
-    if not rows:
-        raise StoreError(
-            f"{run_dir}: the store holds no responses yet; run `distill harvest` first"
-        )
-    to = claim(Path(to), "export", "--to")
-    if fmt == "jsonl":
-        path = to / "responses.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(path)
-        record(to, "export", [path.name])
-        return path
-    import datasets
-
-    datasets.disable_progress_bars()
-    ds = datasets.Dataset.from_list(rows, features=features())
-    if fmt == "parquet":
-        path = to / "responses.parquet"
-        ds.to_parquet(str(path))
-        record(to, "export", [path.name])
-        return path
-    tmp = to.parent / f".{to.name}.exporting"
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.save_to_disk(str(tmp))
-    replace_own(to, "export", tmp)  # only the earlier export's files go; a user's stay
-    return to
+        if not store.count():
+            raise StoreError(
+                f"{run_dir}: the store holds no responses yet; run `distill harvest` first"
+            )
+        to = claim(Path(to), "export", "--to")
+        # hf: a dataset folder built beside `to`, then swapped in for the earlier export's files
+        # only (a user's stay); parquet/jsonl: a file written beside its target, then renamed.
+        tmp = to.parent / f".{to.name}.exporting" if fmt == "hf" else to / f".responses.{fmt}.tmp"
+        _remove(tmp)
+        kind = {"hf": "arrow", "parquet": "parquet", "jsonl": "jsonl"}[fmt]
+        try:
+            with DatasetWriter(tmp, kind, None if fmt == "jsonl" else features()) as out:
+                for row in export_rows(store):
+                    out.write(row)
+        except BaseException:
+            _remove(tmp)
+            raise
+    if fmt == "hf":
+        replace_own(to, "export", tmp)
+        return to
+    path = to / f"responses.{fmt}"
+    tmp.replace(path)
+    record(to, "export", [path.name])
+    return path

@@ -521,6 +521,12 @@ class Store:
                 self.db.execute("ROLLBACK")
             raise _friendly(e, self.path) from None
 
+    def has_logprobs(self) -> bool:
+        """Whether any stored answer carries token logprobs."""
+        sql = "SELECT 1 FROM responses WHERE logprobs IS NOT NULL LIMIT 1"
+        with self._reading():
+            return self.db.execute(sql).fetchone() is not None
+
     def failures(self) -> list[dict[str, Any]]:
         with self._reading():
             cur = self.db.execute("SELECT * FROM failures ORDER BY prompt_id, sample_index, key")

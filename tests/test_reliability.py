@@ -307,7 +307,7 @@ def test_kill_9_repeatedly_loses_nothing_and_duplicates_nothing(
     assert final.returncode == 0
     assert store_state(run) == (n, n)
     with Store(run, readonly=True) as st:
-        exported = export_rows(st)
+        exported = list(export_rows(st))
     assert sorted(r["prompt_id"] for r in exported) == sorted(f"q{i}" for i in range(n))
     paid_twice = server.completed - n
     assert 0 <= paid_twice <= kills * concurrency
