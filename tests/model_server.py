@@ -41,8 +41,19 @@ TEACHER_TEXT = [
 ]
 
 
-def make_teacher_model(path: Path, arch: str = "qwen2", steps: int = 30) -> Path:
-    """A tiny model trained `steps` AdamW steps on TEACHER_TEXT, saved at `path` (reused if there)."""
+def make_teacher_model(
+    path: Path,
+    arch: str = "qwen2",
+    steps: int = 30,
+    pairs: list[tuple[str, str]] | None = None,
+) -> Path:
+    """A tiny model trained `steps` AdamW steps, saved at `path` (reused if there).
+
+    Default: a few steps on TEACHER_TEXT, so it differs from a fresh student. With `pairs`
+    (question, answer): on those chats, rendered with the model's chat template, for a teacher
+    that masters a small task and is confident as real teachers are (bench/kd.py: 300 steps on
+    its counting task give 100% greedy accuracy and a top-20 mass of 0.99 per answer token).
+    """
     path = Path(path)
     if (path / "teacher.done").exists():
         return path
@@ -51,9 +62,18 @@ def make_teacher_model(path: Path, arch: str = "qwen2", steps: int = 30) -> Path
     make_tiny_model(path, arch=arch, template="known")
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
+    texts = TEACHER_TEXT
+    if pairs is not None:
+        texts = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                tokenize=False,
+            )
+            for q, a in pairs
+        ]
     torch.manual_seed(1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    batch = tok(TEACHER_TEXT, return_tensors="pt", padding=True)
+    batch = tok(texts, return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     for _ in range(steps):
         opt.zero_grad()
