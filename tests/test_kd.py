@@ -212,6 +212,18 @@ def test_topk_with_tail_equals_a_dense_bucket_reference(k: int) -> None:
     assert float(loss_nt) == pytest.approx(np.mean(refs_nt), rel=1e-6, abs=1e-12)
 
 
+def test_logits_at_t_minus_1_are_compared_with_the_target_at_t() -> None:
+    """A student whose logits at t-1 are the teacher's log-probs for token t has KL 0; the same
+    logits one position later (what a shift error would compare) do not."""
+    _, t_lp, t_ids, t_top, mask = toy(k=V)
+    right = torch.zeros_like(t_lp)
+    right[:, :-1] = t_lp[:, 1:]
+    loss, _ = topk_kd_loss(right, t_ids, t_top, mask)
+    assert float(loss) == pytest.approx(0.0, abs=1e-9)
+    shifted, _ = topk_kd_loss(t_lp, t_ids, t_top, mask)  # logits at t hold the target at t
+    assert float(shifted) > 0.5
+
+
 def test_gradients_flow_only_where_targets_are() -> None:
     s_logits, _, t_ids, t_top, mask = toy(k=3)
     s_logits.requires_grad_(True)
@@ -450,3 +462,23 @@ def test_kd_bad_input_is_one_line_error(kd_run: dict, case: str) -> None:
     lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and message in lines[0] and "distill build" in lines[0], result.output
     assert not (tmp / f"bad-{case}" / "adapter").exists()
+
+
+def test_training_batches_pair_each_target_with_its_label(kd_run: dict) -> None:
+    """In the batches the trainer sees, the teacher's sampled token (slot 0) of a target is the
+    label at the same position: the token CE trains at t, predicted by the logits at t-1, as the
+    KD term's shift assumes. An off-by-one in positions or kd_index breaks this."""
+    from pipeline import finetune as ft
+
+    cfg = ft.FinetuneConfig(
+        data=str(kd_run["ds"]), student=str(kd_run["student"]), loss="kd",
+        out=str(kd_run["tmp"] / "align"), max_steps=1, batch_size=4, report_to="none",
+    )  # fmt: skip
+    data = ft.prepare_data(cfg, ft.plan_run(cfg))
+    collate = ft.with_kd_index(data, None)
+    batch = collate(data.train_rows[:4])
+    ids, lps, mask = data.kd.gather(batch["kd_index"], batch["labels"])
+    assert mask.sum() > 10
+    assert torch.equal(ids[..., 0][mask], batch["labels"][mask])
+    # The sampled token is one of the teacher's top-k with a finite logprob.
+    assert torch.isfinite(lps[..., 0][mask]).all()
