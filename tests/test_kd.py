@@ -482,3 +482,16 @@ def test_training_batches_pair_each_target_with_its_label(kd_run: dict) -> None:
     assert torch.equal(ids[..., 0][mask], batch["labels"][mask])
     # The sampled token is one of the teacher's top-k with a finite logprob.
     assert torch.isfinite(lps[..., 0][mask]).all()
+
+
+def test_loss_plot_draws_the_kd_and_ce_terms(tmp_path: Path) -> None:
+    from pipeline.plots import plot_loss_curves
+
+    steps = [
+        {"step": s, "loss": 3.0 / s, "kd_loss": 2.0 / s, "ce_loss": 4.0 / s} for s in (1, 2, 3)
+    ]
+    plain = [{k: h[k] for k in ("step", "loss")} for h in steps]
+    for name, history in (("kd", steps), ("sft", plain)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(history))
+        assert plot_loss_curves(tmp_path / f"{name}.json", tmp_path / f"{name}.png")
+    assert (tmp_path / "kd.png").read_bytes() != (tmp_path / "sft.png").read_bytes()
