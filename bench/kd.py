@@ -87,9 +87,11 @@ def one_seed(tmp: Path, teacher: Path, student: Path, seed: int, o: argparse.Nam
     run = tmp / f"run{seed}"
     with ModelServer(teacher) as srv:
         more = ["--logprobs", "--top-logprobs", str(o.top_k), "--max-tokens", "12"]
-        invoke(
-            *harvest_args(srv.url, prompts, run, *more), "--temperature", "1", "--seed", str(seed)
-        )
+        # No --seed: harvest sends the same seed with every prompt and the server then draws the
+        # same random stream for each, so one seed's answers all take the same phrasing (seeds 0
+        # and 2: 18 of 18 answers checked "It is N."), which flatters KD. Unseeded, each answer is drawn
+        # on its own, as the teacher's distribution says.
+        invoke(*harvest_args(srv.url, prompts, run, *more, "--temperature", "1"))
     (tmp / "build.yaml").write_text(
         "build:\n  filters: {unfinished: false, verify: false, near_duplicate: false}\n"
     )
