@@ -46,6 +46,7 @@ def make_teacher_model(
     arch: str = "qwen2",
     steps: int = 30,
     pairs: list[tuple[str, str]] | None = None,
+    attention_heads: int | None = None,
 ) -> Path:
     """A tiny model trained `steps` AdamW steps, saved at `path` (reused if there).
 
@@ -53,6 +54,8 @@ def make_teacher_model(
     (question, answer): on those chats, rendered with the model's chat template, for a teacher
     that masters a small task and is confident as real teachers are (bench/kd.py: 300 steps on
     its counting task give 100% greedy accuracy and a top-20 mass of 0.99 per answer token).
+       attention_heads: fewer, wider heads (1: head_dim 32), for vLLM's CPU attention, which has no
+    kernel for the tiny model's head_dim of 8.
     """
     path = Path(path)
     if (path / "teacher.done").exists():
@@ -62,6 +65,12 @@ def make_teacher_model(
     make_tiny_model(path, arch=arch, template="known")
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
+    if attention_heads is not None:
+        config = model.config
+        config.num_attention_heads = config.num_key_value_heads = attention_heads
+        config.head_dim = config.hidden_size // attention_heads
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
     texts = TEACHER_TEXT
     if pairs is not None:
         texts = [

@@ -37,6 +37,7 @@ def test_token_strings_decode_to_bytes() -> None:
     assert _decode_token(" hello", "text") == b" hello"
     assert _decode_token("bytes:\\xe6\\x97", "text") == b"\xe6\x97"  # OpenAI, partial UTF-8
     assert _decode_token("\ufffd", "text") is None  # vLLM, partial UTF-8: bytes lost
+    assert _decode_token("", "text") is None  # vLLM 0.32 CPU, partial UTF-8: an empty string
     assert _decode_token("\u2581hi", "sentencepiece") == b" hi"
     assert _decode_token("<0x0A>", "sentencepiece") == b"\n"
 
@@ -495,3 +496,45 @@ def test_loss_plot_draws_the_kd_and_ce_terms(tmp_path: Path) -> None:
         (tmp_path / f"{name}.json").write_text(json.dumps(history))
         assert plot_loss_curves(tmp_path / f"{name}.json", tmp_path / f"{name}.png")
     assert (tmp_path / "kd.png").read_bytes() != (tmp_path / "sft.png").read_bytes()
+
+
+@pytest.mark.slow
+def test_kd_pipeline_against_vllm_cpu(tmp_path: Path) -> None:
+    """harvest --logprobs --top-logprobs 20 -> build --tokenizer -> finetune --loss kd -> eval,
+    the teacher served by vLLM's CPU build (its own virtualenv, offline; starts in 2-3 minutes)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from pipeline.demo.serve import serve_teacher, served_model_name
+    from tests.conftest import arithmetic_rows, harvest_args, write_jsonl
+
+    rows = arithmetic_rows(8)
+    # A teacher that knows its answers (a fresh one emits stray bytes and special tokens), with
+    # one wide head: vLLM's CPU attention has no kernel for the tiny model's head_dim of 8.
+    pairs = [(r["prompt"], f"The answer is {r['reference']}.") for r in rows]
+    teacher = make_teacher_model(tmp_path / "teacher", steps=150, pairs=pairs, attention_heads=1)
+    student = make_tiny_model(tmp_path / "student")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    run = CliRunner().invoke
+    with serve_teacher(teacher, engine="vllm", log_path=tmp_path / "vllm.log") as url:
+        more = ["--logprobs", "--top-logprobs", "20", "--max-tokens", "12", "--temperature", "1"]
+        args = harvest_args(url, prompts, tmp_path / "run", *more, model=served_model_name(teacher))
+        result = run(cli, args)
+    assert result.exit_code == 0, result.output
+    (tmp_path / "build.yaml").write_text(
+        "build:\n  filters: {unfinished: false, verify: false, near_duplicate: false}\n"
+    )
+    result = run(cli, ["build", "--config", str(tmp_path / "build.yaml"), str(tmp_path / "run"),
+                       "--eval-size", "2", "--to", str(tmp_path / "ds"), "--tokenizer", str(student)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    kd_report = json.loads((tmp_path / "ds" / "build_report.json").read_text())["kd"]
+    assert kd_report["coverage"] > 0.9  # vLLM's token strings map back to the student's ids
+    out = tmp_path / "kd"
+    result = run(cli, ["finetune", "--data", str(tmp_path / "ds"), "--student", str(student),
+                       "--out", str(out), "--max-steps", "6", "--loss", "kd", *FAST])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = run(cli, ["eval", "--data", str(tmp_path / "ds"), "--finetuned", str(out),
+                       "--out", str(tmp_path / "eval"), "--max-new-tokens", "4"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "report.json").read_text())["metrics"]
+    assert 0 < metrics["finetuned"]["teacher_kl"] < metrics["base"]["teacher_kl"]
