@@ -100,7 +100,9 @@ def one_seed(tmp: Path, teacher: Path, student: Path, seed: int, o: argparse.Nam
     ds = tmp / f"ds{seed}"
     invoke(*build, "--to", str(ds), "--tokenizer", str(student))
     kd_info = json.loads((ds / "build_report.json").read_text())["kd"]
-    out: dict[str, Any] = {"coverage": kd_info["coverage"]}
+    # Both arms train on this dataset's text; kd on the teacher's own segmentation where it is
+    # not the student's canonical one ("resegmented" rows), sft on the canonical one.
+    out: dict[str, Any] = {"coverage": kd_info["coverage"], "rows": kd_info["rows_by_alignment"]}
     common = ["--max-steps", str(o.steps), "--seed", str(seed), "--lr", str(o.lr), *TRAIN]
     common += ["--kd-temperature", str(o.temperature)]
     for arm, flags in arms(o.alphas).items():
@@ -240,7 +242,8 @@ def report(per: dict, timing: dict, o: argparse.Namespace) -> tuple[str, dict]:
         f"{timing['kd_ms']:.1f} ms, SFT {timing['sft_ms']:.1f} ms   (goal <= 1.15)",
         f"dataset bytes per 1,000 answer tokens: {size['with_targets']} with targets, "
         f"{size['without']} without; the kd_targets column alone {size['targets_column']}",
-        f"coverage: {[p['coverage'] for p in per.values()]}",
+        f"coverage: {[p['coverage'] for p in per.values()]}; rows by alignment: "
+        f"{[p['rows'] for p in per.values()]}",
     ]
     return "\n".join(lines), ratios
 
