@@ -5,13 +5,14 @@
     make demo-kd                             # the same, as the user-facing side-by-side report
 
 The teacher is tests/model_server.py's tiny real model, trained 300 steps on a counting task it
-masters ("What comes after 4?" -> "The answer is 5." or "It is 5.": 100% greedy accuracy, 99% of
-its mass in its top 20 per answer token, its uncertainty in the phrasing as a real teacher's
-is). The student is the same tiny model pretrained on another task (products) in the same
-chat format, as a real student knows how to answer but not what the teacher knows. Per seed: harvest the 54 prompts
-once with --logprobs --top-logprobs 20 at temperature 1 (the SFT text follows the teacher's
-distribution), build with --tokenizer (18 held out), train every arm the same steps (sft, and kd at
-each alpha) on the same rows, then score each on the held-out prompts with `distill eval`:
+masters ("What comes after 4?" -> "The answer is 5." or "It is 5."; measured once: 100% greedy
+accuracy on the 54 prompts, 99.7% of its mass in its top 20 per answer token, its uncertainty in
+the phrasing; --phrasings 4 teaches it four). The student is the same tiny model pretrained on
+another task (products) in the same chat format, as a real student knows how to answer but not
+what the teacher knows. Per seed: harvest the 54 prompts once, unseeded, with --logprobs
+--top-logprobs 20 at temperature 1 (the SFT text follows the teacher's distribution), build with
+--tokenizer (18 held out), train every arm the same steps with the seed (sft, and kd at each
+alpha) on the same rows, then score each on the held-out prompts with `distill eval`:
 teacher_kl, NLL of the teacher's answers, accuracy vs the reference.
 
 Reported: KD/SFT held-out teacher-KL (goal <= 0.8) per seed and its spread, NLL and accuracy per
@@ -43,7 +44,8 @@ ASK = [
     "Add one to {n}.",
     "Say the number after {n}.",
 ]
-SAY = ["The answer is {m}.", "It is {m}."]  # the teacher learns both: a split it keeps
+# The teacher learns each phrasing for every prompt: a split it keeps (--phrasings: how many).
+SAY = ["The answer is {m}.", "It is {m}.", "That makes {m}.", "Next comes {m}."]
 TASK = [(a.format(n=n), n + 1) for a in ASK for n in range(9)]
 TEACHER_STEPS = 300
 # The student starts as a pretrained one does: it knows the chat format and answers in it, on
@@ -204,7 +206,8 @@ def report(per: dict, timing: dict, o: argparse.Namespace) -> tuple[str, dict]:
     kd_names = [a for a in names if a.startswith("kd")]
     lines = [
         f"KD vs SFT: {o.steps} steps at lr {o.lr}, {len(TASK)} prompts (18 held out), seeds "
-        f"{o.seeds}, teacher top-{o.top_k}, kd_temperature {o.temperature}",
+        f"{o.seeds}, teacher top-{o.top_k} ({o.phrasings} phrasings), kd_temperature "
+        f"{o.temperature}",
         f"{'seed':<5} {'arm':<6} {'teacher_kl':>10} {'nll':>7} {'accuracy':>8}",
     ]
     for seed, p in per.items():
@@ -261,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--alphas", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 1.0])
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=20)
+    ap.add_argument("--phrasings", type=int, default=2, choices=range(1, len(SAY) + 1))
     ap.add_argument("--teacher", type=Path, help="keep the trained teacher here and reuse it")
     o = ap.parse_args(argv)
 
@@ -268,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-kd-"))
     started = time.time()
     try:
-        pairs = [(q, s.format(m=m)) for q, m in TASK for s in SAY]
+        pairs = [(q, s.format(m=m)) for q, m in TASK for s in SAY[: o.phrasings]]
         teacher = make_teacher_model(o.teacher or tmp / "teacher", steps=TEACHER_STEPS, pairs=pairs)
         student = make_teacher_model(tmp / "student", steps=STUDENT_STEPS, pairs=STUDENT_TASK)
         per = {seed: one_seed(tmp, teacher, student, seed, o) for seed in o.seeds}
