@@ -58,7 +58,8 @@ demo: install
 	$(BIN)/python -m pipeline demo $(ARGS)
 
 # KD vs SFT side by side (bench/kd.py): the teacher is the model-backed test server, since the
-# demo's GGUF teacher cannot return top-k logprobs offline. Report: data/demo-kd/report.md.
+# demo's GGUF teacher cannot return top-k logprobs offline. About 4 minutes on 2 cores.
+# Report: data/demo-kd/report.md (and report.json).
 demo-kd: install
 	$(BIN)/python -m bench.kd data/demo-kd
 

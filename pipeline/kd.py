@@ -58,7 +58,8 @@ def _decode_token(token: str, mode: str) -> bytes | None:
     """The bytes a teacher token string stands for, or None when it cannot be known.
 
     mode "text": the token as text, as OpenAI and vLLM's chat API return it; OpenAI writes a token
-    that is not valid UTF-8 as 'bytes:\\xe6\\x97', vLLM as text holding U+FFFD (bytes lost: None).
+    that is not valid UTF-8 as 'bytes:\\xe6\\x97', vLLM as text holding U+FFFD or as '' (vLLM 0.32's
+    CPU build; a token is never empty, so its bytes were lost: None).
     mode "bytelevel": a raw byte-level BPE vocabulary string ('Ġhello').
     mode "sentencepiece": a raw SentencePiece piece ('▁hello', '<0x0A>').
     """
@@ -67,7 +68,7 @@ def _decode_token(token: str, mode: str) -> bytes | None:
     if mode == "text":
         if token.startswith("bytes:"):
             return bytes(int(h, 16) for h in _ESCAPED.findall(token))
-        return None if "\ufffd" in token else token.encode("utf-8")
+        return None if "\ufffd" in token or not token else token.encode("utf-8")
     if mode == "bytelevel":
         if all(c in _BYTELEVEL for c in token):
             return bytes(_BYTELEVEL[c] for c in token)

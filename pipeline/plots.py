@@ -216,6 +216,15 @@ def plot_loss_curves(log_history: Path, path: Path) -> bool:
         for h in history
         if isinstance(h, dict) and "eval_loss" in h and "step" in h
     ]
+    # --loss kd logs both terms of the mix: drawn on their own so a term that does nothing shows.
+    terms = {
+        key: [
+            (h["step"], h[key])
+            for h in history
+            if isinstance(h, dict) and key in h and "step" in h and "loss" in h
+        ]
+        for key in ("kd_loss", "ce_loss")
+    }
     if not train and not evals:
         return False
     plt = _pyplot()
@@ -230,6 +239,16 @@ def plot_loss_curves(log_history: Path, path: Path) -> bool:
             marker="." if len(train) < 30 else None,
             label=f"train loss (last {train[-1][1]:.3f})",
         )
+    for (key, points), style in zip(terms.items(), ("--", ":")):
+        if points and terms["kd_loss"]:
+            name = "KD term, KL to the teacher's top-k" if key == "kd_loss" else "CE term"
+            ax.plot(
+                *zip(*points, strict=True),
+                color=FINETUNED_COLOR,
+                linestyle=style,
+                alpha=0.8,
+                label=f"train {name} (last {points[-1][1]:.3f})",
+            )
     if evals:
         ax.plot(
             *zip(*evals, strict=True),
@@ -240,7 +259,11 @@ def plot_loss_curves(log_history: Path, path: Path) -> bool:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Fine-tuning: loss on the teacher's answers (lower is better)")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats per assistant token)")
+    ax.set_ylabel(
+        "nats per assistant token"
+        if terms["kd_loss"]
+        else "cross-entropy (nats per assistant token)"
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

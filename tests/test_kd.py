@@ -37,6 +37,7 @@ def test_token_strings_decode_to_bytes() -> None:
     assert _decode_token(" hello", "text") == b" hello"
     assert _decode_token("bytes:\\xe6\\x97", "text") == b"\xe6\x97"  # OpenAI, partial UTF-8
     assert _decode_token("\ufffd", "text") is None  # vLLM, partial UTF-8: bytes lost
+    assert _decode_token("", "text") is None  # vLLM 0.32 CPU, partial UTF-8: an empty string
     assert _decode_token("\u2581hi", "sentencepiece") == b" hi"
     assert _decode_token("<0x0A>", "sentencepiece") == b"\n"
 
@@ -210,6 +211,18 @@ def test_topk_with_tail_equals_a_dense_bucket_reference(k: int) -> None:
         refs_nt.append(float((p * np.log(p / q)).sum()))
     assert float(loss) == pytest.approx(np.mean(refs), rel=1e-6)
     assert float(loss_nt) == pytest.approx(np.mean(refs_nt), rel=1e-6, abs=1e-12)
+
+
+def test_logits_at_t_minus_1_are_compared_with_the_target_at_t() -> None:
+    """A student whose logits at t-1 are the teacher's log-probs for token t has KL 0; the same
+    logits one position later (what a shift error would compare) do not."""
+    _, t_lp, t_ids, t_top, mask = toy(k=V)
+    right = torch.zeros_like(t_lp)
+    right[:, :-1] = t_lp[:, 1:]
+    loss, _ = topk_kd_loss(right, t_ids, t_top, mask)
+    assert float(loss) == pytest.approx(0.0, abs=1e-9)
+    shifted, _ = topk_kd_loss(t_lp, t_ids, t_top, mask)  # logits at t hold the target at t
+    assert float(shifted) > 0.5
 
 
 def test_gradients_flow_only_where_targets_are() -> None:
@@ -450,3 +463,78 @@ def test_kd_bad_input_is_one_line_error(kd_run: dict, case: str) -> None:
     lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and message in lines[0] and "distill build" in lines[0], result.output
     assert not (tmp / f"bad-{case}" / "adapter").exists()
+
+
+def test_training_batches_pair_each_target_with_its_label(kd_run: dict) -> None:
+    """In the batches the trainer sees, the teacher's sampled token (slot 0) of a target is the
+    label at the same position: the token CE trains at t, predicted by the logits at t-1, as the
+    KD term's shift assumes. An off-by-one in positions or kd_index breaks this."""
+    from pipeline import finetune as ft
+
+    cfg = ft.FinetuneConfig(
+        data=str(kd_run["ds"]), student=str(kd_run["student"]), loss="kd",
+        out=str(kd_run["tmp"] / "align"), max_steps=1, batch_size=4, report_to="none",
+    )  # fmt: skip
+    data = ft.prepare_data(cfg, ft.plan_run(cfg))
+    collate = ft.with_kd_index(data, None)
+    batch = collate(data.train_rows[:4])
+    ids, lps, mask = data.kd.gather(batch["kd_index"], batch["labels"])
+    assert mask.sum() > 10
+    assert torch.equal(ids[..., 0][mask], batch["labels"][mask])
+    # The sampled token is one of the teacher's top-k with a finite logprob.
+    assert torch.isfinite(lps[..., 0][mask]).all()
+
+
+def test_loss_plot_draws_the_kd_and_ce_terms(tmp_path: Path) -> None:
+    from pipeline.plots import plot_loss_curves
+
+    steps = [
+        {"step": s, "loss": 3.0 / s, "kd_loss": 2.0 / s, "ce_loss": 4.0 / s} for s in (1, 2, 3)
+    ]
+    plain = [{k: h[k] for k in ("step", "loss")} for h in steps]
+    for name, history in (("kd", steps), ("sft", plain)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(history))
+        assert plot_loss_curves(tmp_path / f"{name}.json", tmp_path / f"{name}.png")
+    assert (tmp_path / "kd.png").read_bytes() != (tmp_path / "sft.png").read_bytes()
+
+
+@pytest.mark.slow
+def test_kd_pipeline_against_vllm_cpu(tmp_path: Path) -> None:
+    """harvest --logprobs --top-logprobs 20 -> build --tokenizer -> finetune --loss kd -> eval,
+    the teacher served by vLLM's CPU build (its own virtualenv, offline; starts in 2-3 minutes)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from pipeline.demo.serve import serve_teacher, served_model_name
+    from tests.conftest import arithmetic_rows, harvest_args, write_jsonl
+
+    rows = arithmetic_rows(8)
+    # A teacher that knows its answers (a fresh one emits stray bytes and special tokens), with
+    # one wide head: vLLM's CPU attention has no kernel for the tiny model's head_dim of 8.
+    pairs = [(r["prompt"], f"The answer is {r['reference']}.") for r in rows]
+    teacher = make_teacher_model(tmp_path / "teacher", steps=150, pairs=pairs, attention_heads=1)
+    student = make_tiny_model(tmp_path / "student")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    run = CliRunner().invoke
+    with serve_teacher(teacher, engine="vllm", log_path=tmp_path / "vllm.log") as url:
+        more = ["--logprobs", "--top-logprobs", "20", "--max-tokens", "12", "--temperature", "1"]
+        args = harvest_args(url, prompts, tmp_path / "run", *more, model=served_model_name(teacher))
+        result = run(cli, args)
+    assert result.exit_code == 0, result.output
+    (tmp_path / "build.yaml").write_text(
+        "build:\n  filters: {unfinished: false, verify: false, near_duplicate: false}\n"
+    )
+    result = run(cli, ["build", "--config", str(tmp_path / "build.yaml"), str(tmp_path / "run"),
+                       "--eval-size", "2", "--to", str(tmp_path / "ds"), "--tokenizer", str(student)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    kd_report = json.loads((tmp_path / "ds" / "build_report.json").read_text())["kd"]
+    assert kd_report["coverage"] > 0.9  # vLLM's token strings map back to the student's ids
+    out = tmp_path / "kd"
+    result = run(cli, ["finetune", "--data", str(tmp_path / "ds"), "--student", str(student),
+                       "--out", str(out), "--max-steps", "6", "--loss", "kd", *FAST])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = run(cli, ["eval", "--data", str(tmp_path / "ds"), "--finetuned", str(out),
+                       "--out", str(tmp_path / "eval"), "--max-new-tokens", "4"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "report.json").read_text())["metrics"]
+    assert 0 < metrics["finetuned"]["teacher_kl"] < metrics["base"]["teacher_kl"]
