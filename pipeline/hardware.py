@@ -325,7 +325,9 @@ def plan_training(
     grad_accum: int | None = None,
     gradient_checkpointing: bool | None = None,
 ) -> Plan:
-    """Choose device, precision, quantization, batch and checkpointing; given values win."""
+    """Choose device, precision, quantization, batch and checkpointing; given values win.
+    Long on purpose: the choices feed each other in this order, and reading them in one place
+    is how a user checks why a plan came out as it did (each choice is a helper above)."""
     reasons: list[str] = []
     device = hw.device
     dtype = _choose_dtype(hw, dtype, reasons)

@@ -170,29 +170,11 @@ def align_topk(
     if not teacher_rows:
         al.counts["no_logprobs"] = len(inside)
         return al
-    answer = answer_text.encode("utf-8")
-    tokens = [str(r[0]) for r in teacher_rows]
-    looks_bytelevel = any(c in t for t in tokens for c in "ĠĊĉ")
-    modes = ["bytelevel", "text", "sentencepiece"] if looks_bytelevel else ["text", "bytelevel"]
-    for mode in modes:
-        pieces = [_decode_token(t, mode) for t in tokens]
-        spans = _spans(pieces, answer)
-        if spans is None and None not in pieces:  # a <think> block or end token around the answer
-            whole = b"".join(p for p in pieces if p is not None)
-            at = whole.find(answer)
-            if at >= 0:
-                cum = np.cumsum([0] + [len(p or b"") for p in pieces]).tolist()
-                spans = [
-                    (cum[j] - at, cum[j + 1] - at)
-                    if cum[j] >= at and cum[j + 1] <= at + len(answer)
-                    else None
-                    for j in range(len(pieces))
-                ]
-        if spans is not None:
-            break
-    else:
+    found = _teacher_spans([str(r[0]) for r in teacher_rows], answer_text.encode("utf-8"))
+    if found is None:
         al.counts["text_mismatch"] = len(inside)
         return al
+    pieces, spans, mode = found
 
     vocab = _student_vocab(tokenizer)
     # Character -> byte offsets in the answer, to put the student's tokens on the teacher's bytes.
@@ -224,20 +206,11 @@ def align_topk(
 
     for span, i in student:
         j = by_span.get(span)
-        if j is None or mapped[j] is None:
+        sampled = None if j is None else mapped[j]
+        if j is None or sampled is None:
             al.counts["no_shared_boundary"] += 1
             continue
-        row = teacher_rows[j]
-        cand = [(mapped[j], float(row[1]))] + [
-            (vocab.get(p) if (p := _decode_token(str(a), mode)) is not None else None, float(lp))
-            for a, lp in (row[2] or [])
-        ]
-        seen: dict[int, float] = {}
-        for tid, lp in cand:
-            if tid is None:
-                al.counts["alts_dropped"] += 1
-            elif tid not in seen and lp is not None and lp > float("-inf"):
-                seen[tid] = lp
+        seen = _candidates(teacher_rows[j], sampled, vocab, mode, al.counts)
         al.positions.append(i)
         al.ids.append(list(seen))
         al.logprobs.append(list(seen.values()))
@@ -245,6 +218,50 @@ def align_topk(
     if al.mode == "none":
         al.mode = "same" if al.counts["target"] == len(inside) else "offsets"
     return al
+
+
+def _teacher_spans(
+    tokens: list[str], answer: bytes
+) -> tuple[list[bytes | None], list[tuple[int, int] | None], str] | None:
+    """(bytes of each teacher token, its byte span in the answer, the decoding that worked), or
+    None when no decoding of the teacher's tokens spells the answer."""
+    looks_bytelevel = any(c in t for t in tokens for c in "ĠĊĉ")
+    modes = ["bytelevel", "text", "sentencepiece"] if looks_bytelevel else ["text", "bytelevel"]
+    for mode in modes:
+        pieces = [_decode_token(t, mode) for t in tokens]
+        spans = _spans(pieces, answer)
+        if spans is None and None not in pieces:  # a <think> block or end token around the answer
+            whole = b"".join(p for p in pieces if p is not None)
+            at = whole.find(answer)
+            if at >= 0:
+                cum = np.cumsum([0] + [len(p or b"") for p in pieces]).tolist()
+                spans = [
+                    (cum[j] - at, cum[j + 1] - at)
+                    if cum[j] >= at and cum[j + 1] <= at + len(answer)
+                    else None
+                    for j in range(len(pieces))
+                ]
+        if spans is not None:
+            return pieces, spans, mode
+    return None
+
+
+def _candidates(
+    row: list, sampled: int, vocab: dict[bytes, int], mode: str, counts: Counter[str]
+) -> dict[int, float]:
+    """One position's target: student id -> teacher logprob, the sampled token first, then the
+    alternatives that are one student token each (others are counted; their mass is the tail)."""
+    cand = [(sampled, float(row[1]))] + [
+        (vocab.get(p) if (p := _decode_token(str(a), mode)) is not None else None, float(lp))
+        for a, lp in (row[2] or [])
+    ]
+    seen: dict[int, float] = {}
+    for tid, lp in cand:
+        if tid is None:
+            counts["alts_dropped"] += 1
+        elif tid not in seen and lp is not None and lp > float("-inf"):
+            seen[tid] = lp
+    return seen
 
 
 # -- compact storage -----------------------------------------------------------------------------

@@ -41,7 +41,9 @@ def _say(text: str) -> None:
 
 
 def demo(config_path: Path = DEFAULT_CONFIG, *, fresh: bool = False) -> dict:
-    """Run the demo; returns its summary (also written to the eval folder as demo_summary.json)."""
+    """Run the demo; returns its summary (also written to the eval folder as demo_summary.json).
+    One function on purpose: it is the pipeline's walk-through, stage after stage, as a reader
+    would run them by hand."""
     from pipeline.build import BuildConfig, build
     from pipeline.demo.serve import served_model_name
     from pipeline.demo.student import ensure_smollm2
