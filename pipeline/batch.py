@@ -799,6 +799,7 @@ def status(run_dir: Path) -> BatchSummary:
     run_dir = Path(run_dir)
     summary = BatchSummary(run_dir=str(run_dir), command="status")
     with Store(run_dir, readonly=True) as store:
+        store.check()  # it reads only the batches table: a damaged store must not look fine
         rows = store.batches()
 
         async def ask() -> None:

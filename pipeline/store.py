@@ -344,9 +344,7 @@ class Store:
                 # A whole-file check before writing: a harvest never adds to, nor reports success
                 # on, a damaged store. integrity_check, not quick_check: only it sees a damaged
                 # index (the keys index says what is done); 0.3 s on a 100k-row, 212 MB store.
-                problems = [r[0] for r in self.db.execute("PRAGMA integrity_check(1)")]
-                if problems != ["ok"]:
-                    raise damaged(self.path, "; ".join(problems))
+                self.check()
                 self.db.execute("PRAGMA journal_mode=WAL")
                 # NORMAL in WAL mode: a commit survives a process crash (kill -9); only an OS crash
                 # or power cut could lose the last commits, never corrupt the file.
@@ -376,6 +374,14 @@ class Store:
                 f"{self.path}: {state}, but this run directory had a store ({', '.join(seen)}); "
                 f"restore store.sqlite from a backup (or `distill doctor {self.run_dir}`), or use a new --out"
             )
+
+    def check(self) -> None:
+        """SQLite's integrity check of the whole file; damage is one error naming `distill doctor`.
+        Harvest runs it on open; a read-only command that does not read every row runs it too."""
+        with self._reading():
+            problems = [r[0] for r in self.db.execute("PRAGMA integrity_check(1)")]
+        if problems != ["ok"]:
+            raise damaged(self.path, "; ".join(map(str, problems)))
 
     def _open_ro(self, uri: str) -> sqlite3.Connection:
         db = sqlite3.connect(uri, uri=True, check_same_thread=False)

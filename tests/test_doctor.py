@@ -72,7 +72,7 @@ def test_damaged_page_loses_only_its_rows(tmp_path: Path) -> None:
     total = report.recovered["responses"]
     assert total == len(got) and 300 < total < 400  # one page holds a handful of ~700-byte rows
     assert got <= {f"k{i:05d}" for i in range(400)}
-    assert report.lost_ranges["responses"]  # it says what was lost
+    assert report.lost["responses"]  # it says what was lost
 
     report = doctor(run, replace=True)
     assert report.replaced_damaged is not None and report.replaced_damaged.exists()
@@ -82,6 +82,83 @@ def test_damaged_page_loses_only_its_rows(tmp_path: Path) -> None:
     assert set(texts) >= {r.prompt_id for r in rows}
     assert len(rows) == total and all(r.response.startswith("answer ") for r in rows)
     assert not integrity_problems(path)
+
+
+def rows(path: Path, table: str) -> dict[str, tuple]:
+    """Every row of `table` with its rowid, by its first column (the key)."""
+    db = sqlite3.connect(path)
+    try:
+        return {r[1]: tuple(r) for r in db.execute(f"SELECT rowid, * FROM {table}")}
+    finally:
+        db.close()
+
+
+def pages(path: Path, table: str, kind: str) -> list[int]:
+    """The pages of `table`'s b-tree of one kind (leaf, internal), in tree order (SQLite's dbstat)."""
+    db = sqlite3.connect(path)
+    try:
+        return [
+            r[0]
+            for r in db.execute(
+                "SELECT pageno FROM dbstat WHERE name = ? AND pagetype = ? ORDER BY path",
+                (table, kind),
+            )
+        ]
+    finally:
+        db.close()
+
+
+def keys_on_leaf(path: Path, table: str, page: int) -> set[str]:
+    """The keys stored on one leaf page: leaves hold consecutive rowid runs in tree order, so the
+    page's rows are those ranked between the cell counts of the leaves before it and its own."""
+    db = sqlite3.connect(path)
+    try:
+        counts = db.execute(
+            "SELECT pageno, ncell FROM dbstat WHERE name = ? AND pagetype = 'leaf' ORDER BY path",
+            (table,),
+        ).fetchall()
+        ordered = [r[0] for r in db.execute(f"SELECT key FROM {table} ORDER BY rowid")]
+    finally:
+        db.close()
+    start = 0
+    for pageno, ncell in counts:
+        if pageno == page:
+            return set(ordered[start : start + ncell])
+        start += ncell
+    raise AssertionError(f"page {page} is not a leaf of {table}")
+
+
+def test_recovery_keeps_every_row_of_every_intact_page(tmp_path: Path) -> None:
+    """One leaf page and the interior (root) page of `responses` damaged, and the root of
+    `prompts`: the leaves under a damaged interior page are orphans that a b-tree walk cannot
+    reach. Exactly the rows of the damaged leaf are lost; every other row comes back unchanged."""
+    run = tmp_path / "run"
+    make_store(run, 500)
+    path = run / STORE_FILE
+    responses, prompts = rows(path, "responses"), rows(path, "prompts")
+    leaves = pages(path, "responses", "leaf")
+    leaf = leaves[len(leaves) // 2]
+    lost = keys_on_leaf(path, "responses", leaf)
+    interiors = pages(path, "responses", "internal") + pages(path, "prompts", "internal")
+    assert lost and len(interiors) == 2
+    data = bytearray(path.read_bytes())
+    for page, kind in [(leaf, 0x0D), *((p, 0x05) for p in interiors)]:
+        at = (page - 1) * 4096
+        assert data[at] == kind  # the b-tree page header says: table leaf, table interior
+        data[at + 8 : at + 600] = b"\xa5" * 592
+    path.write_bytes(bytes(data))
+    assert integrity_problems(path)
+
+    report = doctor(run)
+    got = rows(run / RECOVERED, "responses")
+    assert set(got) == set(responses) - lost
+    assert all(got[k] == responses[k] for k in got)  # unchanged, rowid included
+    assert rows(run / RECOVERED, "prompts") == prompts  # all of its leaves were orphans
+    assert report.recovered["responses"] == 500 - len(lost)
+    assert report.claimed["responses"] == 500  # the key index was intact: it lists them all
+    assert report.lost["responses"] == sorted(lost)
+    text = "\n".join(report.lines())
+    assert f"responses: {500 - len(lost)} of 500 rows recovered; lost {len(lost)}:" in text
 
 
 def test_random_garbage_never_gives_a_traceback_nor_a_harvest_success(

@@ -33,6 +33,7 @@ from tests.conftest import (
     write_jsonl,
 )
 from tests.openai_server import Faults, OpenAIServer
+from tests.tinymodels import make_chat_dataset, tiny_model  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -281,6 +282,76 @@ def test_second_signal_exits_at_once_without_corruption(
     assert proc.returncode == 130 and "again: exiting now" in err
     rows, distinct = store_state(run)
     assert rows == distinct and rows > 0
+
+
+def start_cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(path: Path, proc: subprocess.Popen[str], what: str) -> None:
+    """Poll until `path` exists: the sign that the command is busy (a hang guard, not a timing)."""
+    end = time.monotonic() + 300
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"{what} never started (exit {proc.returncode}): {err[-2000:]}")
+        time.sleep(0.1)
+
+
+def assert_interrupted(proc: subprocess.Popen[str], sig: signal.Signals) -> str:
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if "interrupted" in ln]
+    assert len(lines) == 1 and "rerun" in lines[0], err
+    return err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_build_with_130_and_leaves_no_half_dataset(
+    server: OpenAIServer, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """The build is stopped inside its custom filter, which marks that it is running and waits:
+    the signal always lands mid-build, whatever the machine's speed."""
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(20))
+    run, ds, busy = tmp_path / "run", tmp_path / "ds", tmp_path / "busy"
+    assert run_cli(*harvest_args(server, p, run)).returncode == 0
+    hook = tmp_path / "hook.py"
+    hook.write_text(
+        "import pathlib, time\n\n"
+        "def keep(row):\n"
+        f"    pathlib.Path({str(busy)!r}).touch()\n"
+        "    time.sleep(3600)\n"
+        "    return True\n",
+        encoding="utf-8",
+    )
+    proc = start_cli("build", str(run), "--to", str(ds), "--custom-filter", f"{hook}:keep")
+    wait_for(busy, proc, "build")
+    assert_interrupted(proc, sig)
+    assert not ds.exists() and not (tmp_path / ".ds.building").exists()  # no half dataset
+
+
+def test_sigterm_stops_finetune_with_130(tmp_path: Path, tiny_model) -> None:  # noqa: F811
+    """A tiny model set for a million steps: stopped once its first checkpoint is written."""
+    data = make_chat_dataset(tmp_path / "data", n_train=8, n_eval=2)
+    out = tmp_path / "ft"
+    proc = start_cli(
+        "finetune", "--data", str(data), "--student", str(tiny_model("qwen2", "known")),
+        "--out", str(out), "--max-steps", "1000000", "--batch-size", "2", "--grad-accum", "1",
+        "--max-length", "128", "--save-steps", "1", "--eval-steps", "1000000",
+        "--report-to", "none",
+    )  # fmt: skip
+    wait_for(out / "checkpoints" / "checkpoint-1" / "trainer_state.json", proc, "finetune")
+    assert_interrupted(proc, signal.SIGTERM)
+    assert not (out / "adapter").exists()  # it did not pretend to finish
 
 
 def test_kill_9_repeatedly_loses_nothing_and_duplicates_nothing(

@@ -170,6 +170,7 @@ def test_a_damaged_store_is_never_reported_done_and_doctor_recovers_it(
     for cmd in (
         ["export", str(run), "--to", str(tmp_path / "e"), "--format", "jsonl"],
         ["build", str(run), "--to", str(tmp_path / "ds")],
+        ["batch", "status", str(run)],  # reads only the batches table: was exit 0
     ):
         assert_one_line_error(run_cli(*cmd), "damaged", f"distill doctor {run}")
 
