@@ -38,6 +38,35 @@ def say(text: str, err: bool = False) -> None:
     click.echo(redact(text), err=err)
 
 
+PATH = click.Path(path_type=Path)
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _config_option(help: str) -> Decorator:
+    """`--config FILE`, read into the `config_path` argument; `help` names the section read."""
+    return click.option("--config", "config_path", type=PATH, help=help)
+
+
+def _options(*decorators: Decorator) -> Decorator:
+    """Several click options as one decorator, in the order they show in --help."""
+
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+
+    return apply
+
+
+_json_option = click.option(
+    "--json",
+    "json_summary",
+    is_flag=True,
+    default=None,
+    help="Print the summary as JSON on stdout.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="distill", prog_name="distill")
 def cli() -> None:
@@ -47,20 +76,12 @@ def cli() -> None:
 @cli.command()
 @click.option(
     "--prompts",
-    "prompts",
     multiple=True,
-    type=click.Path(path_type=Path),
+    type=PATH,
     help="Prompt file (repeatable): .jsonl .json .csv .parquet .txt or a dataset folder.",
 )
-@click.option(
-    "--out", type=click.Path(path_type=Path), help="Run directory (store.sqlite lives here)."
-)
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    help="YAML config; its harvest: section. Flags override it.",
-)
+@click.option("--out", type=PATH, help="Run directory (store.sqlite lives here).")
+@_config_option("YAML config; its harvest: section. Flags override it.")
 @click.option(
     "--base-url", help="OpenAI-compatible API root (default $OPENAI_BASE_URL, else OpenAI)."
 )
@@ -72,13 +93,13 @@ def cli() -> None:
 @click.option("--temperature", type=float)
 @click.option("--top-p", type=float)
 @click.option("--max-tokens", type=int)
-@click.option("--stop", "stop", multiple=True, help="Stop sequence (repeatable).")
+@click.option("--stop", multiple=True, help="Stop sequence (repeatable).")
 @click.option("--seed", type=int)
 @click.option("--reasoning-effort", type=click.Choice(["minimal", "low", "medium", "high"]))
 @click.option("--logprobs/--no-logprobs", default=None)
 @click.option("--top-logprobs", type=int)
-@click.option("--system-prompt-file", type=click.Path(path_type=Path))
-@click.option("--user-template-file", type=click.Path(path_type=Path))
+@click.option("--system-prompt-file", type=PATH)
+@click.option("--user-template-file", type=PATH)
 @click.option("--concurrency", type=int, help="Most requests in flight.")
 @click.option("--rpm", type=float, help="Requests per minute to stay under.")
 @click.option("--tpm", type=float, help="Tokens per minute to stay under.")
@@ -96,13 +117,7 @@ def cli() -> None:
 @click.option(
     "--dry-run", is_flag=True, default=None, help="Count requests, tokens and cost; send nothing."
 )
-@click.option(
-    "--json",
-    "json_summary",
-    is_flag=True,
-    default=None,
-    help="Print the summary as JSON on stdout.",
-)
+@_json_option
 def harvest(config_path: Path | None, **flags: Any) -> None:
     """Send prompts to a teacher API; store every answer once (rerun = resume)."""
     from pipeline.config import load_config
@@ -123,11 +138,8 @@ def harvest(config_path: Path | None, **flags: Any) -> None:
     "--base-url", help="OpenAI-compatible API root (default: the config's, else $OPENAI_BASE_URL)."
 )
 @click.option("--model", help="Model name to probe (default: the config's).")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    help="YAML config; its harvest: section (teacher, prices, extra_body). Flags override it.",
+@_config_option(
+    "YAML config; its harvest: section (teacher, prices, extra_body). Flags override it."
 )
 @click.option(
     "--api-key-env", help="Environment variable holding the API key (default OPENAI_API_KEY)."
@@ -137,9 +149,7 @@ def harvest(config_path: Path | None, **flags: Any) -> None:
 )
 @click.option("--timeout", type=float, help="Seconds to wait for one answer (default 60).")
 @click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    help="Run directory: write probe.json there (harvest reads it while fresh).",
+    "--out", type=PATH, help="Run directory: write probe.json there (harvest reads it while fresh)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def probe(
@@ -164,13 +174,7 @@ def probe(
         )
         sys.exit(EXIT_USAGE)
     result = run_stage(
-        do_probe,
-        t.base_url,
-        t.model,
-        t.api_key_env,
-        max_cost,
-        teacher=t,
-        timeout=timeout or 60.0,
+        do_probe, t.base_url, t.model, t.api_key_env, max_cost, teacher=t, timeout=timeout or 60.0
     )
     if out is not None:
         click.echo(f"probe result -> {write_probe(out, result)}", err=True)
@@ -178,8 +182,8 @@ def probe(
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--to", "to", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.argument("run_dir", type=PATH)
+@click.option("--to", required=True, type=PATH, help="Output folder.")
 @click.option(
     "--format",
     "fmt",
@@ -196,45 +200,23 @@ def export(run_dir: Path, to: Path, fmt: str) -> None:
 
 
 @cli.command("eval")
+@click.option("--data", type=PATH, help="Dataset folder from `distill build` (its eval split).")
 @click.option(
-    "--data",
-    type=click.Path(path_type=Path),
-    help="Dataset folder from `distill build` (its eval split).",
+    "--base", type=PATH, help="Base student model folder (default: the fine-tune run's student)."
 )
 @click.option(
-    "--base",
-    type=click.Path(path_type=Path),
-    help="Base student model folder (default: the fine-tune run's student).",
+    "--finetuned", type=PATH, help="Fine-tune OUT folder, adapter folder or merged model folder."
 )
-@click.option(
-    "--finetuned",
-    type=click.Path(path_type=Path),
-    help="Fine-tune OUT folder, adapter folder or merged model folder.",
-)
-@click.option(
-    "--out", type=click.Path(path_type=Path), help="Report folder (report.md, report.json, PNGs)."
-)
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    help="YAML config; its eval: section. Flags override it.",
-)
+@click.option("--out", type=PATH, help="Report folder (report.md, report.json, PNGs).")
+@_config_option("YAML config; its eval: section. Flags override it.")
 @click.option("--split", help="Dataset split to evaluate (default eval).")
 @click.option("--max-new-tokens", type=int)
 @click.option("--batch-size", type=int)
-@click.option(
-    "--greedy/--sample", "greedy", default=None, help="Greedy decoding (default) or sampling."
-)
+@click.option("--greedy/--sample", default=None, help="Greedy decoding (default) or sampling.")
 @click.option("--temperature", type=float)
 @click.option("--top-p", type=float)
 @click.option("--limit", type=int, help="Only the first N prompts.")
-@click.option(
-    "--answer-patterns",
-    "answer_patterns",
-    multiple=True,
-    help="Answer-extraction regex (repeatable).",
-)
+@click.option("--answer-patterns", multiple=True, help="Answer-extraction regex (repeatable).")
 @click.option("--format-regex", help="Declared answer format (re.search on each answer).")
 @click.option("--system-prompt", help="System prompt the students see (default: the dataset's).")
 @click.option(
@@ -274,12 +256,7 @@ def eval_cmd(config_path: Path | None, **flags: Any) -> None:
 @click.option("--data", help="Dataset folder from `distill build` (splits train, eval).")
 @click.option("--student", help="Student model: a local folder (or a hub id where reachable).")
 @click.option("--out", help="Output folder: adapter/, train_report.json, loss.png, checkpoints/.")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    help="YAML config; its finetune: section. Flags override it.",
-)
+@_config_option("YAML config; its finetune: section. Flags override it.")
 @click.option("--max-steps", type=int, help="Stop after N optimizer steps (overrides --epochs).")
 @click.option("--epochs", type=float)
 @click.option("--lr", type=float, help="Peak learning rate.")
@@ -287,11 +264,10 @@ def eval_cmd(config_path: Path | None, **flags: Any) -> None:
 @click.option("--lora-alpha", type=int)
 @click.option(
     "--lora-target-modules",
-    "lora_target_modules",
     multiple=True,
     help="Module name to adapt (repeatable; default all-linear).",
 )
-@click.option("--use-dora/--no-dora", "use_dora", default=None)
+@click.option("--use-dora/--no-dora", default=None)
 @click.option("--batch-size", type=int, help="Per-device batch (default: auto-fit to memory).")
 @click.option("--grad-accum", type=int, help="Gradient accumulation (default: auto).")
 @click.option("--effective-batch-size", type=int, help="Target sequences per optimizer step.")
@@ -299,10 +275,8 @@ def eval_cmd(config_path: Path | None, **flags: Any) -> None:
 @click.option("--quantize", type=click.Choice(["auto", "4bit", "none"]))
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option(
-    "--gradient-checkpointing/--no-gradient-checkpointing", "gradient_checkpointing", default=None
-)
-@click.option("--packing/--no-packing", "packing", default=None)
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
+@click.option("--packing/--no-packing", default=None)
 @click.option(
     "--train-on",
     type=click.Choice(["last", "all"]),
@@ -333,7 +307,7 @@ def eval_cmd(config_path: Path | None, **flags: Any) -> None:
 @click.option(
     "--kd-temperature", type=float, help="Student temperature in the KD term (default 1)."
 )
-@click.option("--kd-tail/--no-kd-tail", "kd_tail", default=None, help="Tail bucket (default on).")
+@click.option("--kd-tail/--no-kd-tail", default=None, help="Tail bucket (default on).")
 def finetune(config_path: Path | None, **flags: Any) -> None:
     """Fine-tune a student with LoRA/QLoRA on the built dataset, sized to this machine."""
     from pipeline.config import load_config
@@ -349,12 +323,7 @@ def finetune(config_path: Path | None, **flags: Any) -> None:
 @cli.command()
 @click.argument("out", required=False)
 @click.option("--to", help="Folder for the merged model.")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    help="YAML config; its merge: section.",
-)
+@_config_option("YAML config; its merge: section.")
 @click.option("--student", help="Base model (default: the run's student).")
 @click.option(
     "--gguf", type=click.Choice(["auto", "yes", "no"]), help="Also write GGUF (needs llama.cpp)."
@@ -373,18 +342,9 @@ def merge(config_path: Path | None, **flags: Any) -> None:
 
 
 @cli.command()
-@click.argument("run", required=False, type=click.Path(path_type=Path))
-@click.option(
-    "--to",
-    type=click.Path(path_type=Path),
-    help="Output folder (an earlier build there is replaced).",
-)
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    help="YAML config; its build: section. Flags override it.",
-)
+@click.argument("run", required=False, type=PATH)
+@click.option("--to", type=PATH, help="Output folder (an earlier build there is replaced).")
+@_config_option("YAML config; its build: section. Flags override it.")
 @click.option(
     "--format",
     type=click.Choice(["hf", "parquet", "jsonl", "sharegpt", "openai"]),
@@ -402,7 +362,7 @@ def merge(config_path: Path | None, **flags: Any) -> None:
 )
 @click.option(
     "--tokenizer",
-    type=click.Path(path_type=Path),
+    type=PATH,
     help="Student tokenizer folder: length bounds in its tokens, and the teacher's top-k logprobs aligned to it (for --loss kd).",
 )
 @click.option(
@@ -437,25 +397,16 @@ def build(config_path: Path | None, **flags: Any) -> None:
 
 @cli.command()
 @click.option(
-    "--prompts",
-    "prompts",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    help="Prompt file the student answers (repeatable).",
+    "--prompts", multiple=True, type=PATH, help="Prompt file the student answers (repeatable)."
 )
 @click.option("--data", help="Or a `distill build` dataset: its train split's prompts.")
 @click.option("--student", help="Student model folder (shares the teacher's tokenizer).")
-@click.option("--out", type=click.Path(path_type=Path), help="Run folder (adapter, report, store).")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    help="YAML config; its onpolicy: section. Flags override it.",
-)
+@click.option("--out", type=PATH, help="Run folder (adapter, report, store).")
+@_config_option("YAML config; its onpolicy: section. Flags override it.")
 @click.option("--base-url", help="Teacher API root (it must score texts: vLLM, SGLang, Together).")
 @click.option("--model", help="Teacher model name.")
 @click.option("--api-key-env", help="Environment variable holding the API key.")
-@click.option("--teacher-system-prompt-file", type=click.Path(path_type=Path))
+@click.option("--teacher-system-prompt-file", type=PATH)
 @click.option("--steps", type=int, help="Optimizer steps.")
 @click.option("--prompts-per-step", type=int)
 @click.option("--samples", type=int, help="Student samples per prompt per step.")
@@ -495,55 +446,33 @@ def batch() -> None:
     """
 
 
-def _batch_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.argument("run_dir", type=click.Path(path_type=Path)),
-        click.option(
-            "--config",
-            "config_path",
-            type=click.Path(path_type=Path),
-            help="YAML config: harvest: says what to ask, batch: how. Default: RUN/config.yaml of an earlier submit.",
-        ),
-        click.option(
-            "--prompts",
-            "prompts",
-            multiple=True,
-            type=click.Path(path_type=Path),
-            help="Prompt file (repeatable).",
-        ),
-        click.option("--base-url", help="OpenAI-compatible API root."),
-        click.option("--model", help="Teacher model name."),
-        click.option("--api-key-env", help="Environment variable holding the API key."),
-        click.option("--samples", type=int, help="Answers per prompt."),
-        click.option("--temperature", type=float),
-        click.option("--max-tokens", type=int),
-        click.option("--limit", type=int, help="Only the first N unique prompts."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+_batch_options = _options(
+    click.argument("run_dir", type=PATH),
+    _config_option(
+        "YAML config: harvest: says what to ask, batch: how. Default: RUN/config.yaml of an earlier submit."
+    ),
+    click.option("--prompts", multiple=True, type=PATH, help="Prompt file (repeatable)."),
+    click.option("--base-url", help="OpenAI-compatible API root."),
+    click.option("--model", help="Teacher model name."),
+    click.option("--api-key-env", help="Environment variable holding the API key."),
+    click.option("--samples", type=int, help="Answers per prompt."),
+    click.option("--temperature", type=float),
+    click.option("--max-tokens", type=int),
+    click.option("--limit", type=int, help="Only the first N unique prompts."),
+    click.option(
+        "--discount", type=float, help="Batch price as a fraction of the teacher's (default 0.5)."
+    ),
+)
 
-
-def _wait_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option(
-        "--max-duration", type=float, help="With --wait: stop after this many seconds (exit 3)."
-    )(f)
-    f = click.option(
+_wait_options = _options(
+    click.option("--wait/--no-wait", default=None, help="Poll until every batch has ended."),
+    click.option(
         "--poll-interval", type=float, help="Seconds between polls with --wait (default 60)."
-    )(f)
-    return click.option("--wait/--no-wait", default=None, help="Poll until every batch has ended.")(
-        f
-    )
-
-
-def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--json",
-        "json_summary",
-        is_flag=True,
-        default=None,
-        help="Print the summary as JSON on stdout.",
-    )(f)
+    ),
+    click.option(
+        "--max-duration", type=float, help="With --wait: stop after this many seconds (exit 3)."
+    ),
+)
 
 
 def _run_batch(
@@ -568,9 +497,6 @@ def _run_batch(
 
 @batch.command("submit")
 @_batch_options
-@click.option(
-    "--discount", type=float, help="Batch price as a fraction of the teacher's (default 0.5)."
-)
 @_json_option
 def batch_submit(run_dir: Path, config_path: Path | None, **flags: Any) -> None:
     """Upload the run's pending requests as batches (split at 50,000 requests / 200 MB)."""
@@ -579,9 +505,6 @@ def batch_submit(run_dir: Path, config_path: Path | None, **flags: Any) -> None:
 
 @batch.command("run")
 @_batch_options
-@click.option(
-    "--discount", type=float, help="Batch price as a fraction of the teacher's (default 0.5)."
-)
 @_wait_options
 @_json_option
 def batch_run(run_dir: Path, config_path: Path | None, **flags: Any) -> None:
@@ -590,13 +513,8 @@ def batch_run(run_dir: Path, config_path: Path | None, **flags: Any) -> None:
 
 
 @batch.command("collect")
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    help="YAML config; its batch: section.",
-)
+@click.argument("run_dir", type=PATH)
+@_config_option("YAML config; its batch: section.")
 @_wait_options
 @_json_option
 def batch_collect(run_dir: Path, config_path: Path | None, **flags: Any) -> None:
@@ -605,7 +523,7 @@ def batch_collect(run_dir: Path, config_path: Path | None, **flags: Any) -> None
 
 
 @batch.command("cancel")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=PATH)
 @_json_option
 def batch_cancel(run_dir: Path, **flags: Any) -> None:
     """Cancel the run's open batches (answers already made are kept by the next collect)."""
@@ -613,7 +531,7 @@ def batch_cancel(run_dir: Path, **flags: Any) -> None:
 
 
 @batch.command("status")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=PATH)
 @_json_option
 def batch_status(run_dir: Path, json_summary: bool | None) -> None:
     """Each batch of a run and what the server says of it (changes nothing; no lock)."""
@@ -637,7 +555,7 @@ def batch_status(run_dir: Path, json_summary: bool | None) -> None:
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=PATH)
 @click.option(
     "--replace", is_flag=True, help="Swap the recovered store in (the damaged file is kept)."
 )
@@ -660,7 +578,7 @@ def doctor(run_dir: Path, replace: bool) -> None:
 @click.option(
     "--config",
     "config_path",
-    type=click.Path(path_type=Path),
+    type=PATH,
     default=Path("configs/demo.yaml"),
     show_default=True,
     help="The demo's config: one section per stage.",
@@ -681,7 +599,7 @@ def demo(config_path: Path, fresh: bool) -> None:
 @click.option(
     "--write",
     "readme",
-    type=click.Path(path_type=Path),
+    type=PATH,
     help="Rewrite this README's reference section instead of printing.",
 )
 def reference(readme: Path | None) -> None:
