@@ -137,7 +137,7 @@ def fingerprint(prompt_ids: Iterable[str]) -> str:
 
 def read_build_report(path: str | Path) -> dict[str, Any]:
     """The build_report.json next to a dataset, or {} (a dataset not written by `distill build`)."""
-    return _read_json(Path(path) / "build_report.json")
+    return read_json(Path(path) / "build_report.json")
 
 
 def dataset_record(path: str | Path, split: str = "train") -> dict[str, Any]:
@@ -202,15 +202,16 @@ def read_finetune_run(out: str | Path, student: str | None = None) -> FinetuneRu
             f"{given}: no LoRA adapter here (adapter/adapter_config.json); pass the --out folder "
             "of `distill finetune`"
         )
-    report = _read_json(run_dir / "train_report.json")
+    report = read_json(run_dir / "train_report.json")
     named = student or report.get("student") or _config_student(run_dir / "config.yaml")
-    named = named or _read_json(adapter / "adapter_config.json").get("base_model_name_or_path")
+    named = named or read_json(adapter / "adapter_config.json").get("base_model_name_or_path")
     if not named:
         raise InputError(f"{given}: cannot tell which student was trained; pass --student")
     return FinetuneRun(out=run_dir, adapter=adapter, student=str(named), report=report)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or {} when the file is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -44,6 +44,7 @@ from pipeline.artifacts import (
     read_build_report,
     read_dataset,
     read_finetune_run,
+    read_json,
     trained_prompt_ids,
 )
 from pipeline.config import StageConfig, dump_config
@@ -280,11 +281,7 @@ def resolve_students(cfg: EvalConfig) -> Students:
     run_dir = next((d for d in (ft, ft.parent) if any((d / f).is_file() for f in RUN_FILES)), None)
     base, where = cfg.base, "key `base`"
     if base is None and run_dir is not None:
-        try:
-            student = json.loads((run_dir / "train_report.json").read_text(encoding="utf-8"))
-            student = student.get("student")
-        except (OSError, ValueError, AttributeError):
-            student = None
+        student = read_json(run_dir / "train_report.json").get("student")
         if student:
             base, where = Path(student), f"`student` in {run_dir / 'train_report.json'}"
     if base is None:
@@ -1076,13 +1073,8 @@ def write_markdown(report: dict[str, Any], path: Path, loss_plot: bool) -> None:
 def check_held_out(cfg: EvalConfig, prompts: list[Prompt], students: Students) -> str:
     """Refuse to score a fine-tuned student on prompts it was trained on (train_report.json
     records the train prompt ids); returns what was checked, for the report."""
-    report: Any = {}
-    if students.run_dir is not None:
-        try:
-            report = json.loads((students.run_dir / "train_report.json").read_text("utf-8"))
-        except (OSError, ValueError):
-            report = {}
-    trained = trained_prompt_ids(report) if isinstance(report, dict) else None
+    run_dir = students.run_dir
+    trained = trained_prompt_ids(read_json(run_dir / "train_report.json") if run_dir else {})
     if trained is None:
         return "not checked: the fine-tune run records no training prompt ids (trained before this check)"
     shared = sorted(trained & {p.prompt_id for p in prompts})
