@@ -39,7 +39,7 @@ from pipeline.outdir import claim, replace_own
 from pipeline.reasoning import content_text, join_think
 from pipeline.record import Response, content_hash
 from pipeline.store import Store
-from pipeline.verify import MODES, Verdict, check_prompt, load_function
+from pipeline.verify import MODES, check_prompt, load_function
 
 # The order filters run in, and the order of every count in the report and the card. Verification
 # and the custom hook come before deduplication, so that of two near-identical answers the one
@@ -315,14 +315,12 @@ class BuildReport:
 
 def _lengths(rows: list[Row], tok: Any) -> None:
     """Fill each row's answer and reasoning length, in the tokenizer's tokens or in characters."""
-    if tok is None:
+    if tok is None or not rows:
         for r in rows:
             r.answer_len, r.reasoning_len = len(r.answer), len(r.reasoning)
         return
-    answers = tok([r.answer for r in rows], add_special_tokens=False)["input_ids"] if rows else []
-    reasonings = (
-        tok([r.reasoning for r in rows], add_special_tokens=False)["input_ids"] if rows else []
-    )
+    answers = tok([r.answer for r in rows], add_special_tokens=False)["input_ids"]
+    reasonings = tok([r.reasoning for r in rows], add_special_tokens=False)["input_ids"]
     for r, a, b in zip(rows, answers, reasonings):
         r.answer_len, r.reasoning_len = len(a), (len(b) if r.reasoning else 0)
 
@@ -397,20 +395,6 @@ def _row_filters(
     return None
 
 
-def check_row(cfg: BuildConfig, r: Row) -> Verdict:
-    """The verifier's verdict on a row's final answer, with the build's mode and tolerances; a
-    mode that cannot apply (math on a text reference) or a failing custom check names the prompt."""
-    return check_prompt(
-        r.prompt_id,
-        r.answer,
-        r.store.reference,
-        mode=cfg.verify,
-        rel_tol=cfg.rel_tol,
-        abs_tol=cfg.abs_tol,
-        patterns=cfg.answer_patterns,
-    )
-
-
 def apply_filters(
     cfg: BuildConfig, rows: list[Row], custom: Callable[[dict[str, Any]], Any] | None
 ) -> None:
@@ -418,8 +402,16 @@ def apply_filters(
     refusals = [re.compile(p, re.IGNORECASE) for p in cfg.refusal_patterns]
     kept_texts: dict[str, list[tuple[str, frozenset[Any]]]] = {}
     for r in rows:
-        if r.store.reference is not None:
-            v = check_row(cfg, r)
+        if r.store.reference is not None:  # a mode that cannot apply names the prompt
+            v = check_prompt(
+                r.prompt_id,
+                r.answer,
+                r.store.reference,
+                mode=cfg.verify,
+                rel_tol=cfg.rel_tol,
+                abs_tol=cfg.abs_tol,
+                patterns=cfg.answer_patterns,
+            )
             r.verified, r.verdict = bool(r.answer) and v.verified is True, v.reason
         removed = _row_filters(cfg, r, refusals)
         if removed is None and custom is not None:
@@ -611,11 +603,12 @@ def _sharegpt(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _openai(row: dict[str, Any]) -> dict[str, Any]:
-    msgs = []
-    for m in row["messages"]:
-        m = {k: v for k, v in m.items() if k != "reasoning_content" or v is not None}
-        msgs.append(m)
-    return {"messages": msgs}
+    return {
+        "messages": [
+            {k: v for k, v in m.items() if k != "reasoning_content" or v is not None}
+            for m in row["messages"]
+        ]
+    }
 
 
 SHAPES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -699,13 +692,10 @@ def _add_teachers(out: dict[str, dict[str, Any]], rows: list[Row]) -> None:
 
 
 def _teachers(out: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    result = []
-    for name in sorted(out):
-        t = out[name]
+    for t in out.values():
         t["response_models"] = sorted(t["response_models"])
         t["params"] = [t["params"][k] for k in sorted(t["params"])]
-        result.append(t)
-    return result
+    return [out[name] for name in sorted(out)]
 
 
 EXPLAIN = {
@@ -953,11 +943,7 @@ class KDTargets:
             }
         totals = self.totals
         total = totals["train"] + totals["eval"]
-
-        def tokens(c: Counter[str]) -> int:
-            return sum(v for k, v in c.items() if k != "alts_dropped")
-
-        n, stored = tokens(total), self.stored
+        n, stored = _answer_tokens(total), self.stored
         return {
             "tokenizer": str(self.cfg.tokenizer),
             "tokenizer_id": kd.tokenizer_id(self.tok),
@@ -965,7 +951,7 @@ class KDTargets:
             "target_tokens": total["target"],
             "coverage": round(total["target"] / n, 4) if n else 0.0,
             "coverage_by_split": {
-                k: round(c["target"] / tokens(c), 4) if tokens(c) else None
+                k: round(c["target"] / _answer_tokens(c), 4) if _answer_tokens(c) else None
                 for k, c in totals.items()
             },
             "no_target": {k: total[k] for k in KD_WHY if total[k]},
@@ -1002,12 +988,14 @@ def _align_row(
     ]
     best = max(aligned, key=lambda al: al.counts["target"])
     if best is not aligned[0]:
-
-        def size(al: kd.Alignment) -> int:
-            return sum(v for k, v in al.counts.items() if k != "alts_dropped")
-
-        best.counts["reasoning_unaligned"] += size(aligned[0]) - size(best)
+        unaligned = _answer_tokens(aligned[0].counts) - _answer_tokens(best.counts)
+        best.counts["reasoning_unaligned"] += unaligned
     return best
+
+
+def _answer_tokens(counts: Counter[str]) -> int:
+    """The answer tokens an alignment's counts cover (alts_dropped counts alternatives, not tokens)."""
+    return sum(v for k, v in counts.items() if k != "alts_dropped")
 
 
 def _card_kd(rep: BuildReport) -> list[str]:
@@ -1151,7 +1139,7 @@ class Tally:
             "eval_fingerprint": self.hashes["eval"].hexdigest(),
         }
         rep.teachers = _teachers(self.teachers)
-        first, last = (self.dates[0], self.dates[1]) if self.dates else (None, None)
+        first, last = self.dates or (None, None)
         rep.harvested = {"first": first, "last": last}
         rep.lengths = {"unit": unit, **{k: _stats(v) for k, v in self.lengths.items()}}
         rep.config = cfg.model_dump(mode="json", exclude={"to", "json_report"})
