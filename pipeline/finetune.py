@@ -204,9 +204,7 @@ def training_template(tokenizer) -> tuple[str, str]:
         )
     try:
         patched = get_training_chat_template(tokenizer)
-    except ValueError:  # TRL has no training variant of this template
-        patched = None
-    except Exception:  # a template that breaks TRL's tool-calling probes
+    except Exception:  # no training variant of this template, or one that breaks TRL's probes
         patched = None
     if patched is not None:
         return patched, "markers"
@@ -417,14 +415,13 @@ def packing_keeps_sequences_apart(model) -> bool:
             packed_ids = torch.cat([a, b])[None].to(device)
             pos = torch.cat([torch.arange(9), torch.arange(7)])[None].to(device)
             packed = model(input_ids=packed_ids, position_ids=pos, use_cache=False).logits[0, 9:]
-            packed = packed.float()
     except Exception:  # an attention kernel that refuses position-id packing
         return False
     finally:
         model.train(was_training)
     # fp32 agrees to rounding; half precision kernels differ a little by sequence length.
     tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
-    return bool((packed - alone).abs().max() <= tol * alone.abs().max().clamp(min=1e-6))
+    return bool((packed.float() - alone).abs().max() <= tol * alone.abs().max().clamp(min=1e-6))
 
 
 # Kernels that take a flattened batch with sequence boundaries (cu_seq_lens) at linear cost.
@@ -645,18 +642,17 @@ RESUME_KEYS = (
 
 def saved_plan(cfg: FinetuneConfig, plan: hardware.Plan, packing: bool) -> dict[str, Any]:
     """The settings this run trains with, auto values resolved (what OUT/plan.json holds)."""
-    settings = cfg.model_dump(mode="json", include=set(RESUME_KEYS))
-    settings.update(
-        device=plan.device,
-        dtype=plan.dtype,
-        quantize="4bit" if plan.quantize else "none",
-        batch_size=plan.batch_size,
-        grad_accum=plan.grad_accum,
-        gradient_checkpointing=plan.gradient_checkpointing,
-        packing=packing,
-        world_size=plan.world_size,
-    )
-    return settings
+    return {
+        **cfg.model_dump(mode="json", include=set(RESUME_KEYS)),
+        "device": plan.device,
+        "dtype": plan.dtype,
+        "quantize": "4bit" if plan.quantize else "none",
+        "batch_size": plan.batch_size,
+        "grad_accum": plan.grad_accum,
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "packing": packing,
+        "world_size": plan.world_size,
+    }
 
 
 def resumed_config(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -778,18 +774,17 @@ def prepare_data(cfg: FinetuneConfig, setup: Setup) -> Tokenized:
     )
     eot_id = check_masks(train_rows, tokenizer, train_pids, str(cfg.student))
     eval_rows: list[dict] = []
+    eval_pids: list[str] = []
     if "eval" in ds and len(ds["eval"]) > 0:
         eval_rows, eval_pids = tokenize_split(
             ds["eval"], tokenizer, template, how, native, cfg.train_on
         )
         check_masks(eval_rows, tokenizer, eval_pids, str(cfg.student))
-    label_tokens = sum(sum(t != -100 for t in r["labels"]) for r in train_rows)
     kd_table = None
-    if cfg.loss == "kd":
-        pids = {"train": train_pids, "eval": eval_pids if eval_rows else []}
+    if cfg.loss == "kd":  # may splice in the teacher's segmentation: count trained tokens after
+        pids = {"train": train_pids, "eval": eval_pids}
         kd_table = kd_targets(cfg, ds, tokenizer, {"train": train_rows, "eval": eval_rows}, pids)
-        # The teacher's segmentation may have been spliced in: count the trained tokens again.
-        label_tokens = sum(sum(t != -100 for t in r["labels"]) for r in train_rows)
+    label_tokens = sum(sum(t != -100 for t in r["labels"]) for r in train_rows)
     return Tokenized(tokenizer, how, native, train_rows, eval_rows, eot_id, label_tokens, kd_table)
 
 
