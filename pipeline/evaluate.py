@@ -428,7 +428,7 @@ def _progress(label: str):  # type: ignore[no-untyped-def]
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(
+    return Progress(
         TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
@@ -436,7 +436,17 @@ def _progress(label: str):  # type: ignore[no-untyped-def]
         console=Console(stderr=True),
         transient=True,
     )
-    return bar
+
+
+def _left_padded(seqs: list[list[int]], pad_id: int):  # type: ignore[no-untyped-def]
+    """(input ids, attention mask) of a batch, left-padded: every sequence ends at the right edge,
+    where generation starts and where the kept logits are."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
+    return ids, mask
 
 
 def generate(  # type: ignore[no-untyped-def]
@@ -463,12 +473,8 @@ def generate(  # type: ignore[no-untyped-def]
         task = bar.add_task(label, total=len(prompts))
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
-                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]) :] = 1
+            ids, mask = _left_padded([encoded[i] for i in idx], tok.pad_token_id)
+            width = ids.shape[1]
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen
             )
@@ -522,13 +528,7 @@ def teacher_nll(  # type: ignore[no-untyped-def]
         task = bar.add_task(label, total=len(items))
         for start in range(0, len(order), cfg.batch_size):
             batch = [items[j] for j in order[start : start + cfg.batch_size]]
-            width = max(len(ids) for _, ids, _ in batch)
-            ids_t = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            # Left padding: every answer ends at the right edge, where the kept logits are.
-            for row, (_, ids, _) in enumerate(batch):
-                ids_t[row, width - len(ids) :] = torch.tensor(ids)
-                mask[row, width - len(ids) :] = 1
+            ids_t, mask = _left_padded([ids for _, ids, _ in batch], tok.pad_token_id)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             keep = max(n for _, _, n in batch) + 1
             # Only the logits of the answer tokens: the full vocabulary x sequence would not fit.
@@ -709,6 +709,10 @@ def score(
         pred = extract_answer(a.text, patterns)
         teacher = [teacher_text(t)[0] for t in p.teacher]
         known = [t for t in (extract_answer(t, patterns) for t in teacher) if t is not None]
+        matches = [
+            pred is not None and answers_match(pred, t, rel_tol=ver.rel_tol, abs_tol=ver.abs_tol)
+            for t in known
+        ]
         rec: dict[str, Any] = {
             "answer": a.text,
             "trace": a.trace,
@@ -717,16 +721,7 @@ def score(
             "hit_max_tokens": a.hit_max,
             "correct": ver.check(a.text, p.reference, p.prompt_id),
             # Share of the teacher's samples whose final answer this one matches.
-            "teacher_match": (
-                sum(
-                    pred is not None
-                    and answers_match(pred, t, rel_tol=ver.rel_tol, abs_tol=ver.abs_tol)
-                    for t in known
-                )
-                / len(known)
-            )
-            if known
-            else None,
+            "teacher_match": _mean([float(m) for m in matches]),
             "rouge_l": sum(rouge_l(a.text, t) for t in teacher) / len(teacher),
             "format_ok": bool(re.search(cfg.format_regex, a.text)) if cfg.format_regex else None,
             "nll": None,
@@ -893,9 +888,9 @@ def run_judge(cfg: EvalConfig, prompts: list[Prompt], per: dict[str, list[dict[s
     )
 
     async def grade(teacher: Teacher, p: Prompt, rec: dict[str, Any]) -> None:
-        question = next((m["content"] for m in reversed(p.messages) if m.get("role") == "user"), "")
+        reference = teacher_text(p.teacher[0])[0]
         content = JUDGE_PROMPT.format(
-            question=question, reference=teacher_text(p.teacher[0])[0], answer=rec["answer"]
+            question=_question(p.messages), reference=reference, answer=rec["answer"]
         )
         messages = [{"role": "user", "content": content}]
         body = chat_body(tcfg, messages, {"temperature": 0}, max_tokens=8)
@@ -993,6 +988,11 @@ def headline(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _question(messages: list[dict[str, Any]]) -> str:
+    """The last user turn: what a prompt asks."""
+    return next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+
+
 def _cell(text: str | None, limit: int = 400) -> str:
     text = "" if text is None else str(text)
     if len(text) > limit:
@@ -1049,15 +1049,12 @@ def write_markdown(report: dict[str, Any], path: Path, loss_plot: bool) -> None:
         "",
     ]
     for ex in report["examples"][: cfg["examples"]]:
-        question = next(
-            (mm["content"] for mm in reversed(ex["messages"]) if mm.get("role") == "user"), ""
-        )
         out += [
             f"### {ex['prompt_id']}",
             "",
             "| | answer |",
             "|---|---|",
-            f"| prompt | {_cell(question)} |",
+            f"| prompt | {_cell(_question(ex['messages']))} |",
         ]
         if ex["reference"] is not None:
             out.append(f"| reference | {_cell(ex['reference'])} |")
