@@ -70,9 +70,7 @@ def _decode_token(token: str, mode: str) -> bytes | None:
             return bytes(int(h, 16) for h in _ESCAPED.findall(token))
         return None if "\ufffd" in token or not token else token.encode("utf-8")
     if mode == "bytelevel":
-        if all(c in _BYTELEVEL for c in token):
-            return bytes(_BYTELEVEL[c] for c in token)
-        return None
+        return bytes(_BYTELEVEL[c] for c in token) if all(c in _BYTELEVEL for c in token) else None
     m = _SP_BYTE.match(token)
     return bytes([int(m.group(1), 16)]) if m else token.replace("\u2581", " ").encode("utf-8")
 
@@ -107,11 +105,8 @@ def _spans(pieces: list[bytes | None], target: bytes) -> list[tuple[int, int] | 
 def _student_vocab(tokenizer: Any) -> dict[bytes, int]:
     """bytes -> student token id, for every token of the student's vocabulary (added ones too)."""
     vocab = tokenizer.get_vocab()
-    mode = (
-        "bytelevel"
-        if sum("Ġ" in t for t in vocab) >= sum("\u2581" in t for t in vocab)
-        else "sentencepiece"
-    )
+    bytelevel = sum("Ġ" in t for t in vocab) >= sum("\u2581" in t for t in vocab)
+    mode = "bytelevel" if bytelevel else "sentencepiece"
     added = tokenizer.get_added_vocab()
     out: dict[bytes, int] = {t.encode("utf-8"): i for t, i in added.items()}
     for t, i in sorted(vocab.items(), key=lambda kv: (_SP_BYTE.match(kv[0]) is not None, kv[1])):
@@ -398,12 +393,11 @@ def topk_kd_loss(
     )
     n = per_token.numel()
     loss = per_token.sum() / max(n, 1)  # zero (with a graph) when nothing carries a target
-    stats = {
+    return loss, {
         "kd_loss": float(loss.detach()),
         "kd_tokens": float(n),
         "teacher_topk_mass": float(mass.mean()) if n else 0.0,
     }
-    return loss, stats
 
 
 @torch.no_grad()
@@ -496,15 +490,13 @@ class TargetTable:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(target ids, logprobs, mask) for a batch: (B, T, K), (B, T, K), (B, T). Only tokens that
         carry the CE loss (label != -100) carry a KD target: the same mask for both terms."""
-        mask = (kd_index >= 0) & (labels != -100)
-        idx = kd_index.clamp(min=0).cpu()
-        ids = self.ids[idx].long().to(labels.device) if len(self.ids) else None
-        lps = self.logprobs[idx].float().to(labels.device) if len(self.ids) else None
-        if ids is None or lps is None:  # no targets at all: an empty KD term
+        mask, device = (kd_index >= 0) & (labels != -100), labels.device
+        if not len(self.ids):  # no targets at all: an empty KD term
             shape = (*labels.shape, 1)
-            ids = torch.zeros(shape, dtype=torch.long, device=labels.device)
-            lps = torch.full(shape, -torch.inf, device=labels.device)
-        return ids, lps, mask
+            ids = torch.zeros(shape, dtype=torch.long, device=device)
+            return ids, torch.full(shape, -torch.inf, device=device), mask
+        idx = kd_index.clamp(min=0).cpu()
+        return self.ids[idx].long().to(device), self.logprobs[idx].float().to(device), mask
 
 
 def attach_targets(rows: list[dict], examples: Any, pids: list[str], rebuild: str) -> TargetTable:
