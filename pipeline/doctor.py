@@ -99,15 +99,17 @@ class DoctorReport:
         return out
 
 
+def _read_only(path: Path) -> contextlib.closing[sqlite3.Connection]:
+    """The store file opened read-only, closed when the with-block ends."""
+    return contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True))
+
+
 def integrity_problems(path: Path) -> list[str]:
     """What SQLite's integrity check finds wrong with the file ([] when it is sound)."""
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        db.text_factory = lambda b: b.decode(errors="replace")  # garbage in a message or name
-        try:
+        with _read_only(path) as db:
+            db.text_factory = lambda b: b.decode(errors="replace")  # garbage in a message or name
             rows = db.execute("PRAGMA integrity_check").fetchall()
-        finally:
-            db.close()
     except sqlite3.Error as e:
         return [str(e)]
     except UnicodeDecodeError:  # SQLite's message quotes garbage bytes
@@ -300,12 +302,9 @@ def _is_schema_row(values: tuple[Any, ...]) -> bool:
 def _listed_keys(path: Path, table: _Table) -> set[tuple[Any, ...]] | None:
     """The keys the damaged file still lists for `table` (its key index), or None if unreadable."""
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
+        with _read_only(path) as db:
             cols = ", ".join(table.key)
             return {tuple(r) for r in db.execute(f"SELECT {cols} FROM {table.name}")}
-        finally:
-            db.close()
     except (sqlite3.Error, UnicodeDecodeError):
         return None
 
@@ -319,12 +318,8 @@ def _snapshot(src_path: Path, scratch: Path) -> bytes:
     copy = scratch / STORE_FILE
     shutil.copyfile(src_path, copy)
     shutil.copyfile(wal, Path(f"{copy}-wal"))
-    with contextlib.suppress(sqlite3.Error):
-        db = sqlite3.connect(copy)
-        try:
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            db.close()
+    with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(copy)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return copy.read_bytes()
 
 
@@ -386,11 +381,8 @@ def doctor(run_dir: Path, *, replace: bool = False) -> DoctorReport:
     try:
         report = DoctorReport(store=path, problems=integrity_problems(path))
         if report.healthy:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-            try:
+            with _read_only(path) as db:
                 check_schema(db, path)  # a sound file, but is it a distill store?
-            finally:
-                db.close()
             return report
         dst = run_dir / RECOVERED
         try:
