@@ -39,9 +39,7 @@ class DatasetWriter:
 
         if kind == "arrow":
             path.mkdir(parents=True, exist_ok=True)
-            target = path / "data-00000-of-00001.arrow"
-        else:
-            target = path
+        target = path / "data-00000-of-00001.arrow" if kind == "arrow" else path
         cls = ArrowWriter if kind == "arrow" else ParquetWriter
         self.features = features
         self.writer = cls(features=features, path=str(target), writer_batch_size=batch)
@@ -144,8 +142,7 @@ def dataset_record(path: str | Path, split: str = "train") -> dict[str, Any]:
     """Which data a fine-tune trained on, for its train_report.json: the dataset folder, the split,
     its prompt ids and their fingerprint (`distill eval` refuses an eval split that shares any)."""
     ds = read_dataset(path, split)[split]
-    cols = ds.column_names
-    ids = sorted({str(p) for p in ds["prompt_id"]}) if "prompt_id" in cols else []
+    ids = sorted({str(p) for p in ds["prompt_id"]}) if "prompt_id" in ds.column_names else []
     return {
         "path": str(Path(path).absolute()),
         "split": split,

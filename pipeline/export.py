@@ -87,15 +87,13 @@ def _row(r: Response) -> dict[str, Any]:
 def features():  # type: ignore[no-untyped-def]
     import datasets
 
-    f: dict[str, Any] = {}
-    for name, (kind, _) in EXPORT_COLUMNS.items():
-        if kind == "list":
-            f[name] = datasets.List(
-                {"role": datasets.Value("string"), "content": datasets.Value("string")}
-            )
-        else:
-            f[name] = datasets.Value(kind)
-    return datasets.Features(f)
+    message = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    return datasets.Features(
+        {
+            name: datasets.List(message) if kind == "list" else datasets.Value(kind)
+            for name, (kind, _) in EXPORT_COLUMNS.items()
+        }
+    )
 
 
 def export(run_dir: Path, to: Path, fmt: ExportFormat = "hf") -> Path:

@@ -433,15 +433,11 @@ def _choose_dtype(hw: Hardware, dtype: str, reasons: list[str]) -> str:
     device = hw.device
     if dtype == "auto":
         if device == "cuda":
-            dtype = "bf16" if hw.bf16 else "fp16"
-            reasons.append(
-                f"{dtype}: compute capability {hw.compute_capability} "
-                + (
-                    "supports bf16"
-                    if hw.bf16
-                    else "has no bf16 (pre-Ampere), so fp16 with loss scaling"
-                )
-            )
+            if hw.bf16:
+                dtype, why = "bf16", "supports bf16"
+            else:
+                dtype, why = "fp16", "has no bf16 (pre-Ampere), so fp16 with loss scaling"
+            reasons.append(f"{dtype}: compute capability {hw.compute_capability} {why}")
         else:
             dtype = "fp32"
             reasons.append(f"fp32: half precision on {device} is slow or unsupported")

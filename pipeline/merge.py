@@ -109,8 +109,7 @@ def merge(cfg: MergeConfig) -> Path:
     saved_dtype = getattr(student_config, "dtype", None) or torch.float32
     if isinstance(saved_dtype, str):
         saved_dtype = getattr(torch, saved_dtype, torch.float32)
-    model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    model = model.to(saved_dtype)
+    model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().to(saved_dtype)
     to.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(to), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(str(to))
@@ -127,16 +126,8 @@ def merge(cfg: MergeConfig) -> Path:
             )
         return to
     gguf = to / f"model-{cfg.gguf_type}.gguf"
-    cmd = [
-        sys.executable,
-        str(converter),
-        str(to),
-        "--outfile",
-        str(gguf),
-        "--outtype",
-        cfg.gguf_type,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    args = [str(to), "--outfile", str(gguf), "--outtype", cfg.gguf_type]
+    proc = subprocess.run([sys.executable, str(converter), *args], capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise TrainingError(f"GGUF conversion failed ({converter}): {last[0][:200]}")
