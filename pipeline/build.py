@@ -41,22 +41,23 @@ from pipeline.record import Response, content_hash
 from pipeline.store import Store
 from pipeline.verify import MODES, check_prompt, load_function
 
-# The order filters run in, and the order of every count in the report and the card. Verification
-# and the custom hook come before deduplication, so that of two near-identical answers the one
-# kept is never the wrong one.
-FILTERS = (
-    "failed",  # the request failed: there is no answer (not a switch; always counted)
-    "replaced_prompt",  # asked with a prompt's old text, replaced (harvest --replace-changed-prompts)
-    "unfinished",  # finish_reason not in finish_reasons (cut off by max_tokens, content filter)
-    "empty",  # the answer is blank
-    "refusal",  # the answer matches a refusal pattern
-    "length",  # answer or reasoning outside the length bounds
-    "verify",  # the final answer does not match the prompt's reference
-    "custom",  # the custom_filter hook said no
-    "duplicate",  # the same answer as an earlier sample of the prompt
-    "near_duplicate",  # word n-gram Jaccard similarity >= threshold with an earlier sample
-    "not_selected",  # beyond the k answers kept per prompt (select: first|best)
-)
+# The order filters run in, and the order of every count in the report and the card, each with
+# what it removes (as the dataset card says it). Verification and the custom hook come before
+# deduplication, so that of two near-identical answers the one kept is never the wrong one.
+EXPLAIN = {
+    "failed": "the request failed (the store's `failures` table); no answer",  # always counted
+    "replaced_prompt": "an answer to a prompt's old text (harvest --replace-changed-prompts)",
+    "unfinished": "finish_reason not in {finish_reasons} (cut off or filtered)",
+    "empty": "blank answer",
+    "refusal": "matches a refusal pattern",
+    "length": "answer or reasoning outside the length bounds",
+    "verify": "final answer does not match the reference",
+    "custom": "rejected by custom_filter {custom_filter}",
+    "duplicate": "same answer as an earlier sample of the prompt",
+    "near_duplicate": "word {near_duplicate_ngram}-gram Jaccard >= {near_duplicate_threshold} with an earlier sample",
+    "not_selected": "beyond {per_prompt} per prompt (select: {select})",
+}
+FILTERS = tuple(EXPLAIN)
 SWITCHES = ("unfinished", "empty", "refusal", "length", "verify", "duplicate", "near_duplicate")
 
 DEFAULT_REFUSALS = [
@@ -698,21 +699,6 @@ def _teachers(out: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [out[name] for name in sorted(out)]
 
 
-EXPLAIN = {
-    "failed": "the request failed (the store's `failures` table); no answer",
-    "replaced_prompt": "an answer to a prompt's old text (harvest --replace-changed-prompts)",
-    "unfinished": "finish_reason not in {finish_reasons} (cut off or filtered)",
-    "empty": "blank answer",
-    "refusal": "matches a refusal pattern",
-    "length": "answer or reasoning outside the length bounds",
-    "verify": "final answer does not match the reference",
-    "custom": "rejected by custom_filter {custom_filter}",
-    "duplicate": "same answer as an earlier sample of the prompt",
-    "near_duplicate": "word {near_duplicate_ngram}-gram Jaccard >= {near_duplicate_threshold} with an earlier sample",
-    "not_selected": "beyond {per_prompt} per prompt (select: {select})",
-}
-
-
 def dataset_card(rep: BuildReport, cfg: BuildConfig) -> str:
     """README.md for the output folder. Nothing in it depends on when or where it was built."""
     lines = [
@@ -1035,11 +1021,8 @@ class Tally:
         self.cfg = cfg
         self.removed = dict.fromkeys(FILTERS, 0)
         self.removed["failed"] = len(failures)
-        self.reasons: dict[str, Counter[str]] = {}
-        for f in failures:
-            self.reasons.setdefault("failed", Counter())[
-                f"HTTP {f['status']}" if f["status"] else "no response"
-            ] += 1
+        why = Counter(f"HTTP {f['status']}" if f["status"] else "no response" for f in failures)
+        self.reasons: dict[str, Counter[str]] = {"failed": why} if failures else {}
         self.failed_only = {str(f["prompt_id"]) for f in failures}  # minus prompts with answers
         self.responses = self.kept = self.with_ref = self.prompts = self.kept_prompts = 0
         self.verified: Counter[str] = Counter()

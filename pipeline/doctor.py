@@ -268,15 +268,12 @@ class _Table:
 
 
 def _tables(db: sqlite3.Connection) -> list[_Table]:
-    names = [
-        r[0]
-        for r in db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
-            "ORDER BY rootpage"
-        )
-    ]
+    names = db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+        "ORDER BY rootpage"
+    ).fetchall()
     out = []
-    for name in names:
+    for (name,) in names:
         info = db.execute(f"PRAGMA table_info({name})").fetchall()
         out.append(
             _Table(

@@ -192,19 +192,14 @@ def check_config(cfg: EvalConfig) -> None:
         raise ConfigError(
             "judge is on but no judge_model is set; set judge_model (--judge-model) or turn judge off"
         )
-    for key, patterns in (
-        ("format_regex", [cfg.format_regex]),
-        ("answer_patterns", cfg.answer_patterns or []),
-    ):
-        for p in patterns:
-            if p is None:
-                continue
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ConfigError(
-                    f"{key}: {p!r} is not a valid regex ({e}); fix or remove it"
-                ) from None
+    patterns = [("format_regex", cfg.format_regex)] if cfg.format_regex is not None else []
+    for key, p in patterns + [("answer_patterns", p) for p in cfg.answer_patterns or []]:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ConfigError(
+                f"{key}: {p!r} is not a valid regex ({e}); fix or remove it"
+            ) from None
 
 
 def load_prompts(cfg: EvalConfig) -> list[Prompt]:
@@ -661,12 +656,7 @@ class Verification:
 def verification(cfg: EvalConfig) -> Verification:
     """The eval config's verify settings, each falling back to the build's, then the defaults."""
     built = read_build_report(cfg.data).get("config") or {}
-    own: dict[str, Any] = {
-        "verify": cfg.verify,
-        "rel_tol": cfg.rel_tol,
-        "abs_tol": cfg.abs_tol,
-        "answer_patterns": cfg.answer_patterns,
-    }
+    own = cfg.model_dump(include={"verify", "rel_tol", "abs_tol", "answer_patterns"})
     defaults: dict[str, Any] = {"verify": "auto", "rel_tol": 1e-6, "abs_tol": 1e-9}
     got: dict[str, Any] = {
         k: v if v is not None else built.get(k, defaults.get(k)) for k, v in own.items()

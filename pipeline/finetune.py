@@ -491,13 +491,12 @@ def load_student(
 
 
 class DistillTrainer(SFTTrainer):
-    """TRL's SFTTrainer with its loss as a named seam.
+    """TRL's SFTTrainer with its loss as a named seam, `compute_loss`.
 
-    Today the loss is SFTTrainer's own: cross-entropy on the tokens whose label is not -100 (the
-    assistant turns, see tokenize_row). This is where a distillation loss goes (a later issue:
-    top-k KL against the teacher's logprobs, carried in the batch next to `labels`): compute it
-    here from the student's logits and mix it with, or return it instead of, the cross-entropy.
-    The rest of the training loop stays TRL's.
+    With --loss sft the loss is SFTTrainer's own: cross-entropy on the tokens whose label is not
+    -100 (the assistant turns, see tokenize_row). With --loss kd, `kd_loss` mixes it with top-k KL
+    against the teacher's logprobs, found through the batch's `kd_index`. Another loss goes here
+    too; the rest of the training loop stays TRL's.
     """
 
     kd: Any = None  # kd.TargetTable with --loss kd (set by use_kd), else None: plain SFT
