@@ -28,13 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import StoreError
-from pipeline.store import (
-    STORE_FILE,
-    RunLock,
-    backfill_prompts,
-    check_schema,
-    create_store_file,
-)
+from pipeline.store import STORE_FILE, RunLock, backfill_prompts, check_schema, create_store_file
 
 RECOVERED = "store.recovered.sqlite"
 _SCHEMA_TYPES = ("table", "index", "view", "trigger")

@@ -123,8 +123,7 @@ class FinetuneConfig(StageConfig):
         description="Trainer loggers: tensorboard, wandb, none; unset: tensorboard if installed.",
     )
     train_on: Literal["last", "all"] = Field(
-        "last",
-        description="Assistant turns that carry loss: last (the teacher's answer) or all.",
+        "last", description="Assistant turns that carry loss: last (the teacher's answer) or all."
     )
     resume: bool = Field(False, description="Continue from the last checkpoint in OUT/checkpoints.")
     seed: int = Field(42, description="Seed for adapter init, shuffling and dropout.")
