@@ -43,10 +43,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from jinja2 import TemplateError
 from pydantic import Field
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+from trl.data_utils import pack_dataset
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from pipeline import hardware
+from pipeline import hardware, kd
 from pipeline.artifacts import dataset_record, read_dataset, student_path
 from pipeline.config import StageConfig, dump_config
 from pipeline.errors import ConfigError, InputError, TrainingError
@@ -152,8 +161,6 @@ class FinetuneConfig(StageConfig):
 
 def resolve_student(student: str, trust_remote_code: bool) -> Any:
     """Load the student's config (no weights) from a folder or the hub; errors say what to do."""
-    from transformers import AutoConfig
-
     p = Path(student).expanduser()
     # "org/name" is a hub id unless "org" is a local folder (then it is a path that is missing).
     hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", student) is not None
@@ -191,8 +198,6 @@ def training_template(tokenizer) -> tuple[str, str]:
     "markers": the template has `{% generation %}` markers (TRL's training variant or its own).
     "rendering": spans found by rendering each conversation prefix (any template).
     """
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
     template = tokenizer.chat_template
     if isinstance(template, dict):
         template = template.get("default")
@@ -374,8 +379,6 @@ def check_masks(rows: list[dict], tokenizer, prompt_ids: list[str], student: str
 def tokenize_split(
     split, tokenizer, template: str, how: str, native_reasoning: bool, train_on: str = "last"
 ):
-    from jinja2 import TemplateError
-
     rows, pids = [], []
     for i, ex in enumerate(split):
         pid = str(ex.get("prompt_id") or f"row {i}")
@@ -398,8 +401,6 @@ def tokenize_split(
 def packing_keeps_sequences_apart(model) -> bool:
     """Run two sequences packed in one row (position ids restarting, no attention mask) and alone:
     the second one's logits must not change, or the attention leaks across packed sequences."""
-    import torch
-
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
     vocab = model.config.get_text_config().vocab_size
@@ -436,8 +437,6 @@ def packed_rows_collator(pad_token_id: int):
     block-diagonal mask (transformers derives it from position ids when there is no attention
     mask), so attention costs batch x max_length^2.
     """
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
     base = DataCollatorForLanguageModeling(pad_token_id=pad_token_id, return_position_ids=True)
 
     def collate(examples: list[dict]) -> dict:
@@ -452,9 +451,6 @@ def packed_rows_collator(pad_token_id: int):
 def load_student(
     student: str, cfg: FinetuneConfig, dtype: str, quantize: bool, checkpointing: bool
 ):
-    import torch
-    from transformers import AutoModelForCausalLM
-
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype,
@@ -534,11 +530,6 @@ class DistillTrainer(SFTTrainer):
         those tokens, so both sum to per-token means over the optimizer step. Both terms are
         logged (kd_loss, ce_loss: per-token means of the micro-batch).
         """
-        import torch
-        import torch.nn.functional as F
-
-        from pipeline.kd import topk_kd_loss
-
         mode = "train" if model.training else "eval"
         kd_index = inputs.pop("kd_index")
         labels = inputs["labels"]
@@ -553,10 +544,10 @@ class DistillTrainer(SFTTrainer):
         total = local if num_items_in_batch is None else num_items_in_batch
         total = torch.as_tensor(total, device=ce_sum.device).clamp(min=1)
         t_ids, t_lps, t_mask = self.kd.gather(kd_index, labels)
-        kd, stats = topk_kd_loss(
+        kd_term, stats = kd.topk_kd_loss(
             logits, t_ids, t_lps, t_mask, temperature=self.kd_temperature, tail=self.kd_tail
         )
-        loss = self.kd_alpha * kd * (local / total) + (1 - self.kd_alpha) * ce_sum / total
+        loss = self.kd_alpha * kd_term * (local / total) + (1 - self.kd_alpha) * ce_sum / total
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as TRL: DDP averages the gradients
         m = self._metrics[mode]
@@ -682,8 +673,6 @@ def resumed_config(cfg: FinetuneConfig) -> FinetuneConfig:
 def plan_run(cfg: FinetuneConfig) -> Setup:
     """Step 1: check every input before loading anything heavy, and fit the settings to this
     machine (hardware.plan_training); prints the plan."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     if not cfg.data:
         raise ConfigError("no dataset: pass --data DIR (from `distill build`) or set finetune.data")
     if not cfg.student:
@@ -752,8 +741,6 @@ def detect_device(cfg: FinetuneConfig) -> hardware.Hardware:
 
 def prepare_data(cfg: FinetuneConfig, setup: Setup) -> Tokenized:
     """Step 2: tokenize every row with its loss mask, and check the mask on every row."""
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             setup.student, trust_remote_code=cfg.trust_remote_code
@@ -789,8 +776,6 @@ def prepare_data(cfg: FinetuneConfig, setup: Setup) -> Tokenized:
 def kd_targets(cfg: FinetuneConfig, ds: Any, tokenizer: Any, rows: dict, pids: dict) -> Any:
     """--loss kd: the teacher's targets from the dataset onto the tokenized rows (kd.attach_targets),
     after checking they were aligned to this student's tokenizer and cover something."""
-    from pipeline import kd
-
     rebuild = f"distill build RUN --to {cfg.data} --tokenizer {cfg.student}"
     info = json.loads((Path(str(cfg.data)) / "build_report.json").read_text()).get("kd", {})
     if not set(kd.KD_COLUMNS) <= set(ds["train"].column_names) or not info.get("stored", True):
@@ -951,14 +936,10 @@ def build_trainer(
 def training_datasets(cfg: FinetuneConfig, data: Tokenized, pack: bool) -> tuple[Any, Any, Any]:
     """(train, eval or None, collator or None); with `pack`, rows packed into blocks and batched
     row by row by packed_rows_collator."""
-    from datasets import Dataset
-
     train_ds = Dataset.from_list(data.train_rows)
     eval_ds = Dataset.from_list(data.eval_rows) if data.eval_rows else None
     if not pack:
         return train_ds, eval_ds, with_kd_index(data, None)
-    from trl.data_utils import pack_dataset
-
     # Blocks no longer than the longest row: these kernels compute every block's full
     # block x block score matrix, so a longer block only adds masked-out work.
     block = min(cfg.max_length, max(len(r["input_ids"]) for r in data.train_rows))
@@ -972,11 +953,7 @@ def with_kd_index(data: Tokenized, collator: Any) -> Any:
     with -1 (kd.kd_collator); the collator unchanged otherwise."""
     if data.kd is None:
         return collator
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    from pipeline.kd import kd_collator
-
-    return kd_collator(collator or DataCollatorForLanguageModeling(data.tokenizer.pad_token_id))
+    return kd.kd_collator(collator or DataCollatorForLanguageModeling(data.tokenizer.pad_token_id))
 
 
 def report_to(cfg: FinetuneConfig) -> str:
@@ -1096,8 +1073,6 @@ def kd_summary(cfg: FinetuneConfig, data: Tokenized, history: list, final_eval: 
 
 def peak_memory() -> tuple[int, str]:
     """Peak memory of this process: the GPU's allocator when CUDA ran, else max RSS."""
-    import torch
-
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
     import resource
