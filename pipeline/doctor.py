@@ -316,8 +316,7 @@ def _snapshot(src_path: Path, scratch: Path) -> bytes:
 
 def recover(src_path: Path, dst_path: Path, report: DoctorReport) -> None:
     """Copy every decodable row of every page of `src_path` into a new store file."""
-    if dst_path.exists():
-        dst_path.unlink()
+    dst_path.unlink(missing_ok=True)
     create_store_file(dst_path)
     dst = sqlite3.connect(dst_path, isolation_level=None)
     try:

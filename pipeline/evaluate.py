@@ -52,7 +52,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.hardware import native_bf16
 from pipeline.outdir import claim
 from pipeline.reasoning import split_think
-from pipeline.verify import MODES
+from pipeline.verify import MODES, answers_match, check_prompt, extract_answer
 
 
 class EvalConfig(StageConfig):
@@ -637,8 +637,6 @@ class Verification:
 
     def check(self, text: str, reference: str | None, prompt_id: str) -> bool | None:
         """Is the final answer of `text` the reference? None when there is no reference."""
-        from pipeline.verify import check_prompt
-
         if reference is None:
             return None
         v = check_prompt(
@@ -691,8 +689,6 @@ def score(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(summary metrics, one record per prompt) for one student. Every comparison reads final
     answers on both sides: the student's and the teacher's traces are cut off first."""
-    from pipeline.verify import answers_match, extract_answer
-
     patterns = ver.patterns
     per: list[dict[str, Any]] = []
     for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
@@ -925,8 +921,7 @@ def _diff(d: dict[str, Any] | None, spec: str) -> str:
         return "–"
     if "%" in spec:
         return "{:+.1f} pts [{:+.1f}, {:+.1f}]".format(*(100 * x for x in (d["diff"], *d["ci"])))
-    f = "{:+.3f}"
-    return f"{f.format(d['diff'])} [{f.format(d['ci'][0])}, {f.format(d['ci'][1])}]"
+    return "{:+.3f} [{:+.3f}, {:+.3f}]".format(d["diff"], *d["ci"])
 
 
 def _rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str, str, str]]:

@@ -155,8 +155,7 @@ class FinetuneConfig(StageConfig):
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Inputs
+# -- Inputs ----------------------------------------------------------------------------------------
 
 
 def resolve_student(student: str, trust_remote_code: bool) -> Any:
@@ -188,8 +187,7 @@ def resolve_student(student: str, trust_remote_code: bool) -> Any:
         ) from None
 
 
-# ---------------------------------------------------------------------------------------------
-# Chat template: which tokens carry the loss
+# -- Chat template: which tokens carry the loss ----------------------------------------------------
 
 
 def training_template(tokenizer) -> tuple[str, str]:
@@ -394,8 +392,7 @@ def tokenize_split(
     return rows, pids
 
 
-# ---------------------------------------------------------------------------------------------
-# Model
+# -- Model -----------------------------------------------------------------------------------------
 
 
 def packing_keeps_sequences_apart(model) -> bool:
@@ -481,8 +478,7 @@ def load_student(
     return model
 
 
-# ---------------------------------------------------------------------------------------------
-# The trainer: where the loss is computed
+# -- The trainer: where the loss is computed -------------------------------------------------------
 
 
 class DistillTrainer(SFTTrainer):
@@ -559,8 +555,7 @@ class DistillTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-# ---------------------------------------------------------------------------------------------
-# The stage: plan, prepare data, load the student, build the trainer, train, report
+# -- The stage: plan, prepare data, load the student, build the trainer, train, report -------------
 
 
 @dataclass
