@@ -430,10 +430,8 @@ def apply_filters(
         elif cfg.filters.near_duplicate and any(
             _jaccard(grams, g) >= cfg.near_duplicate_threshold for _, g in earlier
         ):
-            r.removed_by, r.reason = (
-                "near_duplicate",
-                f"similarity >= {cfg.near_duplicate_threshold:g}",
-            )
+            r.removed_by = "near_duplicate"
+            r.reason = f"similarity >= {cfg.near_duplicate_threshold:g}"
         else:
             earlier.append((text, grams))
 
@@ -461,14 +459,12 @@ def select(cfg: BuildConfig, rows: list[Row]) -> None:
             by_prompt[pid] = [r for r in group if r.removed_by is None]
     if cfg.select == "all":
         return
+    why = f"beyond the {cfg.select} {cfg.per_prompt} per prompt"
     for group in by_prompt.values():
         if cfg.select == "best":  # verified first, then the shortest target; ties keep store order
             group = sorted(group, key=lambda r: (rank[r.verified], r.answer_len + r.reasoning_len))
         for r in group[cfg.per_prompt :]:
-            r.removed_by, r.reason = (
-                "not_selected",
-                f"beyond the {cfg.select} {cfg.per_prompt} per prompt",
-            )
+            r.removed_by, r.reason = "not_selected", why
 
 
 EVAL_NAMES = {"eval", "test", "validation", "valid", "dev"}

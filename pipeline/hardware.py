@@ -119,10 +119,9 @@ def detect_hardware() -> Hardware:
         count = torch.cuda.device_count()
         props = [torch.cuda.get_device_properties(i) for i in range(count)]
         smallest = min(props, key=lambda p: p.total_memory)
+        bnb = True
         try:
             import bitsandbytes  # noqa: F401
-
-            bnb = True
         except Exception:  # not installed, or installed without a CUDA build
             bnb = False
         return Hardware(
