@@ -582,11 +582,8 @@ def heldout_teacher_kl(model, tok, prompts: list[Prompt], cfg: EvalConfig) -> fl
             def padded(key: str, fill: int) -> torch.Tensor:
                 return torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in batch])  # noqa: B023
 
-            ids, labels, index = (
-                padded("input_ids", 0),
-                padded("labels", -100),
-                padded("kd_index", -1),
-            )
+            ids, labels = padded("input_ids", 0), padded("labels", -100)
+            index = padded("kd_index", -1)
             lengths = torch.tensor([[len(r["input_ids"])] for r in batch])
             mask = torch.arange(width) < lengths  # right padding, masked out
             logits = model(input_ids=ids.to(device), attention_mask=mask.long().to(device)).logits
@@ -1013,8 +1010,7 @@ def write_markdown(report: dict[str, Any], path: Path, loss_plot: bool) -> None:
         "| metric | base | fine-tuned | teacher | better when | fine-tuned − base [95% CI] | verdict |",
         "|---|---:|---:|---:|---|---|---|",
     ]
-    for row in _rows(report):
-        out.append("| " + " | ".join(row) + " |")
+    out += ["| " + " | ".join(row) + " |" for row in _rows(report)]
     out += [
         "",
         f"{accuracy_intervals(report)}. A difference's interval is a paired bootstrap over prompts "
