@@ -793,49 +793,61 @@ def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
 
 
 # Per-prompt values whose base -> fine-tuned difference gets an interval, and which way is better.
-PAIRED = {
-    "accuracy": ("correct", "higher"),
-    "teacher_match": ("teacher_match", "higher"),
-    "rouge_l": ("rouge_l", "higher"),
-    "nll": ("nll", "lower"),
-    "format_compliance": ("format_ok", "higher"),
-    "judge_score": ("judge", "higher"),
-    "hit_max_tokens": ("hit_max_tokens", "lower"),
+PAIRED = {  # metric -> (per-prompt field, which way is better, weight field or None)
+    "accuracy": ("correct", "higher", None),
+    "teacher_match": ("teacher_match", "higher", None),
+    "rouge_l": ("rouge_l", "higher", None),
+    # NLL is shown token-weighted over all teacher answers: its difference is weighted the same
+    # way, so the interval is about the very difference of the two numbers in the table.
+    "nll": ("nll", "lower", "nll_tokens"),
+    "format_compliance": ("format_ok", "higher", None),
+    "judge_score": ("judge", "higher", None),
+    "hit_max_tokens": ("hit_max_tokens", "lower", None),
 }
 
 
 def paired_difference(
-    base: list[float], tuned: list[float], better: str, resamples: int, seed: int
+    base: list[float],
+    tuned: list[float],
+    better: str,
+    resamples: int,
+    seed: int,
+    weights: list[float] | None = None,
 ) -> dict[str, Any]:
-    """fine-tuned - base, averaged over prompts, with a 95% paired bootstrap interval (prompts
-    resampled with replacement, `resamples` times, seeded). "better" or "worse" only when the
-    interval excludes zero; otherwise "no clear difference"."""
+    """fine-tuned - base, averaged over prompts (weighted by `weights` when given), with a 95%
+    paired bootstrap interval (prompts resampled with replacement, `resamples` times, seeded).
+    "better" or "worse" only when the interval excludes zero; otherwise "no clear difference"."""
     import numpy as np
 
     d = np.asarray(tuned, dtype=float) - np.asarray(base, dtype=float)
+    w = np.ones_like(d) if weights is None else np.asarray(weights, dtype=float)
     rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+    idx = rng.integers(0, len(d), size=(resamples, len(d)))
+    means = (d[idx] * w[idx]).sum(axis=1) / np.maximum(w[idx].sum(axis=1), 1e-12)
     low, high = (float(x) for x in np.percentile(means, [2.5, 97.5]))
     sign = 1 if better == "higher" else -1
     if low > 0 or high < 0:  # the interval excludes zero
         verdict = "better" if sign * low > 0 else "worse"
     else:
         verdict = "no clear difference"
-    return {"diff": float(d.mean()), "ci": [low, high], "n": len(d), "verdict": verdict}
+    diff = float((d * w).sum() / max(float(w.sum()), 1e-12))
+    return {"diff": diff, "ci": [low, high], "n": len(d), "verdict": verdict}
 
 
 def differences(per: dict[str, list[dict[str, Any]]], cfg: EvalConfig) -> dict[str, Any]:
     """Each paired metric's base -> fine-tuned difference over the prompts both have a value for."""
     out: dict[str, Any] = {}
-    for key, (field_name, better) in PAIRED.items():
+    for key, (field_name, better, weight) in PAIRED.items():
         pairs = [
-            (float(b[field_name]), float(f[field_name]))
+            (float(b[field_name]), float(f[field_name]), float(b[weight]) if weight else 1.0)
             for b, f in zip(per["base"], per["finetuned"], strict=True)
             if b.get(field_name) is not None and f.get(field_name) is not None
         ]
         if pairs:
-            base, tuned = zip(*pairs, strict=True)
-            out[key] = paired_difference(list(base), list(tuned), better, cfg.bootstrap, cfg.seed)
+            base, tuned, w = zip(*pairs, strict=True)
+            out[key] = paired_difference(
+                list(base), list(tuned), better, cfg.bootstrap, cfg.seed, list(w)
+            )
     return out
 
 

@@ -222,6 +222,10 @@ def test_metrics_in_range(report: dict[str, Any]) -> None:
         assert d["ci"][0] <= d["diff"] <= d["ci"][1], key
         assert d["verdict"] in ("better", "worse", "no clear difference")
     assert report["differences"]["accuracy"]["n"] == 3  # prompts with a reference
+    # Each difference is the difference of the two numbers the table shows (NLL token-weighted).
+    for key in ("nll", "accuracy", "rouge_l"):
+        shown = report["metrics"]["finetuned"][key] - report["metrics"]["base"][key]
+        assert report["differences"][key]["diff"] == pytest.approx(shown), key
 
 
 def test_unreachable_reference_is_never_correct(report: dict[str, Any]) -> None:
