@@ -431,7 +431,9 @@ class Store:
                 (
                     resp.prompt_id,
                     content_hash(resp.messages),
-                    self.prompt_sources.get(resp.prompt_id),
+                    # popped: once one answer is in, the prompts row exists (a chunked harvest
+                    # adds the sources of each chunk's rows, this keeps the dict small)
+                    self.prompt_sources.pop(resp.prompt_id, None),
                     resp.created_at,
                 ),
             )
@@ -473,6 +475,17 @@ class Store:
         with self._reading():
             return {r[0] for r in self.db.execute("SELECT key FROM responses")}
 
+    def done_among(self, keys: list[str]) -> set[str]:
+        """The ones of `keys` stored: a harvest asks chunk by chunk, never loading every key."""
+        sql = "SELECT key FROM responses WHERE key IN (SELECT value FROM json_each(?))"
+        with self._reading():
+            return {r[0] for r in self.db.execute(sql, (json.dumps(keys),))}
+
+    def is_current(self) -> bool:
+        """Whether the schema is this distill's (no migration left to run)."""
+        with self._reading():
+            return bool(self.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS))
+
     def count(self) -> int:
         with self._reading():
             return int(self.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
@@ -495,11 +508,15 @@ class Store:
                     raise damaged(self.path, f"row {row['key']!r}: {first}") from None
                 yield resp
 
-    def prompt_hashes(self) -> dict[str, str]:
-        """Each prompt id's current content hash ({} for a store from before they were kept)."""
+    def prompt_hashes(self, ids: list[str] | None = None) -> dict[str, str]:
+        """Each prompt id's current content hash, of `ids` or all ({} for a store from before
+        they were kept)."""
+        sql, args = "SELECT id, hash FROM prompts", []
+        if ids is not None:
+            sql, args = sql + " WHERE id IN (SELECT value FROM json_each(?))", [json.dumps(ids)]
         with self._reading():
             try:
-                return dict(self.db.execute("SELECT id, hash FROM prompts").fetchall())
+                return dict(self.db.execute(sql, args).fetchall())
             except sqlite3.OperationalError as e:
                 if "no such table" in str(e):  # a read-only store of schema 1 to 3
                     return {}
