@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -299,7 +300,9 @@ def routes_to(cfg: HarvestConfig, teachers: list[TeacherConfig], row: PromptRow)
 
 def store_key(t: TeacherConfig, row: PromptRow, params: dict[str, Any], sample: int) -> str:
     """The store key of one sample of a prompt at a teacher (online and batch alike)."""
-    return request_key(t.base_url, t.model or "", row.messages, params, sample)
+    return request_key(
+        t.base_url, t.model or "", row.messages, params, sample, row.messages_json or None
+    )
 
 
 @dataclass
@@ -332,7 +335,11 @@ def plan(
             row for row in rows if cfg.routing == "all" or t.label in routes_to(cfg, everyone, row)
         ]
         wanted = [[store_key(t, row, params, i) for i in range(cfg.samples)] for row in routed]
-        found = done if isinstance(done, set) else done.done_among(sum(wanted, []))
+        found = (
+            done
+            if isinstance(done, set)
+            else done.done_among(list(itertools.chain.from_iterable(wanted)))
+        )
         for row, keys in zip(routed, wanted):
             missing = [i for i, k in enumerate(keys) if k not in found]
             waiting = [i for i in missing if keys[i] in in_batch]

@@ -15,6 +15,7 @@ template changes). Rows whose final request messages are identical are sent once
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import sqlite3
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.errors import InputError
-from pipeline.record import content_hash
+from pipeline.record import canonical_json, content_hash
 
 T = TypeVar("T")
 KNOWN_KEYS = {"id", "prompt", "messages", "reference", "meta"}
@@ -41,7 +42,10 @@ class PromptRow:
     source: str  # "file:line", for error messages
     reference: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-    digest: str = ""  # content_hash(messages), set by the reader: its identity in the store
+    # set by the reader: canonical_json(messages), made once for the hashes below and the store
+    # keys; and content_hash(messages), the prompt's identity in the store
+    messages_json: str = field(default="", repr=False)
+    digest: str = ""
 
 
 def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
@@ -270,6 +274,8 @@ def read_text_arg(inline: str | None, path: Path | None, what: str) -> str | Non
 # Rows are checked against those before them this many at a time: what the reader holds in
 # memory is about this many rows, whatever the size of the files.
 CHUNK = 2000
+# The page cache of the reader's temporary deduplication file: past it, pages go to disk.
+SEEN_CACHE_MB = 64
 
 
 def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -315,17 +321,21 @@ class PromptReader:
 
     def _row(self, src: str, raw: Any) -> PromptRow:
         row = to_row(raw, src, system_prompt=self.system_prompt, user_template=self.user_template)
-        row.digest = content_hash(row.messages)
+        row.messages_json = canonical_json(row.messages)
+        row.digest = hashlib.sha256(row.messages_json.encode("utf-8")).hexdigest()[:32]
         return row
 
     def __iter__(self) -> Iterator[PromptRow]:
         self.dropped, self.count, self.conflicts, self.kept = 0, 0, [], bytearray()
         seen = sqlite3.connect("")  # a private temporary file, deleted when closed
         try:
+            # nothing to keep after a crash: no journal; a bounded cache (SEEN_CACHE_MB)
+            seen.execute("PRAGMA journal_mode=OFF")
+            seen.execute(f"PRAGMA cache_size=-{SEEN_CACHE_MB * 1024}")
             seen.execute(
-                "CREATE TABLE texts (digest TEXT PRIMARY KEY, id TEXT, reference TEXT, source TEXT)"
+                "CREATE TABLE texts (digest TEXT PRIMARY KEY, id TEXT UNIQUE, reference TEXT, "
+                "source TEXT) WITHOUT ROWID"
             )
-            seen.execute("CREATE TABLE ids (id TEXT PRIMARY KEY, digest TEXT, source TEXT)")
             records = self._records()
             while self.limit is None or self.count < self.limit:
                 # never more rows than the limit still allows: no record past it is read
@@ -341,26 +351,27 @@ class PromptReader:
             raise InputError(f"{names}: no prompts found (empty file?); add prompt rows")
 
     def _dedup(self, seen: sqlite3.Connection, chunk: list[PromptRow]) -> Iterator[PromptRow]:
-        """The rows of `chunk` not asked before, checked against earlier chunks and each other."""
-        query = "SELECT {} FROM {} WHERE {} IN (SELECT value FROM json_each(?))"
-        digests = json.dumps([r.digest for r in chunk])
+        """The rows of `chunk` not asked before, checked against earlier chunks and each other.
+        One query and one insert a chunk: an id that an earlier chunk gave other text is caught
+        by the UNIQUE id (or, on a row dropped as a duplicate, by asking)."""
         texts: dict[str, tuple[str, str | None, str]] = {
             d: (i, ref, src)
             for d, i, ref, src in seen.execute(
-                query.format("digest, id, reference, source", "texts", "digest"), (digests,)
+                "SELECT digest, id, reference, source FROM texts "
+                "WHERE digest IN (SELECT value FROM json_each(?))",
+                (json.dumps([r.digest for r in chunk]),),
             )
         }
-        ids = json.dumps([r.id for r in chunk])
-        owners: dict[str, tuple[str, str]] = {
-            i: (src, d)
-            for i, d, src in seen.execute(query.format("id, digest, source", "ids", "id"), (ids,))
-        }
+        owners: dict[str, tuple[str, str]] = {}  # id -> (source, digest), this chunk's
         new = []
         for row in chunk:
-            if row.id in owners and owners[row.id][1] != row.digest:
+            owner = owners.get(row.id)
+            if row.digest in texts and texts[row.digest][0] != row.id and owner is None:
+                owner = self._owner(seen, row.id)
+            if owner is not None and owner[1] != row.digest:
                 raise InputError(
                     f"{row.source}: prompt id {row.id!r} is also used by a different prompt at "
-                    f"{owners[row.id][0]}; ids must be unique"
+                    f"{owner[0]}; ids must be unique"
                 )
             if row.digest in texts:
                 first_id, first_ref, first_src = texts[row.digest]
@@ -380,15 +391,27 @@ class PromptReader:
             owners[row.id] = (row.source, row.digest)
             new.append(row)
             self.kept.append(1)
-        seen.executemany(
-            "INSERT INTO texts VALUES (?, ?, ?, ?)",
-            [(r.digest, r.id, r.reference, r.source) for r in new],
-        )
-        seen.executemany(
-            "INSERT OR IGNORE INTO ids VALUES (?, ?, ?)", [(r.id, r.digest, r.source) for r in new]
-        )
+        try:
+            seen.executemany(
+                "INSERT INTO texts VALUES (?, ?, ?, ?)",
+                [(r.digest, r.id, r.reference, r.source) for r in new],
+            )
+        except sqlite3.IntegrityError:  # an id an earlier chunk gave other text: which one
+            for row in new:
+                owner = self._owner(seen, row.id)
+                if owner is not None and owner[1] != row.digest:
+                    raise InputError(
+                        f"{row.source}: prompt id {row.id!r} is also used by a different prompt "
+                        f"at {owner[0]}; ids must be unique"
+                    ) from None
+            raise
         self.count += len(new)
         yield from new
+
+    @staticmethod
+    def _owner(seen: sqlite3.Connection, pid: str) -> tuple[str, str] | None:
+        found = seen.execute("SELECT source, digest FROM texts WHERE id = ?", (pid,)).fetchone()
+        return None if found is None else (found[0], found[1])
 
     def again(self) -> Iterator[PromptRow]:
         """The rows kept by the last full iteration, read again (no checks: they passed)."""

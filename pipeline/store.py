@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -195,19 +196,23 @@ _JSON_COLUMNS = ("params", "messages", "meta")
 
 
 def request_key(
-    base_url: str, model: str, messages: list[dict], params: dict, sample_index: int
+    base_url: str,
+    model: str,
+    messages: list[dict],
+    params: dict,
+    sample_index: int,
+    messages_json: str | None = None,
 ) -> str:
-    """The store key: what was asked, of whom, and which sample."""
-    return content_hash(
-        {
-            "endpoint": base_url.rstrip("/"),
-            "model": model,
-            "messages": messages,
-            "params": params,
-            "sample": sample_index,
-        },
-        length=40,
+    """The store key: what was asked, of whom, and which sample: content_hash of
+    {"endpoint", "messages", "model", "params", "sample"}. Written out in that (sorted) order so
+    that `messages_json`, canonical_json(messages) when the caller has it, is not made again:
+    the same text, so the same key (tests check)."""
+    head = canonical_json(base_url.rstrip("/"))
+    text = (
+        f'{{"endpoint":{head},"messages":{messages_json or canonical_json(messages)},'
+        f'"model":{canonical_json(model)},"params":{canonical_json(params)},"sample":{int(sample_index)}}}'
     )
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:40]
 
 
 def _friendly(e: sqlite3.Error | OSError | UnicodeDecodeError, path: Path) -> StoreError:

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.export import EXPORT_COLUMNS, export
 from pipeline.harvest import HarvestConfig, harvest
-from pipeline.record import unpack_logprobs
+from pipeline.record import canonical_json, content_hash, unpack_logprobs
 from pipeline.store import Store, request_key
 from tests.conftest import (
     arithmetic_rows,
@@ -169,6 +169,21 @@ def test_seed_is_per_prompt_stable_and_keys_keep_the_configured_seed(
         assert r["params"]["seed"] == 7
         assert r["key"] == request_key(
             server.url, "teacher-x", r["messages"], params, r["sample_index"]
+        )
+    # the key written out is content_hash of the dict, as runs harvested before were keyed
+    msgs = [{"role": "user", "content": 'Ünïcode "quoted" \u2028 {x}', "extra": [1, 2.5, None]}]
+    for mj in (None, canonical_json(msgs)):
+        assert request_key(server.url + "/", "m", msgs, {"b": 1, "a": [True]}, 3, mj) == (
+            content_hash(
+                {
+                    "endpoint": server.url,
+                    "model": "m",
+                    "messages": msgs,
+                    "params": {"b": 1, "a": [True]},
+                    "sample": 3,
+                },
+                length=40,
+            )
         )
 
 
