@@ -36,6 +36,7 @@ from pipeline.errors import (
     DistillError,
     InputError,
     PromptRejected,
+    StoreError,
     TeacherError,
     TransientError,
     Unreachable,
@@ -44,7 +45,7 @@ from pipeline.probe import ProbeResult, probe, read_probe
 from pipeline.prompts import CHUNK, PromptReader, PromptRow, chunks, read_text_arg
 from pipeline.ratelimit import retrying
 from pipeline.record import content_hash
-from pipeline.store import STORE_FILE, Store, open_run, request_key
+from pipeline.store import STORE_FILE, Store, open_run, request_key, request_keys
 from pipeline.teacher import (
     Completion,
     Teacher,
@@ -334,7 +335,11 @@ def plan(
         routed = [
             row for row in rows if cfg.routing == "all" or t.label in routes_to(cfg, everyone, row)
         ]
-        wanted = [[store_key(t, row, params, i) for i in range(cfg.samples)] for row in routed]
+        key = request_keys(t.base_url, t.model or "", params)
+        wanted = [
+            [key(row.messages, i, row.messages_json or None) for i in range(cfg.samples)]
+            for row in routed
+        ]
         found = (
             done
             if isinstance(done, set)
@@ -903,11 +908,17 @@ def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
     summary.teachers = [t.label for t in cfg.all_teachers()]
     surveyed = False
     changed: list[tuple[str, str, str]] = []
-    if (Path(cfg.out) / STORE_FILE).exists():
-        with Store(cfg.out, readonly=True) as seen:
-            if cfg.dry_run or seen.is_current():  # else: migrated first, surveyed after
-                changed, work = survey(cfg, reader, seen, summary)
-                surveyed = True
+    path = Path(cfg.out) / STORE_FILE
+    if path.is_file() and path.stat().st_size > 0:
+        try:
+            with Store(cfg.out, readonly=True) as seen:
+                if cfg.dry_run or seen.is_current():  # else: migrated first, surveyed after
+                    changed, work = survey(cfg, reader, seen, summary)
+                    surveyed = True
+        except StoreError:
+            if cfg.dry_run:
+                raise
+            surveyed = False  # a damaged store: opening it to write says what to do
     if not surveyed:
         changed, work = survey(cfg, reader, None, summary)
     warn_conflicts(reader.conflicts)

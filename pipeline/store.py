@@ -32,7 +32,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,16 +203,24 @@ def request_key(
     sample_index: int,
     messages_json: str | None = None,
 ) -> str:
-    """The store key: what was asked, of whom, and which sample: content_hash of
-    {"endpoint", "messages", "model", "params", "sample"}. Written out in that (sorted) order so
-    that `messages_json`, canonical_json(messages) when the caller has it, is not made again:
-    the same text, so the same key (tests check)."""
-    head = canonical_json(base_url.rstrip("/"))
-    text = (
-        f'{{"endpoint":{head},"messages":{messages_json or canonical_json(messages)},'
-        f'"model":{canonical_json(model)},"params":{canonical_json(params)},"sample":{int(sample_index)}}}'
-    )
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:40]
+    """The store key: what was asked, of whom, and which sample (see `request_keys`)."""
+    return request_keys(base_url, model, params)(messages, sample_index, messages_json)
+
+
+def request_keys(base_url: str, model: str, params: dict) -> Callable[..., str]:
+    """The store key function of one teacher and its params: (messages, sample_index,
+    messages_json=None) -> content_hash of {"endpoint", "messages", "model", "params", "sample"}.
+    Written out in that (sorted) order, the parts that do not change made once, and
+    `messages_json` (canonical_json(messages), when the caller has it) not made again: the same
+    text as the dict's, so the same keys (tests check)."""
+    head = f'{{"endpoint":{canonical_json(base_url.rstrip("/"))},"messages":'
+    tail = f',"model":{canonical_json(model)},"params":{canonical_json(params)},"sample":'
+
+    def key(messages: list[dict], sample_index: int, messages_json: str | None = None) -> str:
+        text = f"{head}{messages_json or canonical_json(messages)}{tail}{int(sample_index)}}}"
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:40]
+
+    return key
 
 
 def _friendly(e: sqlite3.Error | OSError | UnicodeDecodeError, path: Path) -> StoreError:
