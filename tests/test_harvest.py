@@ -187,6 +187,28 @@ def test_seed_is_per_prompt_stable_and_keys_keep_the_configured_seed(
         )
 
 
+def test_chunked_planning_sends_exactly_the_missing_keys(
+    server: OpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prompts are checked and planned 3 at a time: half of them stored already, the rest (and
+    # only the rest) is asked, across chunk boundaries, and a rerun sends nothing.
+    monkeypatch.setattr("pipeline.harvest.CHUNK", 3)
+    monkeypatch.setattr("pipeline.prompts.CHUNK", 3)
+    rows = arithmetic_rows(10)
+    first = write_jsonl(tmp_path / "a.jsonl", rows[::2])
+    run = tmp_path / "run"
+    assert harvest(cfg(server, first, run, samples=2), pretty=False).completed == 10
+    sent = server.requests
+    p = write_jsonl(tmp_path / "p.jsonl", rows)
+    s = harvest(cfg(server, p, run, samples=2, concurrency=2), pretty=False)
+    assert (s.total, s.already_done, s.completed, s.exit_code) == (20, 10, 10, 0)
+    assert server.requests - sent == 5  # n=2: one request per new prompt
+    stored = sorted((r["prompt_id"], r["sample_index"]) for r in rows_of(run))
+    assert stored == sorted((f"q{i}", k) for i in range(10) for k in range(2))
+    again = harvest(cfg(server, p, run, samples=2), pretty=False)
+    assert again.already_done == 20 and again.completed == 0 and server.requests - sent == 5
+
+
 @pytest.mark.parametrize("supports_n", [True, False])
 def test_samples_use_n_or_fall_back_to_separate_requests(
     server: OpenAIServer, tmp_path: Path, supports_n: bool
