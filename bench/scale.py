@@ -1,7 +1,7 @@
 """Scale: harvest, rerun, build and export at growing N against the zero-latency test server,
 each stage in its own process; time, answers/s and peak RSS per stage, and the growth ratios.
 
-    .venv/bin/python -m bench.scale [--sizes 10000 100000] [--million] [--keep DIR]
+    .venv/bin/python -m bench.scale [--sizes 10000 100000] [--million] [--runs DIR] [--harvest-only]
 
 Goals (issue 13): build and export peak RSS at the largest N <= 1.3 x at the smallest (and < 1 GB
 at 1M); harvest answers/s at the largest >= 0.8 x at the smallest; a rerun of a finished run sends
@@ -50,7 +50,7 @@ def _run(args: list[str]) -> dict:
     return {"s": round(seconds, 2), "rss_mb": _rss_mb(usage), "stdout": out.decode()}
 
 
-def one_size(n: int, url: str, root: Path, reuse: bool) -> dict:
+def one_size(n: int, url: str, root: Path, reuse: bool, stages: tuple[str, ...]) -> dict:
     prompts = root / f"p-{n}.jsonl"
     run = root / f"run-{n}"
     res: dict = {"n": n}
@@ -77,6 +77,8 @@ def one_size(n: int, url: str, root: Path, reuse: bool) -> dict:
         "build": ["build", str(run), "--to", str(root / f"ds-{n}")],
         "export": ["export", str(run), "--to", str(root / f"ex-{n}"), "--format", "parquet"],
     }.items():
+        if name not in stages:
+            continue
         r = _run(args)
         res[name] = {"s": r["s"], "rss_mb": r["rss_mb"], "rows_per_s": round(n / r["s"], 1)}
         shutil.rmtree(root / f"ds-{n}" if name == "build" else root / f"ex-{n}", ignore_errors=True)
@@ -84,7 +86,11 @@ def one_size(n: int, url: str, root: Path, reuse: bool) -> dict:
     return res
 
 
-def main(sizes: list[int] | None = None, runs: Path | None = None) -> dict:
+def main(
+    sizes: list[int] | None = None,
+    runs: Path | None = None,
+    stages: tuple[str, ...] = ("build", "export"),
+) -> dict:
     sizes = sorted(sizes or [10_000, 100_000])
     root = runs or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -93,7 +99,7 @@ def main(sizes: list[int] | None = None, runs: Path | None = None) -> dict:
     try:
         with server_process() as url:
             for n in sizes:
-                results.append(one_size(n, url, root, reuse))
+                results.append(one_size(n, url, root, reuse, stages))
     finally:
         if runs is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -101,7 +107,7 @@ def main(sizes: list[int] | None = None, runs: Path | None = None) -> dict:
     ratios = {
         f"{name}_rss_{hi['n']}/{lo['n']}": round(hi[name]["rss_mb"] / lo[name]["rss_mb"], 2)
         for name in ("build", "export", "harvest")
-        if name in hi
+        if name in hi and name in lo
     }
     if "harvest" in hi:
         ratios[f"harvest_per_s_{hi['n']}/{lo['n']}"] = round(
@@ -119,5 +125,9 @@ if __name__ == "__main__":
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--million", action="store_true", help="add N = 1,000,000 (tens of minutes)")
     ap.add_argument("--runs", type=Path, help="keep the runs here (reused when present)")
+    ap.add_argument(
+        "--harvest-only", action="store_true", help="harvest and rerun; no build or export"
+    )
     a = ap.parse_args()
-    main([*a.sizes, *([1_000_000] if a.million else [])], a.runs)
+    stages = () if a.harvest_only else ("build", "export")
+    main([*a.sizes, *([1_000_000] if a.million else [])], a.runs, stages)

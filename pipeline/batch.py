@@ -373,7 +373,7 @@ class BatchRun:
                 wanted.add(key)
                 if key in done or key in out or key in self.refused:
                     continue
-                body = chat_body(t, row.messages, params, seed=sample_seed(hcfg, sample))
+                body = chat_body(t, row.messages, params, seed=sample_seed(hcfg, row, sample))
                 request = {  # one request per key (custom_id = key), shaped as online
                     "body": body,
                     "params": params,

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,15 +36,16 @@ from pipeline.errors import (
     DistillError,
     InputError,
     PromptRejected,
+    StoreError,
     TeacherError,
     TransientError,
     Unreachable,
 )
 from pipeline.probe import ProbeResult, probe, read_probe
-from pipeline.prompts import PromptRow, load_prompts, read_text_arg
+from pipeline.prompts import CHUNK, PromptReader, PromptRow, chunks, read_text_arg
 from pipeline.ratelimit import retrying
 from pipeline.record import content_hash
-from pipeline.store import Store, open_run, request_key
+from pipeline.store import STORE_FILE, Store, open_run, request_key, request_keys
 from pipeline.teacher import (
     Completion,
     Teacher,
@@ -93,7 +95,8 @@ class HarvestConfig(TeacherConfig):
     )
     stop: list[str] | None = Field(None, description="Stop sequences.")
     seed: int | None = Field(
-        None, description="Sampling seed; sample i of a prompt sent alone gets seed + i."
+        None,
+        description="Sampling seed. Each prompt's requests carry their own seed, a hash of this seed and the prompt id (+ i for sample i sent alone): reproducible, and not one random stream for every prompt.",
     )
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(
         None, description="For reasoning models that take it (OpenAI o-series, gpt-5)."
@@ -298,7 +301,9 @@ def routes_to(cfg: HarvestConfig, teachers: list[TeacherConfig], row: PromptRow)
 
 def store_key(t: TeacherConfig, row: PromptRow, params: dict[str, Any], sample: int) -> str:
     """The store key of one sample of a prompt at a teacher (online and batch alike)."""
-    return request_key(t.base_url, t.model or "", row.messages, params, sample)
+    return request_key(
+        t.base_url, t.model or "", row.messages, params, sample, row.messages_json or None
+    )
 
 
 @dataclass
@@ -314,22 +319,34 @@ class Plan:
 def plan(
     cfg: HarvestConfig,
     rows: list[PromptRow],
-    done: set[str],
-    in_batch: frozenset[str] = frozenset(),
+    done: set[str] | Store,
+    in_batch: Collection[str] = frozenset(),
     teachers: Iterable[TeacherConfig] | None = None,
 ) -> Plan:
     """Which (prompt, sample, teacher) keys are missing, as jobs; `routing` applies. Keys waiting
-    in an open Batch API batch are not paid for twice. `teachers` defaults to all of them."""
+    in an open Batch API batch are not paid for twice. `teachers` defaults to all of them. `done`
+    is a set of stored keys, or the store itself, asked about these rows' keys only (a harvest
+    plans a chunk of rows at a time)."""
     params = cfg.generation_params()
     everyone = cfg.all_teachers()
     result = Plan(jobs=[])
     for t in everyone if teachers is None else teachers:
         jobs = []
-        for row in rows:
-            if cfg.routing != "all" and t.label not in routes_to(cfg, everyone, row):
-                continue
-            keys = [store_key(t, row, params, i) for i in range(cfg.samples)]
-            missing = [i for i, k in enumerate(keys) if k not in done]
+        routed = [
+            row for row in rows if cfg.routing == "all" or t.label in routes_to(cfg, everyone, row)
+        ]
+        key = request_keys(t.base_url, t.model or "", params)
+        wanted = [
+            [key(row.messages, i, row.messages_json or None) for i in range(cfg.samples)]
+            for row in routed
+        ]
+        found = (
+            done
+            if isinstance(done, set)
+            else done.done_among(list(itertools.chain.from_iterable(wanted)))
+        )
+        for row, keys in zip(routed, wanted):
+            missing = [i for i, k in enumerate(keys) if k not in found]
             waiting = [i for i in missing if keys[i] in in_batch]
             result.total += cfg.samples
             result.already_done += cfg.samples - len(missing)
@@ -341,9 +358,15 @@ def plan(
     return result
 
 
-def sample_seed(cfg: HarvestConfig, sample: int) -> int | None:
-    """The seed of a sample sent alone: seed + i, so separate requests do not repeat sample 0."""
-    return None if cfg.seed is None or sample == 0 else cfg.seed + sample
+def sample_seed(cfg: HarvestConfig, row: PromptRow, sample: int) -> int | None:
+    """The seed a request for `sample` (and, with n, the samples after it) carries: a stable hash
+    of the configured seed and the prompt id, + the sample index. One seed for every prompt would
+    make a sampling server draw the same random stream for each: answers phrased alike across
+    prompts. The store key keeps the configured seed (`generation_params`): runs harvested before
+    are not asked again. Below 2**28 + 128: fits the 32-bit seeds of some servers."""
+    if cfg.seed is None:
+        return None
+    return int(content_hash([cfg.seed, row.id], length=7), 16) + sample
 
 
 class Harvest:
@@ -365,11 +388,11 @@ class Harvest:
 
     # -- what each endpoint supports ------------------------------------------------------------------
 
-    def learn_endpoints(self, jobs: list[tuple[TeacherConfig, list[Job]]]) -> None:
+    def learn_endpoints(self, jobs: list[tuple[TeacherConfig, bool]]) -> None:
         """What each teacher with work to do supports: a fresh `distill probe` result in the run
         directory, else, when logprobs are asked, one cheap request (max_tokens 1). Decides `n`
         vs separate requests, and stops the run before it pays for answers without the logprobs
-        asked for."""
+        asked for. `jobs`: each teacher, and whether it has work to do."""
         for t, todo in jobs:
             found = read_probe(Path(self.cfg.out), base_url=t.base_url, model=t.model)
             if found is None and todo and self.cfg.logprobs:
@@ -420,7 +443,7 @@ class Harvest:
 
     async def send(self, teacher: Teacher, job: Job, n: int) -> tuple[Completion, int]:
         """One logical request through the limiter and the retry policy. Returns (completion, attempts)."""
-        seed = sample_seed(self.cfg, job.samples[0]) if n == 1 else None
+        seed = sample_seed(self.cfg, job.row, job.samples[0])
         body = chat_body(
             teacher.cfg, job.row.messages, self.params, n=n, max_tokens=job.max_tokens, seed=seed
         )
@@ -485,11 +508,29 @@ class Harvest:
 
     # -- the worker pool ----------------------------------------------------------------------------
 
-    async def run_teacher(self, teacher: Teacher, jobs: list[Job]) -> None:
+    async def run_teacher(self, teacher: Teacher, feed: Iterable[list[Job]]) -> None:
+        """The teacher's workers, fed chunk by chunk: the queue holds a few chunks' jobs, never
+        the whole run's."""
         queue: asyncio.Queue[Job] = asyncio.Queue()
-        for job in jobs:
-            queue.put_nowait(job)
-        pending = [len(jobs)]  # jobs not finished (a job may requeue a remainder)
+        pending = [1]  # jobs not finished (a job may requeue a remainder), + 1 while fed
+
+        async def fill() -> None:
+            try:
+                for jobs in feed:  # planning a chunk of rows: milliseconds, on the event loop
+                    if self.stopping or self.fatal:
+                        return
+                    for job in jobs:
+                        pending[0] += 1
+                        queue.put_nowait(job)
+                    await asyncio.sleep(0)
+                    while queue.qsize() > 2 * teacher.cfg.concurrency:
+                        if self.stopping or self.fatal:
+                            return
+                        await asyncio.sleep(0.05)
+            except DistillError as e:  # the store cannot be read: stop all
+                self.fatal = self.fatal or e
+            finally:
+                pending[0] -= 1
 
         async def worker() -> None:
             while not self.stopping and not self.fatal:
@@ -507,7 +548,7 @@ class Harvest:
                 finally:
                     pending[0] -= 1
 
-        await asyncio.gather(*(worker() for _ in range(teacher.cfg.concurrency)))
+        await asyncio.gather(fill(), *(worker() for _ in range(teacher.cfg.concurrency)))
 
     async def do_job(
         self, teacher: Teacher, job: Job, queue: asyncio.Queue[Job], pending: list[int]
@@ -641,8 +682,9 @@ class Harvest:
 
     # -- the run -----------------------------------------------------------------------------------
 
-    async def run(self, jobs: list[tuple[TeacherConfig, list[Job]]]) -> None:
-        """Every teacher's jobs through its worker pool, until done, stopped or fatal."""
+    async def run(self, jobs: list[tuple[TeacherConfig, Iterable[list[Job]]]]) -> None:
+        """Every teacher's jobs (chunks of them, planned as the workers need them) through its
+        worker pool, until done, stopped or fatal."""
         plans = []
         for tc, todo in jobs:
             teacher = Teacher(tc)
@@ -745,82 +787,167 @@ def run_loop(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
-def checked_rows(cfg: HarvestConfig) -> tuple[list[PromptRow], int, list[str]]:
-    """The prompt rows, how many duplicates were dropped and the conflicts among them (same text
-    under other ids or references: warned on stderr), with every input error raised before the
-    store is touched: a teacher without a model, a bad file, a row naming no teacher."""
-    teachers = cfg.all_teachers()
-    for t in teachers:
+def prompt_reader(cfg: HarvestConfig) -> PromptReader:
+    """The reader of the run's prompts, after the checks that need no prompt: a teacher without a
+    model, a system prompt or template file that cannot be read."""
+    for t in cfg.all_teachers():
         if not t.model:
             raise ConfigError(
                 "no teacher model: pass --model NAME or set model: in the harvest config"
             )
-    system = read_text_arg(cfg.system_prompt, cfg.system_prompt_file, "system prompt")
-    template = read_text_arg(cfg.user_template, cfg.user_template_file, "user template")
-    conflicts: list[str] = []
-    rows, dropped = load_prompts(
+    return PromptReader(
         list(cfg.prompts),
-        system_prompt=system,
-        user_template=template,
+        system_prompt=read_text_arg(cfg.system_prompt, cfg.system_prompt_file, "system prompt"),
+        user_template=read_text_arg(cfg.user_template, cfg.user_template_file, "user template"),
         limit=cfg.limit,
-        conflicts=conflicts,
     )
-    for row in rows:
-        routes_to(cfg, teachers, row)
+
+
+def warn_conflicts(conflicts: list[str]) -> None:
     for i, text in enumerate(conflicts, start=1):
         print(f"warning: prompt conflict {i}/{len(conflicts)}: {text}", file=sys.stderr)
-    return rows, dropped, conflicts
 
 
-def check_prompt_identity(cfg: HarvestConfig, store: Store, rows: list[PromptRow]) -> None:
+def checked_rows(cfg: HarvestConfig) -> tuple[list[PromptRow], int, list[str]]:
+    """The prompt rows in a list (the Batch API's harvest), how many duplicates were dropped and
+    the conflicts among them (warned on stderr), with every input error raised before the store
+    is touched: a teacher without a model, a bad file, a row naming no teacher."""
+    reader = prompt_reader(cfg)
+    rows = list(reader)
+    teachers = cfg.all_teachers()
+    for row in rows:
+        routes_to(cfg, teachers, row)
+    warn_conflicts(reader.conflicts)
+    return rows, reader.dropped, reader.conflicts
+
+
+def changed_prompts(store: Store, rows: list[PromptRow]) -> list[tuple[str, str, str]]:
+    """(id, content hash, source) of the rows whose id was harvested with other text."""
+    known = store.prompt_hashes([r.id for r in rows])
+    now = [(r.id, r.digest or content_hash(r.messages), r.source) for r in rows]
+    return [(pid, h, src) for pid, h, src in now if known.get(pid, h) != h]
+
+
+def settle_changed_prompts(
+    cfg: HarvestConfig, store: Store | None, changed: list[tuple[str, str, str]]
+) -> None:
     """Stop before sending anything when a prompt id now has other text than was harvested under
     it (build would mix the two); with replace_changed_prompts, the new text wins at once. A
-    prompt's text is otherwise recorded with its first answer (the store's add_response)."""
-    known = store.prompt_hashes()
-    now = [(r.id, content_hash(r.messages), r.source) for r in rows]
-    changed = [(pid, src) for pid, h, src in now if known.get(pid, h) != h]
+    prompt's text is otherwise recorded with its first answer (the store's add_response). `store`
+    None or read-only (a dry run): only the check."""
     if changed and not cfg.replace_changed_prompts:
-        pid, src = changed[0]
+        pid, _, src = changed[0]
         more = f" (and {len(changed) - 1} more ids)" if len(changed) > 1 else ""
         raise InputError(
             f"{src}: prompt id {pid!r} has other text than was harvested under it before{more}; "
             "give the new text a new id, or pass --replace-changed-prompts to harvest it and make "
             "`distill build` use only the new text"
         )
-    store.prompt_sources = {pid: src for pid, _, src in now}
-    if changed and not store.readonly:
-        store.replace_prompts([(pid, h, src) for pid, h, src in now if (pid, src) in changed])
-        for pid, src in changed:
+    if changed and store is not None and not store.readonly:
+        store.replace_prompts(changed)
+        for pid, _, src in changed:
             log.info("prompt %s: its text is now the one at %s", pid, src)
 
 
+def check_prompt_identity(cfg: HarvestConfig, store: Store, rows: list[PromptRow]) -> None:
+    """settle_changed_prompts for rows in a list (the Batch API's harvest)."""
+    settle_changed_prompts(cfg, store, changed_prompts(store, rows))
+    store.prompt_sources = {r.id: r.source for r in rows}
+
+
+def survey(
+    cfg: HarvestConfig, reader: PromptReader, store: Store | None, summary: Summary
+) -> tuple[list[tuple[str, str, str]], set[str]]:
+    """One pass over every prompt, a chunk at a time: every input error (a bad file, a row naming
+    no teacher) and the counts in `summary` (prompts, keys wanted and stored, estimates for a dry
+    run). Returns the prompts whose text changed (see settle_changed_prompts) and the teachers
+    with work left. `store` None: nothing is stored yet."""
+    in_batch = store.keys_in_open_batches() if store is not None else set()
+    changed: list[tuple[str, str, str]] = []
+    work: set[str] = set()
+    summary.total = summary.already_done = summary.in_open_batches = 0
+    for rows in chunks(reader, CHUNK):
+        if store is not None:
+            changed += changed_prompts(store, rows)
+        todo = plan(cfg, rows, store if store is not None else set(), in_batch)
+        summary.total += todo.total
+        summary.already_done += todo.already_done
+        summary.in_open_batches += todo.in_open_batches
+        for t, jobs in todo.jobs:
+            work |= {t.label} if jobs else set()
+            for job in jobs if cfg.dry_run else []:
+                p = estimate_tokens(job.row.messages) * len(job.samples)
+                out = (cfg.max_tokens or 1024) * len(job.samples)
+                summary.estimated_tokens += p + out
+                summary.estimated_cost_usd += cost(t, p, out)
+    summary.prompts, summary.duplicates_dropped = reader.count, reader.dropped
+    summary.prompt_conflicts = len(reader.conflicts)
+    summary.estimated_cost_usd = round(summary.estimated_cost_usd, 6)
+    return changed, work
+
+
+def feed(
+    cfg: HarvestConfig, reader: PromptReader, store: Store, t: TeacherConfig
+) -> Iterator[list[Job]]:
+    """Teacher `t`'s jobs, a chunk of prompts at a time, planned against the store as they are
+    needed: what a harvest holds does not grow with the number of prompts."""
+    in_batch = store.keys_in_open_batches()
+    for rows in chunks(reader.again(), CHUNK):
+        store.prompt_sources.update((r.id, r.source) for r in rows)
+        yield plan(cfg, rows, store, in_batch, [t]).jobs[0][1]
+
+
 def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
-    """Run a harvest (or a dry run) and return its summary. Raises DistillError on a user error."""
-    rows, dropped, conflicts = checked_rows(cfg)
-    summary = Summary(run_dir=str(cfg.out), prompts=len(rows), duplicates_dropped=dropped)
-    summary.prompt_conflicts = len(conflicts)
+    """Run a harvest (or a dry run) and return its summary. Raises DistillError on a user error.
+
+    The prompts are read in chunks, twice: a first pass checks them all (input errors, prompt
+    ids whose text changed, what is stored) before anything is sent or the store is written; the
+    second plans and sends, chunk by chunk. A rerun of a finished run stops after the first."""
+    reader = prompt_reader(cfg)
+    summary = Summary(run_dir=str(cfg.out), dry_run=cfg.dry_run)
     summary.teachers = [t.label for t in cfg.all_teachers()]
+    surveyed = False
+    changed: list[tuple[str, str, str]] = []
+    path = Path(cfg.out) / STORE_FILE
+    if path.is_file() and path.stat().st_size > 0:
+        try:
+            with Store(cfg.out, readonly=True) as seen:
+                if cfg.dry_run or seen.is_current():  # else: migrated first, surveyed after
+                    changed, work = survey(cfg, reader, seen, summary)
+                    surveyed = True
+        except StoreError:
+            if cfg.dry_run:
+                raise
+            surveyed = False  # a damaged store: opening it to write says what to do
+    if not surveyed:
+        changed, work = survey(cfg, reader, None, summary)
+    warn_conflicts(reader.conflicts)
     if cfg.dry_run:
-        return _dry_run(cfg, rows, summary)
+        settle_changed_prompts(cfg, None, changed)  # stops like the real run would
+        return summary
     # reloadable as it is: with teachers listed, the top-level teacher fields are not used
     unused = set(TeacherConfig.model_fields) if cfg.teachers else None
     with open_run(Path(cfg.out), log, dump_config(cfg, exclude=unused)) as store:
         log.info(
             "harvest start: %d prompts (%d duplicates dropped), teachers %s",
-            len(rows),
-            dropped,
+            summary.prompts,
+            summary.duplicates_dropped,
             summary.teachers,
         )
-        for text in conflicts:
+        for text in reader.conflicts:
             log.warning("prompt conflict: %s", text)
-        check_prompt_identity(cfg, store, rows)
+        if not surveyed and store.count():  # a store of an older schema, now migrated
+            changed, work = survey(cfg, reader, store, summary)
+        settle_changed_prompts(cfg, store, changed)
         h = Harvest(cfg, store, summary, sys.stderr.isatty() if pretty is None else pretty)
-        todo = plan(cfg, rows, store.done_keys(), frozenset(store.keys_in_open_batches()))
-        summary.total, summary.already_done = todo.total, todo.already_done
-        summary.in_open_batches = todo.in_open_batches
+        teachers = cfg.all_teachers()
         try:
-            h.learn_endpoints(todo.jobs)
-            run_loop(h.run(todo.jobs))
+            h.learn_endpoints([(t, t.label in work) for t in teachers])
+            run_loop(
+                h.run(
+                    [(t, feed(cfg, reader, store, t) if t.label in work else []) for t in teachers]
+                )
+            )
         except DistillError as e:  # the log tells the whole story, fatal errors included
             summary.status, summary.exit_code = "failed", e.exit_code
             log.error("harvest failed: %s", e)
@@ -844,25 +971,6 @@ def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
                 summary.status, summary.exit_code = "interrupted", EXIT_INTERRUPTED
         log.info("%s (exit %d)", summary.line(), summary.exit_code)
         return summary
-
-
-def _dry_run(cfg: HarvestConfig, rows: list[PromptRow], summary: Summary) -> Summary:
-    summary.dry_run = True
-    done: set[str] = set()
-    if (Path(cfg.out) / "store.sqlite").exists():
-        with Store(cfg.out, readonly=True) as store:
-            check_prompt_identity(cfg, store, rows)
-            done = store.done_keys()
-    todo = plan(cfg, rows, done)
-    summary.total, summary.already_done = todo.total, todo.already_done
-    for t, jobs in todo.jobs:
-        for job in jobs:
-            p = estimate_tokens(job.row.messages) * len(job.samples)
-            out = (cfg.max_tokens or 1024) * len(job.samples)
-            summary.estimated_tokens += p + out
-            summary.estimated_cost_usd += cost(t, p, out)
-    summary.estimated_cost_usd = round(summary.estimated_cost_usd, 6)
-    return summary
 
 
 def summary_json(summary: Summary) -> str:

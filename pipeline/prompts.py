@@ -15,16 +15,20 @@ template changes). Rows whose final request messages are identical are sent once
 from __future__ import annotations
 
 import csv
+import hashlib
+import itertools
 import json
+import sqlite3
 import string
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.errors import InputError
-from pipeline.record import content_hash
+from pipeline.record import canonical_json, content_hash
 
+T = TypeVar("T")
 KNOWN_KEYS = {"id", "prompt", "messages", "reference", "meta"}
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
@@ -38,6 +42,10 @@ class PromptRow:
     source: str  # "file:line", for error messages
     reference: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # set by the reader: canonical_json(messages), made once for the hashes below and the store
+    # keys; and content_hash(messages), the prompt's identity in the store
+    messages_json: str = field(default="", repr=False)
+    digest: str = ""
 
 
 def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
@@ -80,12 +88,16 @@ def _rows_csv(path: Path) -> Iterator[tuple[str, Any]]:
 def _rows_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
+    i = 0
     try:
-        table = pq.read_table(path)
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):  # not the whole table
+            for row in batch.to_pylist():
+                yield f"{path}[row {i}]", row
+                i += 1
     except Exception as e:  # pyarrow raises several types for a bad file
+        if isinstance(e, InputError):
+            raise
         raise InputError(f"{path}: not a readable Parquet file ({e}); check the file") from None
-    for i, row in enumerate(table.to_pylist()):
-        yield f"{path}[row {i}]", row
 
 
 def _rows_txt(path: Path) -> Iterator[tuple[str, Any]]:
@@ -110,10 +122,13 @@ def _rows_hf(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read(path: Path) -> Iterator[tuple[str, Any]]:
+    """(file:line, raw record) of one file, read as iterated (a file never sits in memory whole,
+    but for a .json array)."""
     if not path.exists():
         raise InputError(f"{path}: prompt file not found; check the --prompts path")
     if path.is_dir():
-        return _rows_hf(path)
+        yield from _rows_hf(path)
+        return
     suffix = path.suffix.lower()
     readers = {
         ".jsonl": _rows_jsonl,
@@ -125,7 +140,7 @@ def _read(path: Path) -> Iterator[tuple[str, Any]]:
     }
     try:
         reader = readers.get(suffix) or _sniff(path)
-        return iter(list(reader(path)))
+        yield from reader(path)
     except UnicodeDecodeError:
         raise InputError(f"{path}: not UTF-8 text; convert it or use .parquet") from None
     except PermissionError:
@@ -256,6 +271,155 @@ def read_text_arg(inline: str | None, path: Path | None, what: str) -> str | Non
         raise InputError(f"{path}: cannot read {what} file ({e.strerror})") from None
 
 
+# Rows are checked against those before them this many at a time: what the reader holds in
+# memory is about this many rows, whatever the size of the files.
+CHUNK = 2000
+# The page cache of the reader's temporary deduplication file: past it, pages go to disk.
+SEEN_CACHE_MB = 64
+
+
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """`items` in lists of `size` (the last one shorter)."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+class PromptReader:
+    """The rows of prompt files, in order, without exact duplicates, read as they are iterated:
+    memory does not grow with the files (what deduplication must remember, each prompt's text hash
+    and id, lives in a temporary SQLite file, and `kept` is one byte a record).
+
+    A row asking the same as an earlier one (same request messages) is dropped (`dropped`); under
+    another id or reference, that is a conflict, described in `conflicts` for a warning. An id
+    used by two different prompts is an error. `limit` keeps the first N unique rows. Iterate once
+    to check and read everything; `again()` re-reads the rows kept, without the checks.
+    """
+
+    def __init__(
+        self,
+        paths: list[Path],
+        *,
+        system_prompt: str | None = None,
+        user_template: str | None = None,
+        limit: int | None = None,
+    ):
+        if not paths:
+            raise InputError(
+                "no prompt files given; pass --prompts FILE (or set prompts: in the config)"
+            )
+        self.paths = [Path(p) for p in paths]
+        self.system_prompt, self.user_template, self.limit = system_prompt, user_template, limit
+        self.dropped = 0
+        self.count = 0  # rows kept
+        self.conflicts: list[str] = []
+        self.kept = bytearray()  # per record read: 1 if its row was kept
+
+    def _records(self) -> Iterator[tuple[str, Any]]:
+        for path in self.paths:
+            yield from _read(path)
+
+    def _row(self, src: str, raw: Any) -> PromptRow:
+        row = to_row(raw, src, system_prompt=self.system_prompt, user_template=self.user_template)
+        row.messages_json = canonical_json(row.messages)
+        row.digest = hashlib.sha256(row.messages_json.encode("utf-8")).hexdigest()[:32]
+        return row
+
+    def __iter__(self) -> Iterator[PromptRow]:
+        self.dropped, self.count, self.conflicts, self.kept = 0, 0, [], bytearray()
+        seen = sqlite3.connect("")  # a private temporary file, deleted when closed
+        try:
+            # nothing to keep after a crash: no journal; a bounded cache (SEEN_CACHE_MB)
+            seen.execute("PRAGMA journal_mode=OFF")
+            seen.execute(f"PRAGMA cache_size=-{SEEN_CACHE_MB * 1024}")
+            seen.execute(
+                "CREATE TABLE texts (digest TEXT PRIMARY KEY, id TEXT UNIQUE, reference TEXT, "
+                "source TEXT) WITHOUT ROWID"
+            )
+            records = self._records()
+            while self.limit is None or self.count < self.limit:
+                # never more rows than the limit still allows: no record past it is read
+                size = CHUNK if self.limit is None else min(CHUNK, self.limit - self.count)
+                chunk = [self._row(src, raw) for src, raw in itertools.islice(records, size)]
+                if not chunk:
+                    break
+                yield from self._dedup(seen, chunk)
+        finally:
+            seen.close()
+        if not self.count:
+            names = ", ".join(str(p) for p in self.paths)
+            raise InputError(f"{names}: no prompts found (empty file?); add prompt rows")
+
+    def _dedup(self, seen: sqlite3.Connection, chunk: list[PromptRow]) -> Iterator[PromptRow]:
+        """The rows of `chunk` not asked before, checked against earlier chunks and each other.
+        One query and one insert a chunk: an id that an earlier chunk gave other text is caught
+        by the UNIQUE id (or, on a row dropped as a duplicate, by asking)."""
+        texts: dict[str, tuple[str, str | None, str]] = {
+            d: (i, ref, src)
+            for d, i, ref, src in seen.execute(
+                "SELECT digest, id, reference, source FROM texts "
+                "WHERE digest IN (SELECT value FROM json_each(?))",
+                (json.dumps([r.digest for r in chunk]),),
+            )
+        }
+        owners: dict[str, tuple[str, str]] = {}  # id -> (source, digest), this chunk's
+        new = []
+        for row in chunk:
+            owner = owners.get(row.id)
+            if row.digest in texts and texts[row.digest][0] != row.id and owner is None:
+                owner = self._owner(seen, row.id)
+            if owner is not None and owner[1] != row.digest:
+                raise InputError(
+                    f"{row.source}: prompt id {row.id!r} is also used by a different prompt at "
+                    f"{owner[0]}; ids must be unique"
+                )
+            if row.digest in texts:
+                first_id, first_ref, first_src = texts[row.digest]
+                if (first_id, first_ref) != (row.id, row.reference):
+                    what = f"ids {first_id!r} and {row.id!r}" if first_id != row.id else ""
+                    if first_ref != row.reference:
+                        refs = f"references {first_ref!r} and {row.reference!r}"
+                        what = f"{what}, {refs}" if what else refs
+                    self.conflicts.append(
+                        f"{row.source}: same prompt as {first_src} but {what}; only {first_src} "
+                        "is used: change the text or remove one of them"
+                    )
+                self.dropped += 1
+                self.kept.append(0)
+                continue
+            texts[row.digest] = (row.id, row.reference, row.source)
+            owners[row.id] = (row.source, row.digest)
+            new.append(row)
+            self.kept.append(1)
+        try:
+            seen.executemany(
+                "INSERT INTO texts VALUES (?, ?, ?, ?)",
+                [(r.digest, r.id, r.reference, r.source) for r in new],
+            )
+        except sqlite3.IntegrityError:  # an id an earlier chunk gave other text: which one
+            for row in new:
+                owner = self._owner(seen, row.id)
+                if owner is not None and owner[1] != row.digest:
+                    raise InputError(
+                        f"{row.source}: prompt id {row.id!r} is also used by a different prompt "
+                        f"at {owner[0]}; ids must be unique"
+                    ) from None
+            raise
+        self.count += len(new)
+        yield from new
+
+    @staticmethod
+    def _owner(seen: sqlite3.Connection, pid: str) -> tuple[str, str] | None:
+        found = seen.execute("SELECT source, digest FROM texts WHERE id = ?", (pid,)).fetchone()
+        return None if found is None else (found[0], found[1])
+
+    def again(self) -> Iterator[PromptRow]:
+        """The rows kept by the last full iteration, read again (no checks: they passed)."""
+        for keep, (src, raw) in zip(self.kept, self._records()):
+            if keep:
+                yield self._row(src, raw)
+
+
 def load_prompts(
     paths: list[Path],
     *,
@@ -264,49 +428,12 @@ def load_prompts(
     limit: int | None = None,
     conflicts: list[str] | None = None,
 ) -> tuple[list[PromptRow], int]:
-    """All rows of all files, in order, without exact duplicates. Returns (rows, duplicates dropped).
-
-    `limit` keeps the first N unique rows. An empty result is an error: there is nothing to do.
-    A row asking the same as an earlier one under another id or reference is sent once, as the
-    earlier one; each such conflict is described in `conflicts` (when given) for a warning.
-    """
-    if not paths:
-        raise InputError(
-            "no prompt files given; pass --prompts FILE (or set prompts: in the config)"
-        )
-    rows: list[PromptRow] = []
-    seen_messages: dict[str, PromptRow] = {}
-    seen_ids: dict[str, tuple[str, str]] = {}
-    dropped = 0
-    for path in paths:
-        for src, raw in _read(Path(path)):
-            row = to_row(raw, src, system_prompt=system_prompt, user_template=user_template)
-            digest = content_hash(row.messages)
-            if row.id in seen_ids:
-                first_src, first_digest = seen_ids[row.id]
-                if first_digest != digest:
-                    raise InputError(
-                        f"{src}: prompt id {row.id!r} is also used by a different prompt at {first_src}; ids must be unique"
-                    )
-            if digest in seen_messages:
-                first = seen_messages[digest]
-                if conflicts is not None and (first.id, first.reference) != (row.id, row.reference):
-                    what = f"ids {first.id!r} and {row.id!r}" if first.id != row.id else ""
-                    if first.reference != row.reference:
-                        refs = f"references {first.reference!r} and {row.reference!r}"
-                        what = f"{what}, {refs}" if what else refs
-                    conflicts.append(
-                        f"{src}: same prompt as {first.source} but {what}; only {first.source} "
-                        "is used: change the text or remove one of them"
-                    )
-                dropped += 1
-                continue
-            seen_messages[digest] = row
-            seen_ids[row.id] = (src, digest)
-            rows.append(row)
-            if limit is not None and len(rows) >= limit:
-                return rows, dropped
-    if not rows:
-        names = ", ".join(str(p) for p in paths)
-        raise InputError(f"{names}: no prompts found (empty file?); add prompt rows")
-    return rows, dropped
+    """All rows of all files, in order, without exact duplicates (PromptReader, in a list).
+    Returns (rows, duplicates dropped); conflicts are added to `conflicts` when given."""
+    reader = PromptReader(
+        paths, system_prompt=system_prompt, user_template=user_template, limit=limit
+    )
+    rows = list(reader)
+    if conflicts is not None:
+        conflicts.extend(reader.conflicts)
+    return rows, reader.dropped

@@ -26,12 +26,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,19 +196,31 @@ _JSON_COLUMNS = ("params", "messages", "meta")
 
 
 def request_key(
-    base_url: str, model: str, messages: list[dict], params: dict, sample_index: int
+    base_url: str,
+    model: str,
+    messages: list[dict],
+    params: dict,
+    sample_index: int,
+    messages_json: str | None = None,
 ) -> str:
-    """The store key: what was asked, of whom, and which sample."""
-    return content_hash(
-        {
-            "endpoint": base_url.rstrip("/"),
-            "model": model,
-            "messages": messages,
-            "params": params,
-            "sample": sample_index,
-        },
-        length=40,
-    )
+    """The store key: what was asked, of whom, and which sample (see `request_keys`)."""
+    return request_keys(base_url, model, params)(messages, sample_index, messages_json)
+
+
+def request_keys(base_url: str, model: str, params: dict) -> Callable[..., str]:
+    """The store key function of one teacher and its params: (messages, sample_index,
+    messages_json=None) -> content_hash of {"endpoint", "messages", "model", "params", "sample"}.
+    Written out in that (sorted) order, the parts that do not change made once, and
+    `messages_json` (canonical_json(messages), when the caller has it) not made again: the same
+    text as the dict's, so the same keys (tests check)."""
+    head = f'{{"endpoint":{canonical_json(base_url.rstrip("/"))},"messages":'
+    tail = f',"model":{canonical_json(model)},"params":{canonical_json(params)},"sample":'
+
+    def key(messages: list[dict], sample_index: int, messages_json: str | None = None) -> str:
+        text = f"{head}{messages_json or canonical_json(messages)}{tail}{int(sample_index)}}}"
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:40]
+
+    return key
 
 
 def _friendly(e: sqlite3.Error | OSError | UnicodeDecodeError, path: Path) -> StoreError:
@@ -437,7 +450,9 @@ class Store:
                 (
                     resp.prompt_id,
                     content_hash(resp.messages),
-                    self.prompt_sources.get(resp.prompt_id),
+                    # popped: once one answer is in, the prompts row exists (a chunked harvest
+                    # adds the sources of each chunk's rows, this keeps the dict small)
+                    self.prompt_sources.pop(resp.prompt_id, None),
                     resp.created_at,
                 ),
             )
@@ -479,6 +494,17 @@ class Store:
         with self._reading():
             return {r[0] for r in self.db.execute("SELECT key FROM responses")}
 
+    def done_among(self, keys: list[str]) -> set[str]:
+        """The ones of `keys` stored: a harvest asks chunk by chunk, never loading every key."""
+        sql = "SELECT key FROM responses WHERE key IN (SELECT value FROM json_each(?))"
+        with self._reading():
+            return {r[0] for r in self.db.execute(sql, (json.dumps(keys),))}
+
+    def is_current(self) -> bool:
+        """Whether the schema is this distill's (no migration left to run)."""
+        with self._reading():
+            return bool(self.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS))
+
     def count(self) -> int:
         with self._reading():
             return int(self.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
@@ -501,11 +527,15 @@ class Store:
                     raise damaged(self.path, f"row {row['key']!r}: {first}") from None
                 yield resp
 
-    def prompt_hashes(self) -> dict[str, str]:
-        """Each prompt id's current content hash ({} for a store from before they were kept)."""
+    def prompt_hashes(self, ids: list[str] | None = None) -> dict[str, str]:
+        """Each prompt id's current content hash, of `ids` or all ({} for a store from before
+        they were kept)."""
+        sql, args = "SELECT id, hash FROM prompts", []
+        if ids is not None:
+            sql, args = sql + " WHERE id IN (SELECT value FROM json_each(?))", [json.dumps(ids)]
         with self._reading():
             try:
-                return dict(self.db.execute("SELECT id, hash FROM prompts").fetchall())
+                return dict(self.db.execute(sql, args).fetchall())
             except sqlite3.OperationalError as e:
                 if "no such table" in str(e):  # a read-only store of schema 1 to 3
                     return {}

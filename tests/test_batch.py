@@ -95,7 +95,12 @@ def test_batch_and_online_harvests_make_the_same_rows(bserver: BatchServer, tmp_
         assert rb["cost_usd"] == pytest.approx(
             0.5 * cost(t, rb["prompt_tokens"], rb["completion_tokens"])
         )
-    assert {r["response"].rsplit(" ", 1)[1] for r in b} == {"10", "11"}
+    # each prompt's own seeds (a hash of seed 10 and its id), sample i at base + i
+    seeds: dict[str, set[int]] = {}
+    for r in b:
+        seeds.setdefault(r["prompt_id"], set()).add(int(r["response"].rsplit(" ", 1)[1]))
+    assert all(len(s) == 2 and max(s) - min(s) == 1 for s in seeds.values())
+    assert len({min(s) for s in seeds.values()}) == 5
     # what went out: the online body, one sample per line, custom_id = store key
     assert all(
         line["url"] == "/v1/chat/completions" for lines in bserver.lines.values() for line in lines

@@ -12,8 +12,8 @@ import pytest
 
 from pipeline.export import EXPORT_COLUMNS, export
 from pipeline.harvest import HarvestConfig, harvest
-from pipeline.record import unpack_logprobs
-from pipeline.store import Store
+from pipeline.record import canonical_json, content_hash, unpack_logprobs
+from pipeline.store import Store, request_key
 from tests.conftest import (
     arithmetic_rows,
     assert_one_line_error,
@@ -138,6 +138,75 @@ def test_rerun_sends_nothing_new_prompts_only_and_new_params_new_keys(
     assert t.returncode == 0 and server.requests == 30
     after = {r["key"]: r for r in rows_of(run)}
     assert len(after) == 30 and all(after[k] == v for k, v in before.items())
+
+
+def test_seed_is_per_prompt_stable_and_keys_keep_the_configured_seed(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    # One seed in every request would make a sampling server draw the same stream for each
+    # prompt; each (prompt, sample) gets its own, the same on every run, and keys are unchanged.
+    server.supports_n = False
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(6))
+
+    def seeds_sent() -> dict[tuple[str, int], int]:
+        out: dict[tuple[str, int], list[int]] = {}
+        for b in server.bodies:
+            out.setdefault(b["messages"][-1]["content"], []).append(b["seed"])
+        server.bodies.clear()
+        return {(text, i): s for text, got in out.items() for i, s in enumerate(sorted(got))}
+
+    c = cfg(server, p, tmp_path / "a", samples=2, seed=7, concurrency=1)
+    assert harvest(c, pretty=False).completed == 12
+    first = seeds_sent()
+    assert len(first) == 12 and len(set(first.values())) == 12
+    for text in {t for t, _ in first}:  # sample i at the prompt's base seed + i
+        assert first[(text, 1)] == first[(text, 0)] + 1
+    assert harvest(cfg(server, p, tmp_path / "b", samples=2, seed=7), pretty=False).completed == 12
+    assert seeds_sent() == first  # another run, the same seeds
+    params = c.generation_params()
+    assert params["seed"] == 7
+    for r in rows_of(tmp_path / "a"):
+        assert r["params"]["seed"] == 7
+        assert r["key"] == request_key(
+            server.url, "teacher-x", r["messages"], params, r["sample_index"]
+        )
+    # the key written out is content_hash of the dict, as runs harvested before were keyed
+    msgs = [{"role": "user", "content": 'Ünïcode "quoted" \u2028 {x}', "extra": [1, 2.5, None]}]
+    for mj in (None, canonical_json(msgs)):
+        assert request_key(server.url + "/", "m", msgs, {"b": 1, "a": [True]}, 3, mj) == (
+            content_hash(
+                {
+                    "endpoint": server.url,
+                    "model": "m",
+                    "messages": msgs,
+                    "params": {"b": 1, "a": [True]},
+                    "sample": 3,
+                },
+                length=40,
+            )
+        )
+
+
+def test_chunked_planning_sends_exactly_the_missing_keys(
+    server: OpenAIServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prompts are checked and planned 3 at a time: half of them stored already, the rest (and
+    # only the rest) is asked, across chunk boundaries, and a rerun sends nothing.
+    monkeypatch.setattr("pipeline.harvest.CHUNK", 3)
+    monkeypatch.setattr("pipeline.prompts.CHUNK", 3)
+    rows = arithmetic_rows(10)
+    first = write_jsonl(tmp_path / "a.jsonl", rows[::2])
+    run = tmp_path / "run"
+    assert harvest(cfg(server, first, run, samples=2), pretty=False).completed == 10
+    sent = server.requests
+    p = write_jsonl(tmp_path / "p.jsonl", rows)
+    s = harvest(cfg(server, p, run, samples=2, concurrency=2), pretty=False)
+    assert (s.total, s.already_done, s.completed, s.exit_code) == (20, 10, 10, 0)
+    assert server.requests - sent == 5  # n=2: one request per new prompt
+    stored = sorted((r["prompt_id"], r["sample_index"]) for r in rows_of(run))
+    assert stored == sorted((f"q{i}", k) for i in range(10) for k in range(2))
+    again = harvest(cfg(server, p, run, samples=2), pretty=False)
+    assert again.already_done == 20 and again.completed == 0 and server.requests - sent == 5
 
 
 @pytest.mark.parametrize("supports_n", [True, False])

@@ -179,3 +179,41 @@ def test_harvest_refuses_a_file_of_no_prompt_format_before_sending(
     proc = run_cli(*harvest_args(server, f, tmp_path / "run"))
     assert_one_line_error(proc, str(f), "cannot tell its format")
     assert proc.returncode == 2 and server.requests == 0  # was: each line paid for as a prompt
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 2000])
+def test_duplicates_conflicts_and_reused_ids_across_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    # The reader checks rows a chunk at a time against a temporary SQLite file: whatever the
+    # chunk size, the same rows, drops, conflicts and errors as one pass over everything.
+    monkeypatch.setattr("pipeline.prompts.CHUNK", chunk)
+    f = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"id": "x", "prompt": "one"},
+            {"id": "y", "prompt": "two"},
+            {"id": "x", "prompt": "one"},  # an exact repeat: dropped
+            {"id": "z", "prompt": "two"},  # the same text under another id: a conflict
+            {"id": "w", "prompt": "three"},
+            {"prompt": "three", "reference": "3"},  # same text, another reference
+        ],
+    )
+    conflicts: list[str] = []
+    rows, dropped = load_prompts([f], conflicts=conflicts)
+    assert [r.id for r in rows] == ["x", "y", "w"] and dropped == 3
+    assert len(conflicts) == 2 and "p.jsonl:4" in conflicts[0] and "p.jsonl:2" in conflicts[0]
+    assert [r.id for r in load_prompts([f], limit=2)[0]] == ["x", "y"]
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [{"id": "x", "prompt": "one"}, {"id": "y", "prompt": "two"}, {"id": "x", "prompt": "new"}],
+    )
+    with pytest.raises(InputError, match=r"bad.jsonl:3: prompt id 'x' .* at .*bad.jsonl:1"):
+        load_prompts([bad])
+    # a row dropped as a duplicate of another id's text still may not reuse an id
+    reuse = write_jsonl(
+        tmp_path / "reuse.jsonl",
+        [{"id": "x", "prompt": "one"}, {"id": "y", "prompt": "two"}, {"id": "x", "prompt": "two"}],
+    )
+    with pytest.raises(InputError, match=r"reuse.jsonl:3: prompt id 'x'"):
+        load_prompts([reuse])
