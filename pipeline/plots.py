@@ -206,80 +206,54 @@ def plot_loss_curves(log_history: Path, path: Path) -> bool:
         return False
     if not isinstance(history, list):
         return False
-    train = [
-        (h["step"], h["loss"])
-        for h in history
-        if isinstance(h, dict) and "loss" in h and "step" in h
+    history = [h for h in history if isinstance(h, dict)]
+    return plot_step_curves(
+        history,
+        path,
+        ("loss", "train loss"),
+        ("eval_loss", "eval loss, held-out prompts"),
+        title="Fine-tuning: loss on the teacher's answers (lower is better)",
+        ylabel="cross-entropy (nats per assistant token)",
+    )
+
+
+def plot_step_curves(
+    history: list[dict[str, Any]],
+    path: Path,
+    train: tuple[str, str],
+    held: tuple[str, str],
+    *,
+    title: str,
+    ylabel: str,
+) -> bool:
+    """Two curves per optimizer step from a history of {"step": ..., key: value} entries: the
+    training one and the held-out one, each (key, label); False when there is nothing to plot.
+    A fine-tune's loss and eval loss, on-policy distillation's reverse KL (pipeline/onpolicy.py)."""
+    curves = [
+        [(h["step"], h[key]) for h in history if h.get(key) is not None and "step" in h]
+        for key, _ in (train, held)
     ]
-    evals = [
-        (h["step"], h["eval_loss"])
-        for h in history
-        if isinstance(h, dict) and "eval_loss" in h and "step" in h
-    ]
-    if not train and not evals:
+    if not any(curves):
         return False
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     # The last values go in the legend: annotations at the last step would overlap.
-    if train:
-        ax.plot(
-            *zip(*train, strict=True),
-            color=FINETUNED_COLOR,
-            marker="." if len(train) < 30 else None,
-            label=f"train loss (last {train[-1][1]:.3f})",
-        )
-    if evals:
-        ax.plot(
-            *zip(*evals, strict=True),
-            color=TEACHER_COLOR,
-            marker="o",
-            label=f"eval loss, held-out prompts (last {evals[-1][1]:.3f})",
-        )
+    for points, (_, label), color, marker in zip(
+        curves, (train, held), (FINETUNED_COLOR, TEACHER_COLOR), (".", "o"), strict=True
+    ):
+        if points:
+            ax.plot(
+                *zip(*points, strict=True),
+                color=color,
+                marker=marker if marker == "o" or len(points) < 30 else None,
+                label=f"{label} (last {points[-1][1]:.3f})",
+            )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("Fine-tuning: loss on the teacher's answers (lower is better)")
+    ax.set_title(title)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats per assistant token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def plot_reverse_kl(history: list[dict[str, Any]], path: Path) -> bool:
-    """On-policy distillation: reverse KL per step on the training rollouts and on held-out
-    prompts (pipeline/onpolicy.py's history); False when there is nothing to plot."""
-    train = [(h["step"], h["reverse_kl"]) for h in history if h.get("reverse_kl") is not None]
-    held = [
-        (h["step"], h["eval_reverse_kl"]) for h in history if h.get("eval_reverse_kl") is not None
-    ]
-    if not train and not held:
-        return False
-    plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    if train:
-        ax.plot(
-            *zip(*train, strict=True),
-            color=FINETUNED_COLOR,
-            marker="." if len(train) < 30 else None,
-            label=f"student's own samples (last {train[-1][1]:.3f})",
-        )
-    if held:
-        ax.plot(
-            *zip(*held, strict=True),
-            color=TEACHER_COLOR,
-            marker="o",
-            label=f"held-out prompts (last {held[-1][1]:.3f})",
-        )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("On-policy distillation: reverse KL to the teacher (lower is better)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("KL(student || teacher), nats per sampled token")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
