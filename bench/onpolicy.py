@@ -49,6 +49,20 @@ ONPOLICY = {  # per step: 4 prompts x 4 samples of <= 12 tokens
 }
 
 
+def with_(cfg: Any, **update: Any) -> Any:
+    """A copy of a stage config with fields changed, validated (a path given as a string, which
+    both str and Path fields take)."""
+
+    def plain(v: Any) -> Any:
+        return (
+            str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, list) else v
+        )
+
+    return type(cfg).model_validate(
+        {**cfg.model_dump(), **{k: plain(v) for k, v in update.items()}}
+    )
+
+
 def say(text: str) -> None:
     print(f"bench.onpolicy: {text}", file=sys.stderr, flush=True)
 
@@ -78,8 +92,13 @@ def held_out_scores(data: Path, finetuned: Path, out: Path, n: int) -> dict[str,
     from pipeline.config import load_config
     from pipeline.evaluate import EvalConfig, evaluate, read_report
 
-    cfg = load_config(EvalConfig, CONFIG, "eval").model_copy(
-        update={"data": data, "finetuned": finetuned, "out": out, "limit": n, "examples": 2}
+    cfg = with_(
+        load_config(EvalConfig, CONFIG, "eval"),
+        data=data,
+        finetuned=finetuned,
+        out=out,
+        limit=n,
+        examples=2,
     )
     evaluate(cfg)
     return read_report(out)["metrics"]
@@ -127,46 +146,36 @@ def main(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
     teacher_row: dict[str, Any] = {}
     with serve_teacher(student, log_path=out / "vllm.log", engine="vllm") as url:
         say(f"teacher up at {url} ({time.monotonic() - started:.0f}s)")
-        hcfg = load_config(HarvestConfig, CONFIG, "harvest").model_copy(
-            update={
-                "prompts": [prompts],
-                "out": out / "run",
-                "base_url": url,
-                "model": served_model_name(student),
-                "logprobs": True,
-                "top_logprobs": 5,
-                "temperature": 0.0,
-            }
+        hcfg = with_(
+            load_config(HarvestConfig, CONFIG, "harvest"),
+            prompts=[prompts],
+            out=out / "run",
+            base_url=url,
+            model=served_model_name(student),
+            logprobs=True,
+            top_logprobs=5,
+            temperature=0.0,
         )
         bcfg = load_config(BuildConfig, CONFIG, "build")
         fcfg = load_config(FinetuneConfig, CONFIG, "finetune")
         for n in budgets:
             t = time.monotonic()
-            harvest(hcfg.model_copy(update={"limit": n_held + n}), pretty=False)
+            harvest(with_(hcfg, limit=n_held + n), pretty=False)
             ds = out / f"sft-data-{n}"
-            build(
-                bcfg.model_copy(
-                    update={
-                        "run": out / "run",
-                        "to": ds,
-                        "tokenizer": student,
-                        "filters": bcfg.filters.model_copy(update={"verify": False}),
-                    }
-                )
-            )
+            filters = {**bcfg.filters.model_dump(), "verify": False}  # no labels, as on-policy
+            build(with_(bcfg, run=out / "run", to=ds, tokenizer=student, filters=filters))
             ft = out / f"sft-{n}"
             finetune(
-                fcfg.model_copy(
-                    update={
-                        "data": ds,
-                        "student": str(student),
-                        "out": ft,
-                        "max_steps": None,
-                        "epochs": 3.0,
-                        "eval_steps": 10_000,
-                        "save_steps": 10_000,
-                    }
-                )
+                with_(
+                    fcfg,
+                    data=ds,
+                    student=student,
+                    out=ft,
+                    max_steps=None,
+                    epochs=2.0,
+                    eval_steps=10_000,
+                    save_steps=10_000,
+                )  # fmt: skip
             )
             m = held_out_scores(ds, ft, out / f"eval-sft-{n}", n_held)
             base, teacher_row = m["base"], m.get("teacher", {})
@@ -194,7 +203,7 @@ def main(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
             while done < target:  # more steps (the run resumes) at the rate seen so far
                 per_step = done / steps_so_far if steps_so_far else 16 * 12
                 more = max(1, math.ceil((target - done) / per_step))
-                ocfg = ocfg.model_copy(update={"steps": steps_so_far + more})
+                ocfg = with_(ocfg, steps=steps_so_far + more)
                 onpolicy(ocfg)
                 done, scored, steps_so_far = onpolicy_tokens(ocfg.out)
             m = held_out_scores(data, ocfg.out, out / f"eval-onpolicy-{steps_so_far}", n_held)
