@@ -107,7 +107,7 @@ def held_out_scores(data: Path, finetuned: Path, out: Path, n: int) -> dict[str,
 def reached(rows: list[dict[str, Any]], target: float) -> int | None:
     """The fewest answer tokens at which an arm's held-out accuracy reached target."""
     hits = [
-        r["answer_tokens"] for r in rows if r["accuracy"] is not None and r["accuracy"] >= target
+        r["teacher_tokens"] for r in rows if r["accuracy"] is not None and r["accuracy"] >= target
     ]
     return min(hits) if hits else None
 
@@ -181,7 +181,7 @@ def main(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
             base, teacher_row = m["base"], m.get("teacher", {})
             answer, total = sft_tokens(out / "run", held_ids)
             sft.append(
-                {"prompts": n, "answer_tokens": answer, "all_tokens": total, **m["finetuned"]}
+                {"prompts": n, "teacher_tokens": answer, "all_tokens": total, **m["finetuned"]}
             )
             say(f"SFT on {n} prompts: {answer} answer tokens, {time.monotonic() - t:.0f}s")
         data = out / f"sft-data-{budgets[-1]}"  # its eval split: the same held-out answers
@@ -195,7 +195,7 @@ def main(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
             steps=1,
             **ONPOLICY,
         )
-        targets = [r["answer_tokens"] for r in sft]
+        targets = [r["teacher_tokens"] for r in sft]
         targets += [targets[-1] * k for k in plan["extra"]]
         done = scored = steps_so_far = 0
         for target in targets:
@@ -210,7 +210,7 @@ def main(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
             onp.append(
                 {
                     "steps": steps_so_far,
-                    "answer_tokens": done,
+                    "teacher_tokens": done,
                     "all_tokens": scored,
                     **m["finetuned"],
                 }
@@ -235,7 +235,7 @@ def main(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
         acc = r.get("accuracy")
         kl = r.get("teacher_kl")
         return (
-            f"{arm:<10} {budget:>10} {r.get('answer_tokens', 0) if arm != 'base' else '-':>10} "
+            f"{arm:<10} {budget:>10} {r.get('teacher_tokens', 0) if arm != 'base' else '-':>10} "
             f"{r.get('all_tokens', '-') if arm != 'base' else '-':>8} "
             f"{'-' if fmt is None else f'{fmt:.0%}':>7} {'-' if acc is None else f'{acc:.0%}':>8} "
             f"{'-' if kl is None else f'{kl:.3f}':>10}"
@@ -253,8 +253,8 @@ def main(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
     need = (
         f"{ratio:.2f} ({onp_needs} / {sft_needs} answer tokens)"
         if ratio is not None
-        else f"not reached: on-policy stayed below {target_acc:.0%} up to {onp[-1]['answer_tokens']} "
-        f"answer tokens (> {onp[-1]['answer_tokens'] / max(sft_needs or 1, 1):.2f}x SFT's {sft_needs})"
+        else f"not reached: on-policy stayed below {target_acc:.0%} up to {onp[-1]['teacher_tokens']} "
+        f"answer tokens (> {onp[-1]['teacher_tokens'] / max(sft_needs or 1, 1):.2f}x SFT's {sft_needs})"
     )
     lines += [
         f"teacher tokens on-policy needs to reach SFT's held-out accuracy ({target_acc:.0%}) / "
