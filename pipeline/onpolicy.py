@@ -669,7 +669,7 @@ def last_checkpoint(out: Path) -> tuple[Path | None, int, list[dict[str, Any]]]:
 
 def write_outputs(run: Run, started: float) -> None:
     """adapter/ and train_report.json in finetune's layout, and the reverse-KL plot."""
-    from pipeline.plots import plot_reverse_kl
+    from pipeline.plots import plot_step_curves
 
     cfg, s = run.cfg, run.summary
     run.student.model.save_pretrained(str(cfg.out / "adapter"))
@@ -705,7 +705,14 @@ def write_outputs(run: Run, started: float) -> None:
         },
     }
     (cfg.out / "train_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    plot_reverse_kl(s.history, cfg.out / "reverse_kl.png")
+    plot_step_curves(
+        s.history,
+        cfg.out / "reverse_kl.png",
+        ("reverse_kl", "student's own samples"),
+        ("eval_reverse_kl", "held-out prompts"),
+        title="On-policy distillation: reverse KL to the teacher (lower is better)",
+        ylabel="KL(student || teacher), nats per sampled token",
+    )
 
 
 # -- the stage -----------------------------------------------------------------------------------

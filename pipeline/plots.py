@@ -199,110 +199,81 @@ def _name(path: str) -> str:
 
 
 def plot_loss_curves(log_history: Path, path: Path) -> bool:
-    """Train and eval loss vs optimizer step from a Trainer's log_history; False if it has none."""
+    """Train and eval loss vs optimizer step from a Trainer's log_history; False if it has none.
+    A `--loss kd` run also logs both terms of its mix: drawn on their own, so a term that does
+    nothing shows."""
     try:
         history = json.loads(log_history.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     if not isinstance(history, list):
         return False
-    train = [
-        (h["step"], h["loss"])
-        for h in history
-        if isinstance(h, dict) and "loss" in h and "step" in h
+    history = [h for h in history if isinstance(h, dict)]
+    kd = any("kd_loss" in h and "loss" in h for h in history)
+    return plot_step_curves(
+        history,
+        path,
+        ("loss", "train loss"),
+        ("eval_loss", "eval loss, held-out prompts"),
+        terms=(
+            (("kd_loss", "train KD term, KL to the teacher's top-k"), ("ce_loss", "train CE term"))
+            if kd
+            else ()
+        ),
+        title="Fine-tuning: loss on the teacher's answers (lower is better)",
+        ylabel="nats per assistant token" if kd else "cross-entropy (nats per assistant token)",
+    )
+
+
+def plot_step_curves(
+    history: list[dict[str, Any]],
+    path: Path,
+    train: tuple[str, str],
+    held: tuple[str, str],
+    *,
+    terms: tuple[tuple[str, str], ...] = (),
+    title: str,
+    ylabel: str,
+) -> bool:
+    """Curves per optimizer step from a history of {"step": ..., key: value} entries: the
+    training one and the held-out one, each (key, label), and dashed `terms` of the training
+    one; False when there is nothing to plot. A fine-tune's loss and eval loss (with KD's two
+    terms), on-policy distillation's reverse KL (pipeline/onpolicy.py)."""
+    curves = [
+        [(h["step"], h[key]) for h in history if h.get(key) is not None and "step" in h]
+        for key, _ in (train, held)
     ]
-    evals = [
-        (h["step"], h["eval_loss"])
-        for h in history
-        if isinstance(h, dict) and "eval_loss" in h and "step" in h
-    ]
-    # --loss kd logs both terms of the mix: drawn on their own so a term that does nothing shows.
-    terms = {
-        key: [
-            (h["step"], h[key])
-            for h in history
-            if isinstance(h, dict) and key in h and "step" in h and "loss" in h
-        ]
-        for key in ("kd_loss", "ce_loss")
-    }
-    if not train and not evals:
+    if not any(curves):
         return False
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     # The last values go in the legend: annotations at the last step would overlap.
-    if train:
-        ax.plot(
-            *zip(*train, strict=True),
-            color=FINETUNED_COLOR,
-            marker="." if len(train) < 30 else None,
-            label=f"train loss (last {train[-1][1]:.3f})",
-        )
-    for (key, points), style in zip(terms.items(), ("--", ":")):
-        if points and terms["kd_loss"]:
-            name = "KD term, KL to the teacher's top-k" if key == "kd_loss" else "CE term"
+    for points, (_, label), color, marker in zip(
+        curves, (train, held), (FINETUNED_COLOR, TEACHER_COLOR), (".", "o"), strict=True
+    ):
+        if points:
+            ax.plot(
+                *zip(*points, strict=True),
+                color=color,
+                marker=marker if marker == "o" or len(points) < 30 else None,
+                label=f"{label} (last {points[-1][1]:.3f})",
+            )
+    for (key, label), style in zip(terms, ("--", ":", "-."), strict=False):
+        points = [(h["step"], h[key]) for h in history if h.get(key) is not None and "step" in h]
+        if points:
             ax.plot(
                 *zip(*points, strict=True),
                 color=FINETUNED_COLOR,
                 linestyle=style,
                 alpha=0.8,
-                label=f"train {name} (last {points[-1][1]:.3f})",
+                label=f"{label} (last {points[-1][1]:.3f})",
             )
-    if evals:
-        ax.plot(
-            *zip(*evals, strict=True),
-            color=TEACHER_COLOR,
-            marker="o",
-            label=f"eval loss, held-out prompts (last {evals[-1][1]:.3f})",
-        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("Fine-tuning: loss on the teacher's answers (lower is better)")
+    ax.set_title(title)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(
-        "nats per assistant token"
-        if terms["kd_loss"]
-        else "cross-entropy (nats per assistant token)"
-    )
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def plot_reverse_kl(history: list[dict[str, Any]], path: Path) -> bool:
-    """On-policy distillation: reverse KL per step on the training rollouts and on held-out
-    prompts (pipeline/onpolicy.py's history); False when there is nothing to plot."""
-    train = [(h["step"], h["reverse_kl"]) for h in history if h.get("reverse_kl") is not None]
-    held = [
-        (h["step"], h["eval_reverse_kl"]) for h in history if h.get("eval_reverse_kl") is not None
-    ]
-    if not train and not held:
-        return False
-    plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    if train:
-        ax.plot(
-            *zip(*train, strict=True),
-            color=FINETUNED_COLOR,
-            marker="." if len(train) < 30 else None,
-            label=f"student's own samples (last {train[-1][1]:.3f})",
-        )
-    if held:
-        ax.plot(
-            *zip(*held, strict=True),
-            color=TEACHER_COLOR,
-            marker="o",
-            label=f"held-out prompts (last {held[-1][1]:.3f})",
-        )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("On-policy distillation: reverse KL to the teacher (lower is better)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("KL(student || teacher), nats per sampled token")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

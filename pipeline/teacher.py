@@ -26,8 +26,9 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlparse
 
 import certifi
@@ -41,6 +42,8 @@ from pipeline.ratelimit import Limiter, parse_retry_after
 from pipeline.reasoning import content_text, split_think
 from pipeline.record import Response, content_hash, pack_logprobs, utcnow
 from pipeline.redact import redact, remember_secret
+
+T = TypeVar("T")
 
 POOL_SIZE = 4  # connections per httpx pool (see Teacher.__init__)
 
@@ -472,14 +475,15 @@ class Teacher:
         for pool in self.pools:
             await pool.aclose()
 
-    async def _post(self, body: dict[str, Any]) -> tuple[httpx.Response, Any]:
+    async def _post(self, body: dict[str, Any], url: str) -> tuple[httpx.Response, Any]:
         """POST on the least busy pool: (response, its JSON body, or None when unreadable; with
-        `stream`, the body assembled from the stream, or None when the status is not 200)."""
+        `stream` on chat requests, the body assembled from the stream, or None when the status is
+        not 200)."""
         i = min(range(len(self.pools)), key=self.pool_load.__getitem__)
         self.pool_load[i] += 1
         try:
-            if not self.cfg.stream:
-                resp = await self.pools[i].post(self.url, json=body)
+            if not self.cfg.stream or url != self.url:
+                resp = await self.pools[i].post(url, json=body)
                 try:
                     return resp, resp.json()
                 except ValueError:
@@ -499,16 +503,28 @@ class Teacher:
 
     async def complete(self, body: dict[str, Any]) -> Completion:
         """Send one chat-completions request; classify every failure (see the module docstring)."""
+        return await self.post(body, parse_completion)
+
+    async def post(
+        self,
+        body: dict[str, Any],
+        parse: Callable[[Any, float], T],
+        path: str = "/chat/completions",
+    ) -> T:
+        """POST `body` to base_url + `path` and `parse(JSON body, latency)`; every failure
+        classified as the module docstring says, so `retrying` and the limiter treat a chat
+        request and a scoring request (`post_score`) alike."""
+        url = f"{self.cfg.base_url}{path}"
         started = time.monotonic()
         try:
-            resp, data = await self._post(body)
+            resp, data = await self._post(body, url)
         except httpx.TimeoutException:
             self.limiter.on_timeout()
             raise TransientError(f"timed out after {self.cfg.timeout:g}s") from None
         except httpx.TransportError as e:  # connection refused/reset/dropped, protocol errors
             if isinstance(e, httpx.ConnectError) and not self.reached:
                 raise Unreachable(
-                    f"{connect_failure(e, self.url)}; check --base-url and that the server is up"
+                    f"{connect_failure(e, url)}; check --base-url and that the server is up"
                 ) from None
             raise TransientError(f"connection error: {type(e).__name__}: {e}") from None
         self.reached = True
@@ -525,9 +541,9 @@ class Teacher:
             raise TransientError(
                 f"HTTP 200 with an unparseable body: {resp.text[:80]!r}", status=200
             )
-        completion = parse_completion(data, latency)
+        parsed = parse(data, latency)
         self.limiter.on_success(latency)
-        return completion
+        return parsed
 
 
 # -- scoring a given text (on-policy distillation) -------------------------------------------------
@@ -614,30 +630,6 @@ def parse_scores(data: Any, protocol: str, ids: list[int]) -> Scores:
 
 
 async def post_score(teacher: Teacher, body: dict[str, Any]) -> Any:
-    """Send one scoring request on a Teacher's pools and limiter; failures classified as for chat
-    (`raise_for_status`), so `retrying` and the limiter treat it like any other request."""
-    url = f"{teacher.cfg.base_url}/completions"
-    started = time.monotonic()
-    try:
-        resp = await teacher.pools[0].post(url, json=body)
-    except httpx.TimeoutException:
-        teacher.limiter.on_timeout()
-        raise TransientError(f"timed out after {teacher.cfg.timeout:g}s") from None
-    except httpx.TransportError as e:
-        raise TransientError(f"connection error: {type(e).__name__}: {e}") from None
-    teacher.limiter.observe_headers(resp.headers)
-    if resp.status_code != 200:
-        try:
-            raise_for_status(resp, teacher.cfg)
-        except TransientError as e:
-            if e.status in (429, 503):
-                teacher.limiter.on_throttle(e.retry_after, e.status)
-            raise
-    try:
-        data = resp.json()
-    except ValueError:
-        raise TransientError(
-            f"HTTP 200 with an unparseable body: {resp.text[:80]!r}", status=200
-        ) from None
-    teacher.limiter.on_success(time.monotonic() - started)
-    return data
+    """Send one scoring request (`score_body`) on a Teacher's pools and limiter, its failures
+    classified as a chat request's; returns the JSON body for `parse_scores`."""
+    return await teacher.post(body, lambda data, _latency: data, "/completions")

@@ -186,3 +186,46 @@ def test_a_bad_key_and_a_closed_port_are_harvests_errors(
     proc = run_cli("onpolicy", "--config", str(conf), "--base-url", closed)
     assert_one_line_error(proc, "cannot reach")
     assert proc.returncode == EXIT_FAILED
+
+
+def test_eval_and_merge_read_an_onpolicy_run_unchanged(
+    models: tuple[Path, Path], teacher_server: ModelServer, tmp_path: Path
+) -> None:
+    """The output is a normal fine-tune: `distill merge` folds its adapter in (same logits as the
+    adapter, not the base's) and `distill eval` scores it against its base student."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.tinymodels import make_chat_dataset
+
+    cfg = OnpolicyConfig(**config(tmp_path, teacher_server.url, models[1], steps=2, eval_every=2))
+    assert onpolicy(cfg).steps_done == 2
+    out = tmp_path / "out"
+    merged = tmp_path / "merged"
+    proc = run_cli("merge", str(out), "--to", str(merged))
+    assert proc.returncode == EXIT_OK, proc.stderr
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(models[1]), out / "adapter"
+    )
+    with torch.no_grad():
+        a, b, c = (
+            m.eval()(input_ids=ids).logits
+            for m in (
+                AutoModelForCausalLM.from_pretrained(merged),
+                peft,
+                AutoModelForCausalLM.from_pretrained(models[1]),
+            )
+        )
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, c, atol=1e-5)
+
+    data = make_chat_dataset(tmp_path / "ds", n_train=4, n_eval=4, reasoning="none")
+    ev = tmp_path / "eval"
+    proc = run_cli("eval", "--data", str(data), "--finetuned", str(out), "--out", str(ev),
+                   "--max-new-tokens", "8")  # fmt: skip
+    assert proc.returncode == EXIT_OK, proc.stderr
+    report = json.loads((ev / "report.json").read_text())
+    assert report["prompts"] == 4
+    assert set(report["metrics"]) >= {"base", "finetuned"}
+    assert report["metrics"]["finetuned"]["nll"] != report["metrics"]["base"]["nll"]

@@ -4,6 +4,7 @@ model. What the probe says of it, and a harvest that relies on it: `n`, logprobs
 from __future__ import annotations
 
 import json
+import sqlite3
 from dataclasses import asdict
 from pathlib import Path
 
@@ -73,3 +74,38 @@ def test_a_streamed_harvest_from_vllm_stores_the_same_rows(
     )
     assert len(plain) == 3 and plain == streamed
     assert all(r["prompt_tokens"] and r["completion_tokens"] and r["logprobs"] for r in streamed)
+
+
+def test_onpolicy_against_vllm_scores_with_prompt_logprobs(
+    vllm_teacher: Teacher, tmp_path: Path
+) -> None:
+    """`distill onpolicy` with vLLM as the scorer: the probe finds prompt_logprobs, the student's
+    token ids pass the tokenizer check, every rollout is stored once, held-out reverse KL is in
+    the report (a fresh tiny student with the teacher's tokenizer)."""
+    from tests.tinymodels import make_tiny_model
+
+    url, model, _ = vllm_teacher
+    student = make_tiny_model(tmp_path / "student")
+    p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(8))
+    out = tmp_path / "out"
+    args = ["--prompts", str(p), "--student", str(student), "--out", str(out)]
+    args += ["--base-url", url, "--model", model, "--steps", "3"]
+    conf = tmp_path / "c.yaml"
+    conf.write_text(
+        "onpolicy:\n  max_new_tokens: 8\n  samples: 2\n  prompts_per_step: 2\n  eval_prompts: 2\n"
+        "  eval_every: 3\n  lr: 0.01\n  lora_target_modules: [q_proj, v_proj, lm_head]\n"
+    )
+    proc = run_cli("onpolicy", "--config", str(conf), *args, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "probe.json").read_text())["scoring"] == "prompt_logprobs"
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["scoring"] == "prompt_logprobs" and report["steps"] == 3
+    held = dict(report["eval_reverse_kl"])
+    assert set(held) == {0, 3} and all(v == v and v > -1e-3 for v in held.values()), held
+    db = sqlite3.connect(out / "store.sqlite")
+    n, distinct, tokens = db.execute(
+        "SELECT COUNT(*), COUNT(DISTINCT key), SUM(prompt_tokens) FROM rollouts"
+    ).fetchone()
+    assert n == distinct == 3 * 2 * 2 + 2 * 2 * 2  # 3 steps of 2x2, held-out at steps 0 and 3
+    assert tokens == report["teacher_tokens_scored"] > 0
+    print(f"vLLM on-policy: held-out reverse KL {held}, {tokens} teacher tokens scored")
