@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from aiohttp import web
 
+from tests.openai_server import ThreadedServer
 from tests.tinymodels import make_tiny_model
 
 TEACHER_TEXT = [
@@ -100,7 +101,7 @@ def _json_error(status: int, message: str) -> web.Response:
 
 
 @dataclass
-class ModelServer:
+class ModelServer(ThreadedServer):
     """Serves one model folder. Requests run one at a time (a lock), on CPU."""
 
     model_path: Path
@@ -331,51 +332,6 @@ class ModelServer:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.list_models)
         return app
-
-    # -- lifecycle (as tests/openai_server.py) ------------------------------------------------------
-
-    async def start_async(self) -> None:
-        self._runner = web.AppRunner(
-            self.app(), access_log=None, handle_signals=False, shutdown_timeout=0.1
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        assert site._server is not None
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    def start(self) -> ModelServer:
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(self.start_async())
-            ready.set()
-            self._loop.run_forever()
-            self._loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        return self
-
-    async def _shutdown(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-        asyncio.get_running_loop().stop()
-
-    def stop(self) -> None:
-        if self._loop is not None and self._loop.is_running():
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def __enter__(self) -> ModelServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main() -> None:

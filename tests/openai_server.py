@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -65,8 +65,76 @@ def default_answer(messages: list[dict[str, Any]], index: int) -> str:
     return f"Answer {index}: {last[:200]}"
 
 
+S = TypeVar("S", bound="ThreadedServer")
+
+
+class ThreadedServer:
+    """An aiohttp app served from a background thread with its own event loop, as a with-block.
+    Subclasses provide `app()`, `host`, `port` and set `_loop`, `_thread`, `_runner` to None."""
+
+    host: str
+    port: int
+    _loop: asyncio.AbstractEventLoop | None
+    _thread: threading.Thread | None
+    _runner: web.AppRunner | None
+
+    def app(self) -> web.Application:
+        raise NotImplementedError
+
+    async def start_async(self) -> None:
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, shutdown_timeout=0.1
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def start(self: S) -> S:
+        """Serve from a background thread with its own event loop."""
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self.start_async())
+            ready.set()
+            self._loop.run_forever()
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    async def _shutdown(self) -> None:
+        # Cancel handlers still hanging on purpose, then close the listener.
+        me = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not me]
+        for t in others:
+            t.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        asyncio.get_running_loop().stop()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self: S) -> S:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @dataclass
-class OpenAIServer:
+class OpenAIServer(ThreadedServer):
     """Configure the attributes at any time; they are read per request."""
 
     host: str = "127.0.0.1"
@@ -494,57 +562,6 @@ class OpenAIServer:
         return app
 
     # -- lifecycle --------------------------------------------------------------------------------
-
-    async def start_async(self) -> None:
-        self._runner = web.AppRunner(
-            self.app(), access_log=None, handle_signals=False, shutdown_timeout=0.1
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    def start(self) -> OpenAIServer:
-        """Serve from a background thread with its own event loop."""
-        ready = threading.Event()
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(self.start_async())
-            ready.set()
-            self._loop.run_forever()
-            self._loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        return self
-
-    async def _shutdown(self) -> None:
-        # Cancel handlers still hanging on purpose, then close the listener.
-        me = asyncio.current_task()
-        others = [t for t in asyncio.all_tasks() if t is not me]
-        for t in others:
-            t.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
-        if self._runner is not None:
-            await self._runner.cleanup()
-        asyncio.get_running_loop().stop()
-
-    def stop(self) -> None:
-        if self._loop is not None and self._loop.is_running():
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def __enter__(self) -> OpenAIServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main() -> None:
