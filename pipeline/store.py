@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -741,16 +740,6 @@ def open_run(
             log.removeHandler(handler)
             handler.close()
         lock.release()
-
-
-def wait_for_store(run_dir: Path, timeout: float = 5.0) -> None:
-    """Poll until a run directory has a store (for tests that start a harvest in a subprocess)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if (run_dir / STORE_FILE).exists():
-            return
-        time.sleep(0.05)
-    raise StoreError(f"{run_dir}: no store appeared within {timeout}s")
 
 
 def migrate(db: sqlite3.Connection) -> None:

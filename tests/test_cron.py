@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.errors import EXIT_OK, EXIT_PARTIAL, RunLockedError, StoreError
 from pipeline.harvest import HarvestConfig, harvest
-from pipeline.store import RunLock, Store, wait_for_store
+from pipeline.store import STORE_FILE, RunLock, Store
 from tests.conftest import (
     arithmetic_rows,
     assert_one_line_error,
@@ -223,3 +223,11 @@ def test_a_base_url_with_surrounding_whitespace_works(server: OpenAIServer, tmp_
     proc = run_cli(*harvest_args(f" {server.url} \n", p, tmp_path / "run"))
     assert proc.returncode == EXIT_OK, proc.stderr
     assert server.completed == 3
+
+
+def wait_for_store(run_dir: Path, timeout: float = 5.0) -> None:
+    """Poll until a run directory has a store (a harvest started in a subprocess got going)."""
+    end = time.monotonic() + timeout
+    while not (run_dir / STORE_FILE).exists():
+        assert time.monotonic() < end, f"{run_dir}: no store appeared within {timeout}s"
+        time.sleep(0.05)
