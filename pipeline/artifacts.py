@@ -138,10 +138,11 @@ def read_build_report(path: str | Path) -> dict[str, Any]:
     return read_json(Path(path) / "build_report.json")
 
 
-def dataset_record(path: str | Path, split: str = "train") -> dict[str, Any]:
+def dataset_record(path: str | Path, split: str = "train", ds: Any = None) -> dict[str, Any]:
     """Which data a fine-tune trained on, for its train_report.json: the dataset folder, the split,
-    its prompt ids and their fingerprint (`distill eval` refuses an eval split that shares any)."""
-    ds = read_dataset(path, split)[split]
+    its prompt ids and their fingerprint (`distill eval` refuses an eval split that shares any).
+    `ds`: the dataset already read from `path`, if the caller has it."""
+    ds = (ds if ds is not None else read_dataset(path, split))[split]
     ids = sorted({str(p) for p in ds["prompt_id"]}) if "prompt_id" in ds.column_names else []
     return {
         "path": str(Path(path).absolute()),

@@ -549,12 +549,7 @@ def heldout_teacher_kl(model, tok, prompts: list[Prompt], cfg: EvalConfig) -> fl
     import torch
 
     from pipeline import kd
-    from pipeline.finetune import (
-        prepare_messages,
-        renders_reasoning,
-        tokenize_row,
-        training_template,
-    )
+    from pipeline.finetune import renders_reasoning, tokenize_split, training_template
 
     rows = read_dataset(cfg.data, cfg.split)[cfg.split]
     if not set(kd.KD_COLUMNS) <= set(rows.column_names):
@@ -563,13 +558,9 @@ def heldout_teacher_kl(model, tok, prompts: list[Prompt], cfg: EvalConfig) -> fl
     rows = rows.filter(lambda ex: str(ex["prompt_id"]) in keep)
     template, how = training_template(tok)
     native = renders_reasoning(tok, template)
-    tokenized = [
-        tokenize_row(tok, template, how, prepare_messages(ex["messages"], native)) for ex in rows
-    ]
+    tokenized, pids = tokenize_split(rows, tok, template, how, native)
     try:
-        table = kd.attach_targets(
-            tokenized, rows.select_columns(list(kd.KD_COLUMNS)), rows["prompt_id"], "-"
-        )
+        table = kd.attach_targets(tokenized, rows.select_columns(list(kd.KD_COLUMNS)), pids, "-")
     except InputError:  # another tokenizer or template than the targets': no comparable KL
         return None
     device = next(model.parameters()).device

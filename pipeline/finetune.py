@@ -56,7 +56,7 @@ from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from pipeline import hardware, kd
-from pipeline.artifacts import dataset_record, read_dataset, student_path
+from pipeline.artifacts import dataset_record, read_build_report, read_dataset, student_path
 from pipeline.config import StageConfig, dump_config
 from pipeline.errors import ConfigError, InputError, TrainingError
 from pipeline.outdir import claim
@@ -772,7 +772,7 @@ def kd_targets(cfg: FinetuneConfig, ds: Any, tokenizer: Any, rows: dict, pids: d
     """--loss kd: the teacher's targets from the dataset onto the tokenized rows (kd.attach_targets),
     after checking they were aligned to this student's tokenizer and cover something."""
     rebuild = f"distill build RUN --to {cfg.data} --tokenizer {cfg.student}"
-    info = json.loads((Path(str(cfg.data)) / "build_report.json").read_text()).get("kd", {})
+    info = read_build_report(str(cfg.data)).get("kd", {})
     if not set(kd.KD_COLUMNS) <= set(ds["train"].column_names) or not info.get("stored", True):
         raise InputError(
             f"{cfg.data} has no teacher targets for --loss kd; harvest with --logprobs "
@@ -1001,7 +1001,8 @@ def write_report(
     report = {
         "student": setup.student,
         "data": cfg.data,
-        "dataset": dataset_record(str(cfg.data)),  # what eval checks its held-out prompts against
+        # what eval checks its held-out prompts against
+        "dataset": dataset_record(str(cfg.data), ds=setup.ds),
         "steps": state.global_step,
         "epochs": round(float(state.epoch or 0), 4),
         "tokens_seen": tokens_seen,

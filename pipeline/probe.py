@@ -27,7 +27,13 @@ import httpx
 from pydantic import BaseModel, Field
 
 from pipeline.errors import PromptRejected, TeacherError, TransientError
-from pipeline.teacher import TeacherConfig, cost, estimate_tokens, raise_for_status
+from pipeline.teacher import (
+    TeacherConfig,
+    connect_failure,
+    cost,
+    estimate_tokens,
+    raise_for_status,
+)
 
 PROBE_FILE = "probe.json"
 PROMPT = [{"role": "user", "content": "Say OK."}]
@@ -111,7 +117,7 @@ class _Prober:
             ) from e
         except httpx.TransportError as e:
             raise TeacherError(
-                f"cannot reach {url}: {type(e).__name__}: {e}; is the server running, "
+                f"{connect_failure(e, url)}; is the server running, "
                 "and is the base URL right (it usually ends in /v1)?"
             ) from e
         resp.extensions["latency_s"] = time.monotonic() - started

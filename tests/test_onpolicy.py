@@ -115,6 +115,7 @@ def test_kill_9_resumes_and_scores_no_rollout_twice(
     )
     # Kill once steps past the first checkpoint (3) have stored rollouts.
     deadline = time.monotonic() + 120
+    top = None
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             db = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
@@ -125,6 +126,7 @@ def test_kill_9_resumes_and_scores_no_rollout_twice(
         if top is not None and top >= 5:
             break
         time.sleep(0.05)
+    assert top is not None and top >= 5, "no step past the first checkpoint within 120 s"
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
