@@ -893,8 +893,10 @@ def feed(
     needed: what a harvest holds does not grow with the number of prompts."""
     in_batch = store.keys_in_open_batches()
     for rows in chunks(reader.again(), CHUNK):
-        store.prompt_sources.update((r.id, r.source) for r in rows)
-        yield plan(cfg, rows, store, in_batch, [t]).jobs[0][1]
+        jobs = plan(cfg, rows, store, in_batch, [t]).jobs[0][1]
+        # Only prompts still to be answered: an answer removes its entry (Store.add_response).
+        store.prompt_sources.update((j.row.id, j.row.source) for j in jobs)
+        yield jobs
 
 
 def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
