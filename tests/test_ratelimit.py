@@ -73,12 +73,16 @@ def test_harvest_stores_every_prompt_from_a_refusing_server(
 
 
 def test_a_budget_without_rate_limit_headers_is_still_paced(server: OpenAIServer) -> None:
-    """429s with Retry-After but no x-ratelimit-* headers (a per-second budget): pace."""
+    """429s with Retry-After but no x-ratelimit-* headers (a per-second budget): pace.
+
+    The requests already in flight when the budget runs out are refused whatever the client does
+    (up to one window of 32); beyond them, pacing keeps refusals under 10% of the prompts. Without
+    pacing this run draws ~345 refusals (measured by disabling `on_throttle`)."""
     server.rps, server.burst, server.ratelimit_headers = 40, 40, False
     lim = drive(server, 120, 32)
     assert server.completed == 120
     assert lim.requests is not None and lim.rate_inferred
-    assert server.status_counts.get(429, 0) <= 0.2 * server.requests, server.status_counts
+    assert server.status_counts.get(429, 0) <= 32 + 0.1 * 120, server.status_counts
 
 
 # -- the state machine, driven directly ------------------------------------------------------------
