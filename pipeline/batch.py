@@ -57,7 +57,6 @@ from pipeline.errors import (
     InputError,
     TeacherError,
     TransientError,
-    Unreachable,
 )
 from pipeline.harvest import (
     HarvestConfig,
@@ -75,11 +74,12 @@ from pipeline.teacher import (
     Completion,
     TeacherConfig,
     chat_body,
-    connect_failure,
     cost,
+    http_client,
     parse_completion,
     raise_for_status,
     to_response,
+    transport_error,
 )
 
 log = logging.getLogger("distill.batch")
@@ -188,23 +188,8 @@ class BatchAPI:
 
     def __init__(self, t: TeacherConfig):
         self.t = t
-        headers = {}
-        key = t.api_key()
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        self.client = httpx.AsyncClient(
-            base_url=t.base_url + "/",
-            headers=headers,
-            timeout=httpx.Timeout(t.timeout, connect=min(30.0, t.timeout)),
-        )
+        self.client = http_client(t, base_url=t.base_url + "/")
         self.reached = False  # any HTTP answer yet: after one, a lost connection is transient
-
-    def transport_error(self, what: str, e: httpx.TransportError) -> TransientError:
-        """A connection that never worked is `Unreachable` (the run stops in seconds)."""
-        if isinstance(e, httpx.ConnectError) and not self.reached:
-            why = connect_failure(e, self.t.base_url)
-            return Unreachable(f"{what}: {why}; check the base URL and that the server is up")
-        return TransientError(f"{what}: connection error: {e}")
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -216,7 +201,7 @@ class BatchAPI:
         except httpx.TimeoutException:
             raise TransientError(f"{what}: timed out after {self.t.timeout:g}s") from None
         except httpx.TransportError as e:
-            raise self.transport_error(what, e) from None
+            raise transport_error(e, f"{self.t.base_url}/{path}", self.reached) from None
         self.reached = True
         if resp.status_code >= 400:
             raise_for_status(resp, self.t, what)
@@ -322,7 +307,8 @@ class BatchAPI:
                 except httpx.TimeoutException:
                     raise TransientError(f"download: timed out after {self.t.timeout:g}s") from None
                 except httpx.TransportError as e:
-                    raise self.transport_error("download", e) from None
+                    url = f"{self.t.base_url}/files/{file_id}/content"
+                    raise transport_error(e, url, self.reached) from None
         os.replace(tmp, dest)
 
 

@@ -29,9 +29,11 @@ from pydantic import BaseModel, Field
 from pipeline.errors import PromptRejected, TeacherError, TransientError
 from pipeline.teacher import (
     TeacherConfig,
+    chat_body,
     connect_failure,
     cost,
     estimate_tokens,
+    http_client,
     raise_for_status,
 )
 
@@ -140,15 +142,8 @@ class _Prober:
         for k in (*top_k_tries, 0):
             if not self.may_send("chat", (prompt, 2 * max_tokens)):
                 return
-            body: dict[str, Any] = {
-                "model": self.t.model,
-                "messages": PROMPT,
-                "max_tokens": max_tokens,
-                "n": 2,
-            }
-            if k:
-                body.update(logprobs=True, top_logprobs=k)
-            body.update(self.t.extra_body)
+            params: dict[str, Any] = {"logprobs": True, "top_logprobs": k} if k else {}
+            body = chat_body(self.t, PROMPT, params, n=2, max_tokens=max_tokens)
             resp = await self.send("POST", "/chat/completions", body)
             if resp.status_code in (400, 422):
                 r.notes.append(
@@ -213,12 +208,7 @@ async def _probe(
     max_tokens: int,
     top_k_tries: tuple[int, ...],
 ) -> ProbeResult:
-    headers = {"Content-Type": "application/json"}
-    key = t.api_key()
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    timeout = httpx.Timeout(t.timeout, connect=min(30.0, t.timeout))
-    async with httpx.AsyncClient(headers=headers, timeout=timeout) as client:
+    async with http_client(t) as client:
         p = _Prober(t, client, max_cost, max_requests)
         await p.chat(max_tokens, top_k_tries)
         await p.scoring()

@@ -332,6 +332,15 @@ def _server_message(resp: httpx.Response) -> str:
     return resp.text[:200].replace("\n", " ") or resp.reason_phrase
 
 
+def transport_error(e: httpx.TransportError, url: str, reached: bool) -> TransientError:
+    """A connection error, classified: `Unreachable` when the server never answered yet (a wrong
+    URL stays wrong: the run stops in seconds), else transient (a dropped connection is retried).
+    """
+    if isinstance(e, httpx.ConnectError) and not reached:
+        return Unreachable(f"{connect_failure(e, url)}; check --base-url and that the server is up")
+    return TransientError(f"connection error: {type(e).__name__}: {e}")
+
+
 def connect_failure(e: httpx.TransportError, url: str) -> str:
     """Why a connection could not be made, in a few words: "connection refused", "unknown host",
     "TLS: ..." (from the exception chain; the text is the fallback)."""
@@ -435,6 +444,27 @@ def to_response(
     )
 
 
+def http_client(
+    t: TeacherConfig,
+    *,
+    base_url: str = "",
+    connections: int | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> httpx.AsyncClient:
+    """The HTTP client every call to a teacher goes through (chat, scoring, probe, Batch API):
+    its key as a bearer token, its timeout (connecting: at most 30 s), certifi's CA bundle."""
+    key = t.api_key()
+    headers = {"Authorization": f"Bearer {key}"} if key else {}  # json= sets the Content-Type
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(
+        base_url=base_url,
+        headers=headers,
+        verify=tls or ssl.create_default_context(cafile=certifi.where()),
+        timeout=httpx.Timeout(t.timeout, connect=min(30.0, t.timeout)),
+        limits=limits if connections else httpx.Limits(),
+    )
+
+
 class Teacher:
     """HTTP client for one teacher; shares one connection pool and one limiter across requests."""
 
@@ -448,25 +478,13 @@ class Teacher:
         self.limiter = limiter or Limiter(
             rpm=cfg.rpm, tpm=cfg.tpm, concurrency=cfg.concurrency, adaptive=cfg.adaptive_concurrency
         )
-        headers = {"Content-Type": "application/json"}
-        key = cfg.api_key()
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
         # Several small connection pools instead of one big one: httpx's pool does work in
         # proportion to its size on every request, so one pool of 64 connections caps a run at
         # ~200 requests/s on a fast server, where 16 pools of 4 reach ~650 (bench/overhead.py).
         shards = math.ceil(cfg.concurrency / POOL_SIZE)
         per_pool = math.ceil(cfg.concurrency / shards)
         tls = ssl.create_default_context(cafile=certifi.where())  # loaded once, not per pool
-        self.pools = [
-            httpx.AsyncClient(
-                headers=headers,
-                verify=tls,
-                timeout=httpx.Timeout(cfg.timeout, connect=min(30.0, cfg.timeout)),
-                limits=httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool),
-            )
-            for _ in range(shards)
-        ]
+        self.pools = [http_client(cfg, connections=per_pool, tls=tls) for _ in range(shards)]
         self.pool_load = [0] * shards
         self.supports_n: bool | None = None if cfg.use_n else False
         self.reached = False  # any HTTP answer yet: after one, a lost connection is transient
@@ -522,11 +540,7 @@ class Teacher:
             self.limiter.on_timeout()
             raise TransientError(f"timed out after {self.cfg.timeout:g}s") from None
         except httpx.TransportError as e:  # connection refused/reset/dropped, protocol errors
-            if isinstance(e, httpx.ConnectError) and not self.reached:
-                raise Unreachable(
-                    f"{connect_failure(e, url)}; check --base-url and that the server is up"
-                ) from None
-            raise TransientError(f"connection error: {type(e).__name__}: {e}") from None
+            raise transport_error(e, url, self.reached) from None
         self.reached = True
         latency = time.monotonic() - started
         self.limiter.observe_headers(resp.headers)
