@@ -52,7 +52,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.hardware import native_bf16
 from pipeline.outdir import claim
 from pipeline.reasoning import split_think
-from pipeline.verify import MODES, answers_match, check_prompt, extract_answer
+from pipeline.verify import answers_match, check_mode, check_prompt, extract_answer
 
 
 class EvalConfig(StageConfig):
@@ -184,10 +184,11 @@ class Prompt:
 
 def check_config(cfg: EvalConfig) -> None:
     """Refuse a bad regex or an incomplete judge before loading anything, naming the key."""
-    if cfg.verify is not None and cfg.verify not in MODES and ":" not in cfg.verify:
-        raise ConfigError(
-            f"verify {cfg.verify!r}: expected one of {', '.join(MODES)} or 'module:function'"
-        )
+    if cfg.verify is not None:
+        try:
+            check_mode(cfg.verify)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.judge and not cfg.judge_model:
         raise ConfigError(
             "judge is on but no judge_model is set; set judge_model (--judge-model) or turn judge off"

@@ -46,6 +46,15 @@ MODES = ("auto", "math", "text", "regex")
 MATH_TIMEOUT_S = 5  # per parse or comparison; sympy can hang on adversarial input
 
 
+def check_mode(mode: str) -> str:
+    """`mode` if it names a check (one of MODES, or 'module:function'); else ValueError."""
+    if mode not in MODES and ":" not in mode:
+        raise ValueError(
+            f"verify {mode!r}: expected one of {', '.join(MODES)} or 'module:function'"
+        )
+    return mode
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The outcome of one check."""
