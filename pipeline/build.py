@@ -15,13 +15,13 @@ store with the same config gives byte-identical files (see docs/build.md).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import heapq
 import json
 import math
 import re
-import shutil
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -35,11 +35,11 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.artifacts import DatasetWriter
 from pipeline.config import StageConfig
 from pipeline.errors import ConfigError, InputError, StoreError
-from pipeline.outdir import claim, replace_own
+from pipeline.outdir import staged
 from pipeline.reasoning import content_text, join_think
 from pipeline.record import Response, content_hash
 from pipeline.store import Store
-from pipeline.verify import MODES, check_prompt, load_function
+from pipeline.verify import MODES, check_mode, check_prompt, load_function
 
 # The order filters run in, and the order of every count in the report and the card, each with
 # what it removes (as the dataset card says it). Verification and the custom hook come before
@@ -221,11 +221,7 @@ class BuildConfig(StageConfig):
     @field_validator("verify")
     @classmethod
     def _verify_mode(cls, mode: str) -> str:
-        if mode not in MODES and ":" not in mode:
-            raise ValueError(
-                f"verify {mode!r}: expected one of {', '.join(MODES)} or 'module:function'"
-            )
-        return mode
+        return check_mode(mode)
 
     @model_validator(mode="after")
     def _regex_needs_patterns(self) -> BuildConfig:
@@ -1214,21 +1210,6 @@ def _ranked(
     return eval_rank(candidates(), cfg, lambda: forced)  # known once the pass is done
 
 
-def _prepare_out(to: Path) -> Path:
-    """A fresh temporary sibling of `to`; refuse a folder that is not new, empty or a build's."""
-    claim(to, "build", "--to")
-    tmp = to.parent / f".{to.name}.building"
-    try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    except OSError as e:
-        raise InputError(
-            f"{to.parent}: cannot write the output here ({e.strerror}); choose another --to"
-        ) from None
-    return tmp
-
-
 def build(cfg: BuildConfig) -> BuildReport:
     """Curate the run's answers and write the dataset, its card and its report to cfg.to.
 
@@ -1250,22 +1231,19 @@ def build(cfg: BuildConfig) -> BuildReport:
     kd = KDTargets(cfg, tok, has_logprobs)
     shape = SHAPES.get(cfg.format)
 
-    existed = to.exists()
-    tmp = _prepare_out(to)
-    try:
+    with staged(to, "build", "--to") as tmp:
         tally = Tally(cfg, failures, tmp)
-        writers = open_writers(cfg, tmp, kd.on)
-        for rows, split in curate(cfg, run, custom, tok):
-            tally.add(rows, split)
-            for r in rows:
-                if split is None or r.removed_by is not None:
-                    continue
-                row = output_row(r, cfg)
-                if kd.on:
-                    kd.add(r, row, split)
-                writers[split].write(shape(row) if shape else row)
-        for w in writers.values():
-            w.close()
+        with contextlib.ExitStack() as files:  # finalized on success, closed on a failure
+            writers = {k: files.enter_context(w) for k, w in open_writers(cfg, tmp, kd.on).items()}
+            for rows, split in curate(cfg, run, custom, tok):
+                tally.add(rows, split)
+                for r in rows:
+                    if split is None or r.removed_by is not None:
+                        continue
+                    row = output_row(r, cfg)
+                    if kd.on:
+                        kd.add(r, row, split)
+                    writers[split].write(shape(row) if shape else row)
         rep = tally.report(to, unit)
         rep.kd = kd.report()
         (tmp / "splits.json").write_text(tally.splits_json(), encoding="utf-8")
@@ -1276,10 +1254,4 @@ def build(cfg: BuildConfig) -> BuildReport:
             )
         (tmp / "README.md").write_text(dataset_card(rep, cfg), encoding="utf-8")
         (tmp / "build_report.json").write_text(rep.to_json(), encoding="utf-8")
-        replace_own(to, "build", tmp)  # only the earlier build's files go; a user's stay
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not existed:  # nothing written: leave no folder behind either
-            shutil.rmtree(to, ignore_errors=True)
-        raise
     return rep

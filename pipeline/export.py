@@ -10,14 +10,13 @@ Columns are documented in EXPORT_COLUMNS (from the Response record's field docs)
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.artifacts import DatasetWriter
 from pipeline.errors import StoreError
-from pipeline.outdir import claim, record, replace_own
+from pipeline.outdir import claim, record, staged
 from pipeline.reasoning import content_text
 from pipeline.record import Response
 from pipeline.store import Store
@@ -60,13 +59,6 @@ def export_rows(store: Store) -> Iterator[dict[str, Any]]:
     return (_row(r) for r in store.iter_responses())
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
 def _row(r: Response) -> dict[str, Any]:
     values = {c: getattr(r, c) for c in Response.columns()}
     lp = r.token_logprobs()
@@ -104,22 +96,25 @@ def export(run_dir: Path, to: Path, fmt: ExportFormat = "hf") -> Path:
             raise StoreError(
                 f"{run_dir}: the store holds no responses yet; run `distill harvest` first"
             )
+        if fmt == "hf":  # a dataset folder built beside `to`, then swapped in (a user's stay)
+            with (
+                staged(Path(to), "export", "--to") as tmp,
+                DatasetWriter(tmp, "arrow", features()) as out,
+            ):
+                for row in export_rows(store):
+                    out.write(row)
+            return Path(to)
+        # parquet/jsonl: a file written beside its target, then renamed
         to = claim(Path(to), "export", "--to")
-        # hf: a dataset folder built beside `to`, then swapped in for the earlier export's files
-        # only (a user's stay); parquet/jsonl: a file written beside its target, then renamed.
-        tmp = to.parent / f".{to.name}.exporting" if fmt == "hf" else to / f".responses.{fmt}.tmp"
-        _remove(tmp)
-        kind = {"hf": "arrow", "parquet": "parquet", "jsonl": "jsonl"}[fmt]
+        tmp = to / f".responses.{fmt}.tmp"
+        tmp.unlink(missing_ok=True)
         try:
-            with DatasetWriter(tmp, kind, None if fmt == "jsonl" else features()) as out:
+            with DatasetWriter(tmp, fmt, None if fmt == "jsonl" else features()) as out:
                 for row in export_rows(store):
                     out.write(row)
         except BaseException:
-            _remove(tmp)
+            tmp.unlink(missing_ok=True)
             raise
-    if fmt == "hf":
-        replace_own(to, "export", tmp)
-        return to
     path = to / f"responses.{fmt}"
     tmp.replace(path)
     record(to, "export", [path.name])

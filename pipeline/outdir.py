@@ -11,9 +11,11 @@ them stays. Folders written before markers existed are recognised by their signa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.errors import InputError
@@ -86,6 +88,32 @@ def claim(out: Path, stage: str, flag: str = "--out") -> Path:
             f"{out}: cannot write here ({e.strerror}); choose another {flag}"
         ) from None
     return out
+
+
+@contextlib.contextmanager
+def staged(out: Path, stage: str, flag: str = "--out") -> Iterator[Path]:
+    """Claim `out`, then yield an empty sibling folder to write the whole output into; on success
+    it replaces the stage's earlier files (`replace_own`), on any failure it goes, with `out` too
+    when this call created it: a reader never sees half an output."""
+    existed = Path(out).exists()
+    out = claim(out, stage, flag)
+    tmp = out.parent / f".{out.name}.{stage}-staging"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise InputError(
+            f"{out.parent}: cannot write the output here ({e.strerror}); choose another {flag}"
+        ) from None
+    try:
+        yield tmp
+        replace_own(out, stage, tmp)  # only the earlier output's files go; a user's stay
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not existed:  # nothing written: leave no folder behind either
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def record(out: Path, stage: str, names: list[str]) -> None:

@@ -341,7 +341,7 @@ def test_a_signal_stops_build_with_130_and_leaves_no_half_dataset(
     proc = start_cli("build", str(run), "--to", str(ds), "--custom-filter", f"{hook}:keep")
     wait_for(busy, proc, "build")
     assert_interrupted(proc, sig)
-    assert not ds.exists() and not (tmp_path / ".ds.building").exists()  # no half dataset
+    assert not ds.exists() and not (tmp_path / ".ds.build-staging").exists()  # no half dataset
 
 
 def test_sigterm_stops_finetune_with_130(tmp_path: Path, tiny_model) -> None:  # noqa: F811
