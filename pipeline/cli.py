@@ -207,6 +207,11 @@ def export(run_dir: Path, to: Path, fmt: str) -> None:
 @click.option(
     "--finetuned", type=PATH, help="Fine-tune OUT folder, adapter folder or merged model folder."
 )
+@click.option(
+    "--against",
+    type=PATH,
+    help="Compare against this fine-tune OUT folder (or merged model) instead of the base.",
+)
 @click.option("--out", type=PATH, help="Report folder (report.md, report.json, PNGs).")
 @_config_option("YAML config; its eval: section. Flags override it.")
 @click.option("--split", help="Dataset split to evaluate (default eval).")

@@ -73,6 +73,10 @@ class EvalConfig(StageConfig):
         ...,
         description="Fine-tuned student: a `distill finetune` OUT folder, its adapter/ folder, or a merged model folder.",
     )
+    against: Path | None = Field(
+        None,
+        description="Compare the fine-tuned student against this one instead of the base: another `distill finetune` OUT folder of the same student, or a merged model folder. Differences and intervals are then fine-tuned - against (KD vs SFT, on-policy vs SFT).",
+    )
     out: Path = Field(
         Path("data/eval"), description="Folder for report.md, report.json and the PNGs."
     )
@@ -248,6 +252,14 @@ class Students:
     finetuned: Path  # a merged model folder, or a PEFT adapter folder when `adapter` is true
     adapter: bool
     run_dir: Path | None  # the fine-tune OUT folder, when known (for log_history.json)
+    # `against`: the student in the base's place (a PEFT adapter on `base` when against_adapter)
+    against: Path | None = None
+    against_adapter: bool = False
+    against_run: Path | None = None  # its fine-tune OUT folder, when known (held-out check)
+
+    def labels(self) -> dict[str, str]:
+        """How the report names each column."""
+        return {**LABELS, "base": "against"} if self.against is not None else dict(LABELS)
 
 
 RUN_FILES = ("train_report.json", "log_history.json")  # what a fine-tune run folder holds
@@ -267,7 +279,9 @@ def resolve_students(cfg: EvalConfig) -> Students:
     if (ft / "adapter" / "adapter_config.json").is_file() or (ft / "adapter_config.json").is_file():
         run = read_finetune_run(ft, str(cfg.base) if cfg.base else None)
         where = "key `base`" if cfg.base else f"the fine-tune run {run.out}"
-        return _checked(Students(Path(run.student), run.adapter, True, run.out), where)
+        return _against(
+            cfg, _checked(Students(Path(run.student), run.adapter, True, run.out), where)
+        )
     if not _is_model(ft):
         raise InputError(
             f"{ft}: neither a fine-tune OUT folder (adapter/), a PEFT adapter (adapter_config.json) "
@@ -284,7 +298,30 @@ def resolve_students(cfg: EvalConfig) -> Students:
         raise ConfigError(
             f"{ft}: cannot tell the base student; set `base` (--base) to its local model folder"
         )
-    return _checked(Students(Path(base), ft, False, run_dir), where)
+    return _against(cfg, _checked(Students(Path(base), ft, False, run_dir), where))
+
+
+def _against(cfg: EvalConfig, students: Students) -> Students:
+    """`students` with the `against` student in the base's place, when one is set."""
+    if cfg.against is None:
+        return students
+    a = Path(cfg.against)
+    if (a / "adapter" / "adapter_config.json").is_file() or (a / "adapter_config.json").is_file():
+        run = read_finetune_run(a)
+        if Path(run.student).resolve() != students.base.resolve():
+            raise InputError(
+                f"{a} (key `against`): trained on {run.student}, but the fine-tuned student's base "
+                f"is {students.base}; compare runs of the same student, or pass a merged model"
+            )
+        return dataclasses.replace(
+            students, against=run.adapter, against_adapter=True, against_run=run.out
+        )
+    if _is_model(a):
+        return dataclasses.replace(students, against=a)
+    raise InputError(
+        f"{a} (key `against`): neither a fine-tune OUT folder (adapter/) nor a model folder "
+        "(config.json); pass the --out folder of the `distill finetune` run to compare against"
+    )
 
 
 def _checked(students: Students, where: str) -> Students:
@@ -349,19 +386,26 @@ def load_student(which: str, students: Students, device: str, load_in_4bit: bool
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    path = students.base if which == "base" or students.adapter else students.finetuned
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    tok_path = path
-    if which == "finetuned" and students.adapter:
+    # (weights, adapter on them or None) of the student in this column
+    if which == "finetuned":
+        path, adapter = students.finetuned, students.adapter
+    elif students.against is not None:
+        path, adapter = students.against, students.against_adapter
+    else:
+        path, adapter = students.base, False
+    weights = students.base if adapter else path
+    model = AutoModelForCausalLM.from_pretrained(str(weights), **kwargs)
+    tok_path = weights
+    if adapter:
         from peft import PeftModel
 
         with warnings.catch_warnings():  # peft trips a transformers deprecation notice
             warnings.simplefilter("ignore", FutureWarning)
-            peft = PeftModel.from_pretrained(model, str(students.finetuned))
+            peft = PeftModel.from_pretrained(model, str(path))
         model = peft if load_in_4bit else peft.merge_and_unload()  # type: ignore[assignment]
         # The fine-tune stage saves its tokenizer (and chat template) next to the adapter.
-        if (students.finetuned / "tokenizer_config.json").is_file():
-            tok_path = students.finetuned
+        if (path / "tokenizer_config.json").is_file():
+            tok_path = path
     tok = AutoTokenizer.from_pretrained(str(tok_path), local_files_only=True)
     if tok.chat_template is None:
         raise InputError(
@@ -383,7 +427,9 @@ def stop_ids(students: Students) -> set[int]:
     config quirk rather than for what its weights do.
     """
     out: set[int] = set()
-    for folder in (students.base, students.finetuned):
+    for folder in (students.base, students.finetuned, students.against):
+        if folder is None:
+            continue
         try:
             ids = json.loads((folder / "generation_config.json").read_text(encoding="utf-8")).get(
                 "eos_token_id"
@@ -543,10 +589,13 @@ def teacher_nll(  # type: ignore[no-untyped-def]
     return list(zip(sums, counts, strict=True))
 
 
-def heldout_teacher_kl(model, tok, prompts: list[Prompt], cfg: EvalConfig) -> float | None:  # type: ignore[no-untyped-def]
-    """Mean per-token KL(teacher top-k + tail || student) over the split's teacher answers, on the
-    rows as `distill finetune` renders them (the positions the targets were aligned to); None when
-    the split has no kd_targets or this student's tokens differ from those aligned to."""
+def heldout_teacher_kl(
+    model, tok, prompts: list[Prompt], cfg: EvalConfig
+) -> dict[str, tuple[float, int]] | None:  # type: ignore[no-untyped-def]
+    """Per prompt id: (sum of per-token KL(teacher top-k + tail || student), tokens) over its
+    teacher answers in the split, on the rows as `distill finetune` renders them (the positions
+    the targets were aligned to); None when the split has no kd_targets or this student's tokens
+    differ from those aligned to."""
     import torch
 
     from pipeline import kd
@@ -565,7 +614,7 @@ def heldout_teacher_kl(model, tok, prompts: list[Prompt], cfg: EvalConfig) -> fl
     except InputError:  # another tokenizer or template than the targets': no comparable KL
         return None
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    per: dict[str, tuple[float, int]] = {}
     with torch.inference_mode():
         for start in range(0, len(tokenized), cfg.batch_size):
             batch = tokenized[start : start + cfg.batch_size]
@@ -579,9 +628,14 @@ def heldout_teacher_kl(model, tok, prompts: list[Prompt], cfg: EvalConfig) -> fl
             lengths = torch.tensor([[len(r["input_ids"])] for r in batch])
             mask = torch.arange(width) < lengths  # right padding, masked out
             logits = model(input_ids=ids.to(device), attention_mask=mask.long().to(device)).logits
-            s, n = kd.teacher_kl(logits.float(), *table.gather(index.to(device), labels.to(device)))
-            total, count = total + s, count + n
-    return total / count if count else None
+            sums, counts = kd.teacher_kl(
+                logits.float(), *table.gather(index.to(device), labels.to(device))
+            )
+            for pid, s, n in zip(pids[start : start + len(batch)], sums, counts, strict=True):
+                if n:
+                    before = per.get(pid, (0.0, 0))
+                    per[pid] = (before[0] + s, before[1] + n)
+    return per or None
 
 
 # -- scores ----------------------------------------------------------------------------------------
@@ -792,6 +846,7 @@ PAIRED = {  # metric -> (per-prompt field, which way is better, weight field or 
     # NLL is shown token-weighted over all teacher answers: its difference is weighted the same
     # way, so the interval is about the very difference of the two numbers in the table.
     "nll": ("nll", "lower", "nll_tokens"),
+    "teacher_kl": ("teacher_kl", "lower", "teacher_kl_tokens"),  # the same, per token
     "format_compliance": ("format_ok", "higher", None),
     "judge_score": ("judge", "higher", None),
     "hit_max_tokens": ("hit_max_tokens", "lower", None),
@@ -951,22 +1006,27 @@ def _ci(ci: list[float] | None) -> str:
     return "–" if ci is None else f"[{100 * ci[0]:.1f}%, {100 * ci[1]:.1f}%]"
 
 
+def labels(report: dict[str, Any]) -> dict[str, str]:
+    """Column names: "base", or "against" when the fine-tuned student is compared to another."""
+    return {**LABELS, **report.get("labels", {})}
+
+
 def accuracy_intervals(report: dict[str, Any]) -> str:
-    m = report["metrics"]
+    m, lab = report["metrics"], labels(report)
     return "accuracy 95% interval (Wilson): " + ", ".join(
-        f"{LABELS[w]} {_ci(m[w].get('accuracy_ci'))}" for w in (*STUDENTS, "teacher")
+        f"{lab[w]} {_ci(m[w].get('accuracy_ci'))}" for w in (*STUDENTS, "teacher")
     )
 
 
 def headline(report: dict[str, Any]) -> str:
     """A compact table of the headline numbers, base vs fine-tuned (and the teacher where it
     applies), with each difference's 95% interval and what it means."""
-    n = report["prompts"]
+    n, b = report["prompts"], labels(report)["base"]
     lines = [
         f"eval: {n} held-out prompts ({report['prompts_with_reference']} with a reference), "
         f"{'greedy' if report['config']['greedy'] else 'sampled'}, max_new_tokens {report['config']['max_new_tokens']}",
         f"eval set: {report['eval_set']}",
-        f"{'metric':<38} {'base':>9} {'fine-tuned':>11} {'teacher':>9}  {'fine-tuned - base [95% CI]':<30} verdict",
+        f"{'metric':<38} {b:>9} {'fine-tuned':>11} {'teacher':>9}  {'fine-tuned - ' + b + ' [95% CI]':<30} verdict",
     ]
     for label, b, f, t, _, d, v in _rows(report):
         lines.append(f"{label:<38} {b:>9} {f:>11} {t:>9}  {d:<30} {v}")
@@ -994,6 +1054,9 @@ def write_markdown(report: dict[str, Any], path: Path, loss_plot: bool) -> None:
     )
     sp = report["system_prompts"]
     ver = report["verification"]
+    lab = labels(report)
+    b = lab["base"]
+    against = report["students"].get("against")
     out = [
         "# distill eval report",
         "",
@@ -1002,6 +1065,7 @@ def write_markdown(report: dict[str, Any], path: Path, loss_plot: bool) -> None:
         f"- eval set: {report['eval_set']}",
         f"- held out from training: {report['held_out_check']}",
         f"- base student: `{report['students']['base']}`",
+        *([f"- against (in the base's column): `{against}`"] if against else []),
         f"- fine-tuned student: `{report['students']['finetuned']}` ({'LoRA adapter' if report['students']['adapter'] else 'merged model'})",
         f"- system prompt: the teacher saw {sp['teacher']}; the students saw {sp['students']}",
         f"- generation: {decoding}, max_new_tokens {cfg['max_new_tokens']}",
@@ -1011,7 +1075,7 @@ def write_markdown(report: dict[str, Any], path: Path, loss_plot: bool) -> None:
         "",
         "## Results",
         "",
-        "| metric | base | fine-tuned | teacher | better when | fine-tuned − base [95% CI] | verdict |",
+        f"| metric | {b} | fine-tuned | teacher | better when | fine-tuned − {b} [95% CI] | verdict |",
         "|---|---:|---:|---:|---|---|---|",
     ]
     out += ["| " + " | ".join(row) + " |" for row in _rows(report)]
@@ -1020,7 +1084,7 @@ def write_markdown(report: dict[str, Any], path: Path, loss_plot: bool) -> None:
         f"{accuracy_intervals(report)}. A difference's interval is a paired bootstrap over prompts "
         f'({cfg["bootstrap"]} resamples, seed {cfg["seed"]}); "better" or "worse" only when it excludes zero.',
     ]
-    out += ["", "![base vs fine-tuned](metrics.png)", ""]
+    out += ["", f"![{b} vs fine-tuned](metrics.png)", ""]
     if loss_plot:
         out += ["## Training", "", "![loss curves](loss_curves.png)", ""]
     else:
@@ -1047,28 +1111,40 @@ def write_markdown(report: dict[str, Any], path: Path, loss_plot: bool) -> None:
         for s in STUDENTS:
             r = ex[s]
             mark = "" if r["correct"] is None else " ✓" if r["correct"] else " ✗"
-            out.append(f"| {LABELS[s]} student{mark} | {_cell(r['answer'])} |")
+            out.append(f"| {lab[s]} student{mark} | {_cell(r['answer'])} |")
         out.append("")
     path.write_text("\n".join(out), encoding="utf-8")
 
 
 def check_held_out(cfg: EvalConfig, prompts: list[Prompt], students: Students) -> str:
-    """Refuse to score a fine-tuned student on prompts it was trained on (train_report.json
-    records the train prompt ids); returns what was checked, for the report."""
-    run_dir = students.run_dir
-    trained = trained_prompt_ids(read_json(run_dir / "train_report.json") if run_dir else {})
-    if trained is None:
-        return "not checked: the fine-tune run records no training prompt ids (trained before this check)"
-    shared = sorted(trained & {p.prompt_id for p in prompts})
-    if shared:
-        raise InputError(
-            f"{cfg.data} [{cfg.split}]: {len(shared)} of its {len(prompts)} prompts (e.g. "
-            f"{shared[0]!r}) are in the data {students.run_dir} was trained on; evaluate on a split "
-            "held out from that training data (the same build), or fine-tune on this build's train split"
+    """Refuse to score a fine-tuned student (or the one it is compared against) on prompts it
+    was trained on (train_report.json records the train prompt ids); returns what was checked,
+    for the report."""
+    said = []
+    for run_dir, who in (
+        (students.run_dir, "student"),
+        (students.against_run, "`against` student"),
+    ):
+        if run_dir is None and who != "student":
+            continue
+        trained = trained_prompt_ids(read_json(run_dir / "train_report.json") if run_dir else {})
+        if trained is None:
+            said.append(
+                f"not checked: the {who}'s fine-tune run records no training prompt ids (trained "
+                "before this check)"
+            )
+            continue
+        shared = sorted(trained & {p.prompt_id for p in prompts})
+        if shared:
+            raise InputError(
+                f"{cfg.data} [{cfg.split}]: {len(shared)} of its {len(prompts)} prompts (e.g. "
+                f"{shared[0]!r}) are in the data {run_dir} was trained on; evaluate on a split "
+                "held out from that training data (the same build), or fine-tune on this build's train split"
+            )
+        said.append(
+            f"none of the {len(prompts)} prompts is among the {len(trained)} the {who} was trained on"
         )
-    return (
-        f"none of the {len(prompts)} prompts is among the {len(trained)} the student was trained on"
-    )
+    return "; ".join(said)
 
 
 def eval_set(cfg: EvalConfig) -> str:
@@ -1122,17 +1198,26 @@ def run_students(
     import torch
 
     shared_stops = stop_ids(students)
+    label = students.labels()
     metrics: dict[str, dict[str, Any]] = {}
     per: dict[str, list[dict[str, Any]]] = {}
     teacher: dict[str, Any] = {}
     for which in STUDENTS:
         model, tok = load_student(which, students, device, cfg.load_in_4bit)
         stops = eos_ids(model, tok, shared_stops)
-        answers = generate(model, tok, prompts, cfg, LABELS[which], stops)
-        nll = teacher_nll(model, tok, prompts, cfg, LABELS[which], stops) if cfg.nll else None
+        answers = generate(model, tok, prompts, cfg, label[which], stops)
+        nll = teacher_nll(model, tok, prompts, cfg, label[which], stops) if cfg.nll else None
         metrics[which], per[which] = score(prompts, answers, nll, cfg, ver)
         if cfg.nll:  # the split carries the teacher's top-k (build --tokenizer): KL beside NLL
-            metrics[which]["teacher_kl"] = heldout_teacher_kl(model, tok, prompts, cfg)
+            kl = heldout_teacher_kl(model, tok, prompts, cfg) or {}
+            for p, rec in zip(prompts, per[which], strict=True):
+                s, n = kl.get(p.prompt_id, (None, 0))
+                rec["teacher_kl"] = None if s is None else s / n
+                rec["teacher_kl_tokens"] = n
+            tokens = sum(n for _, n in kl.values())
+            metrics[which]["teacher_kl"] = (
+                sum(s for s, _ in kl.values()) / tokens if tokens else None
+            )
         if which == "base":
             teacher = teacher_metrics(prompts, tok, cfg, ver)
         del model
@@ -1176,7 +1261,9 @@ def evaluate(cfg: EvalConfig) -> Path:
             "base": str(students.base),
             "finetuned": str(students.finetuned),
             "adapter": students.adapter,
+            "against": None if students.against is None else str(students.against),
         },
+        "labels": students.labels(),
         "device": device,
         "seconds": time.monotonic() - started,
         "prompts": len(prompts),

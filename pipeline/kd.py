@@ -317,6 +317,12 @@ def unpack_targets(blob: bytes, length: int, k: int | None = None) -> tuple[np.n
 # -- the loss ------------------------------------------------------------------------------------
 
 
+def _positions(target_logprobs: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) bool: the positions that carry a target. The target at t is predicted by the
+    logits at t-1; a position needs one finite teacher slot."""
+    return target_mask[:, 1:].bool() & torch.isfinite(target_logprobs[:, 1:]).any(-1)
+
+
 def _per_token_kl(
     student_logits: torch.Tensor,
     target_ids: torch.Tensor,
@@ -325,9 +331,9 @@ def _per_token_kl(
     temperature: float,
     tail: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token forward KL (N,) at the N positions carrying targets, and the teacher's top-k mass."""
-    # The target at t is predicted by the logits at t-1; a position needs one finite teacher slot.
-    mask = target_mask[:, 1:].bool() & torch.isfinite(target_logprobs[:, 1:]).any(-1)
+    """Per-token forward KL (N,) at the N positions carrying targets (`_positions`, row-major),
+    and the teacher's top-k mass."""
+    mask = _positions(target_logprobs, target_mask)
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # bf16 -> fp32 for the sums
     logits = student_logits[:, :-1].to(dtype)  # a view, no copy, for fp32 logits
     if temperature != 1.0:
@@ -408,13 +414,17 @@ def teacher_kl(
     target_mask: torch.Tensor,
     *,
     tail: bool = True,
-) -> tuple[float, int]:
-    """(sum of per-token KL(teacher top-k + tail || student), tokens) for one batch of held-out
-    teacher answers; the eval adds the sums and counts over batches and divides once."""
+) -> tuple[list[float], list[int]]:
+    """Per row of a batch of held-out teacher answers: (sum of per-token KL(teacher top-k + tail
+    || student), tokens). The eval adds sums and counts over rows and divides once, and pairs
+    students prompt by prompt."""
     per_token, _ = _per_token_kl(
         student_logits, target_ids, target_logprobs, target_mask, 1.0, tail
     )
-    return float(per_token.sum()), per_token.numel()
+    mask = _positions(target_logprobs, target_mask)
+    rows = mask.nonzero()[:, 0]  # the row of each entry of per_token (row-major)
+    sums = torch.zeros(mask.shape[0], dtype=per_token.dtype, device=per_token.device)
+    return sums.index_add_(0, rows, per_token).tolist(), mask.sum(-1).tolist()
 
 
 def reverse_kl_per_token(

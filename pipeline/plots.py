@@ -103,14 +103,17 @@ def plot_metrics(report: dict[str, Any], path: Path) -> None:
         transform=axes.flat[len(panels)].transAxes,
     )
     students = report["students"]
+    against = students.get("against")
+    b = report.get("labels", {}).get("base", "base")
     fig.suptitle(
-        f"Base vs fine-tuned student on {report['prompts']} held-out prompts"
+        f"{b.capitalize()} vs fine-tuned student on {report['prompts']} held-out prompts"
         f" ({'greedy' if report['config']['greedy'] else 'sampled'} decoding)\n"
-        f"base: {Path(students['base']).name}    fine-tuned: {_name(students['finetuned'])}",
+        f"{b}: {_name(against) if against else Path(students['base']).name}    "
+        f"fine-tuned: {_name(students['finetuned'])}",
         fontsize=12,
     )
     handles = [
-        Patch(color=BASE_COLOR, label="base student"),
+        Patch(color=BASE_COLOR, label=f"{b} student"),
         Patch(color=FINETUNED_COLOR, label="fine-tuned student"),
         Line2D(
             [],
@@ -174,7 +177,8 @@ def verdict(report: dict[str, Any], panels: list[tuple[str, str, str, bool, str]
     """Each metric's change from base to fine-tuned in words: "better" or "worse" only when the
     95% interval of the difference (report["differences"]) excludes zero."""
     m, diffs = report["metrics"], report.get("differences", {})
-    lines, better, worse = ["base -> fine-tuned (95% CI)", ""], 0, 0
+    col = report.get("labels", {}).get("base", "base")  # "against": another fine-tuned student
+    lines, better, worse = [f"{col} -> fine-tuned (95% CI)", ""], 0, 0
     for key, _, _, percent, _ in panels:
         b, f, d = m["base"].get(key), m["finetuned"].get(key), diffs.get(key)
         if b is None or f is None or d is None:

@@ -4,6 +4,7 @@ dense references on a toy vocabulary; end to end against the model-backed teache
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import httpx
@@ -255,8 +256,13 @@ def test_scale_kd_is_ce_minus_teacher_entropy() -> None:
 def test_teacher_kl_is_the_loss_as_sum_and_count() -> None:
     s_logits, _, t_ids, t_top, mask = toy(k=4)
     loss, _ = topk_kd_loss(s_logits, t_ids, t_top, mask)
-    total, n = teacher_kl(s_logits, t_ids, t_top, mask)
-    assert n == 6 and total / n == pytest.approx(float(loss))
+    sums, counts = teacher_kl(s_logits, t_ids, t_top, mask)
+    assert sum(counts) == 6 and sum(sums) / sum(counts) == pytest.approx(float(loss))
+    # per row: each row's own tokens (the eval pairs two students prompt by prompt)
+    for row in range(len(sums)):
+        one, _ = topk_kd_loss(s_logits[row : row + 1], t_ids[row : row + 1],
+                              t_top[row : row + 1], mask[row : row + 1])  # fmt: skip
+        assert sums[row] == pytest.approx(float(one) * counts[row], rel=1e-9)
 
 
 def test_reverse_kl_on_the_students_samples_estimates_the_dense_one() -> None:
@@ -314,8 +320,8 @@ def test_kd_from_the_model_server_lowers_teacher_kl(tmp_path: Path) -> None:
 
     def kl() -> float:
         with torch.no_grad():
-            total, n = teacher_kl(student(input_ids).logits, t_ids, t_lps, mask)
-        return total / n
+            sums, counts = teacher_kl(student(input_ids).logits, t_ids, t_lps, mask)
+        return sum(sums) / sum(counts)
 
     before = kl()
     opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
@@ -431,6 +437,33 @@ def test_finetune_kd_logs_both_terms_and_eval_shows_teacher_kl(kd_run: dict) -> 
     base, tuned = metrics["base"]["teacher_kl"], metrics["finetuned"]["teacher_kl"]
     assert base > 0 and tuned > 0 and tuned < base  # KD moves the student toward the teacher
     assert "KL teacher top-k" in result.output
+
+    # --against: another run in the base's column (KD vs SFT in one report). Against itself, both
+    # columns are the fine-tuned student (its adapter loaded on both sides), the difference 0.
+    ev = kd_run["tmp"] / "eval-against"
+    result = CliRunner().invoke(
+        cli, ["eval", "--data", str(kd_run["ds"]), "--finetuned", str(out), "--against", str(out),
+              "--out", str(ev), "--max-new-tokens", "4"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rep = json.loads((ev / "report.json").read_text())
+    m = rep["metrics"]
+    assert m["base"]["teacher_kl"] == pytest.approx(tuned, rel=1e-4) != base
+    assert rep["labels"]["base"] == "against" and rep["students"]["against"].endswith("adapter")
+    assert rep["differences"]["teacher_kl"]["diff"] == pytest.approx(0, abs=1e-6)
+    assert "fine-tuned - against" in result.output
+    assert "fine-tuned − against [95% CI]" in (ev / "report.md").read_text()
+    # A run of another student cannot stand in the base's column: one line, exit 2.
+    other = kd_run["tmp"] / "other-run"
+    shutil.copytree(out, other)
+    rep_path = other / "train_report.json"
+    rep_path.write_text(json.dumps({**json.loads(rep_path.read_text()), "student": str(other)}))
+    result = CliRunner().invoke(
+        cli, ["eval", "--data", str(kd_run["ds"]), "--finetuned", str(out), "--against", str(other),
+              "--out", str(kd_run["tmp"] / "eval-other")],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "compare runs of the same student" in result.output
+    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("case", ["no_targets", "other_tokenizer", "no_coverage"])
