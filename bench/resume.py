@@ -2,6 +2,10 @@
 requests the server answered more than once (paid twice) per kill. Bound: those in flight.
 
     .venv/bin/python -m bench.resume [--n 400] [--kills 6] [--concurrency 16]
+    .venv/bin/python -m bench.resume --n 1000000 --kills 1 --every 500000 --latency 0 --concurrency 64
+
+`--every K`: each kill comes once K more answers are stored (default: soon after the first), so a
+kill can land deep in a large run, where the rerun has a million prompts to plan against the store.
 """
 
 from __future__ import annotations
@@ -30,14 +34,16 @@ def rows(run: Path) -> int:
         return 0
 
 
-def main(n: int = 400, kills: int = 6, concurrency: int = 16) -> dict:
+def main(
+    n: int = 400, kills: int = 6, concurrency: int = 16, every: int = 1, latency: float = 0.1
+) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-resume-"))
     rng = random.Random(0)
     stats = tmp / "stats.json"
     try:
         prompts = prompt_file(tmp / "p.jsonl", n)
         run = tmp / "run"
-        with server_process("--latency", "0.1", stats=stats) as url:
+        with server_process("--latency", str(latency), stats=stats) as url:
             args = harvest_args(url, prompts, run, "--concurrency", str(concurrency))
             cmd = [sys.executable, "-m", "pipeline", *args]
             done_kills = 0
@@ -46,8 +52,8 @@ def main(n: int = 400, kills: int = 6, concurrency: int = 16) -> dict:
                 proc = subprocess.Popen(
                     cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
                 )
-                while rows(run) <= before and proc.poll() is None:
-                    time.sleep(0.02)
+                while rows(run) < before + every and proc.poll() is None:
+                    time.sleep(0.02 if every == 1 else 0.5)
                 time.sleep(rng.uniform(0.1, 0.6))
                 if proc.poll() is None:
                     proc.kill()
@@ -80,5 +86,9 @@ if __name__ == "__main__":
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--kills", type=int, default=6)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--every", type=int, default=1, help="answers stored before each kill")
+    ap.add_argument(
+        "--latency", type=float, default=0.1, help="the test server's seconds per answer"
+    )
     a = ap.parse_args()
-    main(a.n, a.kills, a.concurrency)
+    main(a.n, a.kills, a.concurrency, a.every, a.latency)
