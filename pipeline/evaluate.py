@@ -1,7 +1,9 @@
 """Evaluate: the base student and the fine-tuned student, side by side, on held-out prompts.
 
     distill eval --data data/datasets/demo --finetuned data/finetune/demo --out data/eval/demo
+    distill eval --data DS --finetuned data/ft/kd --against data/ft/sft --out data/eval/kd-vs-sft
 
+With `against`, a second fine-tuned student (KD vs SFT, on-policy vs SFT) takes the base's column.
 Both students answer every prompt of the dataset's `eval` split (held out by prompt id in
 `distill build`) with their own chat template, greedy by default. Each is scored on:
 
