@@ -87,8 +87,11 @@ def onpolicy_tokens(out: Path) -> tuple[int, int, int]:
     return answer, int(rep["teacher_tokens_scored"]), int(rep["steps"])
 
 
-def held_out_scores(data: Path, finetuned: Path, out: Path, n: int) -> dict[str, Any]:
-    """`distill eval` of one student on the n held-out prompts; its and the base's metrics."""
+def held_out_scores(
+    data: Path, finetuned: Path, out: Path, n: int, against: Path | None = None
+) -> dict[str, Any]:
+    """`distill eval` of one student on the n held-out prompts; its and the base's metrics (or,
+    with `against`, the whole report: that run in the base's column, paired differences)."""
     from pipeline.config import load_config
     from pipeline.evaluate import EvalConfig, evaluate, read_report
 
@@ -99,9 +102,10 @@ def held_out_scores(data: Path, finetuned: Path, out: Path, n: int) -> dict[str,
         out=out,
         limit=n,
         examples=2,
+        against=against,
     )
     evaluate(cfg)
-    return read_report(out)["metrics"]
+    return read_report(out) if against is not None else read_report(out)["metrics"]
 
 
 def reached(rows: list[dict[str, Any]], target: float) -> int | None:
@@ -219,6 +223,11 @@ def main(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
                 f"on-policy to {done} answer tokens ({steps_so_far} steps), {time.monotonic() - t:.0f}s"
             )
 
+        # The last on-policy student against the largest SFT arm, in one report with intervals.
+        vs = held_out_scores(
+            data, ocfg.out, out / "eval-onpolicy-vs-sft", n_held, against=out / f"sft-{budgets[-1]}"
+        )["differences"]
+
     target_acc = sft[-1]["accuracy"]
     sft_needs = reached(sft, target_acc)
     onp_needs = reached(onp, target_acc)
@@ -256,6 +265,15 @@ def main(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
         else f"not reached: on-policy stayed below {target_acc:.0%} up to {onp[-1]['teacher_tokens']} "
         f"answer tokens (> {onp[-1]['teacher_tokens'] / max(sft_needs or 1, 1):.2f}x SFT's {sft_needs})"
     )
+    lines.append(
+        f"on-policy ({onp[-1]['steps']} steps) - SFT ({budgets[-1]} prompts), `distill eval "
+        "--against`, 95% paired bootstrap: "
+        + "; ".join(
+            f"{k} {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] {d['verdict']}"
+            for k, d in vs.items()
+            if k in ("accuracy", "format_compliance", "teacher_kl", "nll")
+        )
+    )
     lines += [
         f"teacher tokens on-policy needs to reach SFT's held-out accuracy ({target_acc:.0%}) / "
         f"SFT's: {need}   (goal <= 0.5)",
@@ -267,7 +285,7 @@ def main(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
         "# On-policy vs SFT at equal teacher tokens\n\n```\n" + text + "\n```\n", encoding="utf-8"
     )
     print(f"report -> {out / 'report.md'}")
-    return {"sft": sft, "onpolicy": onp, "base": base, "ratio": ratio, "quick": quick}
+    return {"sft": sft, "onpolicy": onp, "base": base, "ratio": ratio, "quick": quick, "vs_sft": vs}
 
 
 if __name__ == "__main__":
