@@ -88,7 +88,7 @@ class TeacherConfig(StageConfig):
     )
     adaptive_concurrency: bool = Field(
         True,
-        description="Halve concurrency on 429/503/timeouts and grow it back while latency holds.",
+        description="Adapt the in-flight limit (AIMD): cut to 0.9x on a refusal (503, header-less 429), halve on a timeout, grow by one per round trip while latency holds.",
     )
     timeout: float = Field(
         600.0,
