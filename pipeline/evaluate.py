@@ -271,6 +271,11 @@ def _is_model(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+def _is_adapter(path: Path) -> bool:
+    """A fine-tune OUT folder (adapter/ inside) or a PEFT adapter folder."""
+    return any((d / "adapter_config.json").is_file() for d in (path / "adapter", path))
+
+
 def resolve_students(cfg: EvalConfig) -> Students:
     """Tell a fine-tune run (or its adapter folder) from a merged model folder; find the base."""
     ft = Path(cfg.finetuned)
@@ -278,7 +283,7 @@ def resolve_students(cfg: EvalConfig) -> Students:
         raise InputError(
             f"{ft}: fine-tuned student not found (key `finetuned`); pass the OUT folder of `distill finetune`"
         )
-    if (ft / "adapter" / "adapter_config.json").is_file() or (ft / "adapter_config.json").is_file():
+    if _is_adapter(ft):
         run = read_finetune_run(ft, str(cfg.base) if cfg.base else None)
         where = "key `base`" if cfg.base else f"the fine-tune run {run.out}"
         return _against(
@@ -308,7 +313,7 @@ def _against(cfg: EvalConfig, students: Students) -> Students:
     if cfg.against is None:
         return students
     a = Path(cfg.against)
-    if (a / "adapter" / "adapter_config.json").is_file() or (a / "adapter_config.json").is_file():
+    if _is_adapter(a):
         run = read_finetune_run(a)
         if Path(run.student).resolve() != students.base.resolve():
             raise InputError(
@@ -1122,13 +1127,11 @@ def check_held_out(cfg: EvalConfig, prompts: list[Prompt], students: Students) -
     """Refuse to score a fine-tuned student (or the one it is compared against) on prompts it
     was trained on (train_report.json records the train prompt ids); returns what was checked,
     for the report."""
+    runs = [(students.run_dir, "student")]
+    if students.against_run is not None:
+        runs.append((students.against_run, "`against` student"))
     said = []
-    for run_dir, who in (
-        (students.run_dir, "student"),
-        (students.against_run, "`against` student"),
-    ):
-        if run_dir is None and who != "student":
-            continue
+    for run_dir, who in runs:
         trained = trained_prompt_ids(read_json(run_dir / "train_report.json") if run_dir else {})
         if trained is None:
             said.append(
