@@ -226,8 +226,11 @@ def test_a_base_url_with_surrounding_whitespace_works(server: OpenAIServer, tmp_
 
 
 def wait_for_store(run_dir: Path, timeout: float = 5.0) -> None:
-    """Poll until a run directory has a store (a harvest started in a subprocess got going)."""
+    """Poll until a run directory has a non-empty store (a harvest started in a subprocess got
+    going). SQLite creates the file empty and writes the first page later: a readonly Store
+    refuses an empty file as "no store here", so wait for bytes, not just for the name."""
     end = time.monotonic() + timeout
-    while not (run_dir / STORE_FILE).exists():
+    path = run_dir / STORE_FILE
+    while not (path.exists() and path.stat().st_size > 0):
         assert time.monotonic() < end, f"{run_dir}: no store appeared within {timeout}s"
         time.sleep(0.05)
