@@ -419,6 +419,14 @@ def build(config_path: Path | None, **flags: Any) -> None:
 @click.option("--lr", type=float)
 @click.option("--top-k", type=int, help="Teacher's top-k per token (prompt_logprobs only).")
 @click.option("--kd-alpha", type=float, help="Weight of the top-k forward-KL term.")
+@click.option(
+    "--reverse-kl", type=float, help="Weight of the reverse-KL term (0: forward KL only)."
+)
+@click.option(
+    "--teacher-temperature",
+    type=float,
+    help="Below 1 sharpens the teacher's top-k (needs --top-k).",
+)
 @click.option("--eval-prompts", type=int, help="Last N prompts held out.")
 @click.option("--save-steps", type=int)
 @click.option("--concurrency", type=int, help="Most scoring requests in flight.")

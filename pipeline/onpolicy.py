@@ -10,7 +10,12 @@ tokens (token-id prompts, so nothing is re-tokenized), and the loss is the rever
 log p_student(x) - log p_teacher(x) on the sampled tokens x, used as a per-token advantage in a
 policy-gradient step (Thinking Machines' "On-Policy Distillation", Oct 2025; TRL's experimental
 server_distillation trainer). With `kd_alpha` > 0 and a vLLM teacher, the teacher's top-k at each
-position adds a forward-KL term (pipeline/kd.py's `topk_kd_loss`).
+position adds a forward-KL term (pipeline/kd.py's `topk_kd_loss`); `reverse_kl: 0` leaves that term
+alone (GKD's on-policy forward KL, Agarwal et al. 2024). `teacher_temperature` below 1 sharpens
+the teacher's top-k before either term: toward 0 the target at each of the student's own
+prefixes is the teacher's greedy next token (DAgger's expert label), which is what a student
+judged by its greedy answers needs when the teacher's own distribution is flat; the demo's task is
+such a case (docs in README, "On-policy distillation").
 
 Reading top to bottom: the config; `onpolicy()`: the prompts, the probe (which scoring protocol:
 vLLM `prompt_logprobs` or `echo` + `logprobs`; an endpoint that cannot score is refused), the
@@ -48,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.artifacts import read_dataset, student_path
 from pipeline.config import dump_config
@@ -139,6 +144,17 @@ class OnpolicyConfig(TeacherConfig):
         ge=0,
         description="Weight of the top-k forward-KL term added to the reverse-KL loss (0: reverse KL only).",
     )
+    reverse_kl: float = Field(
+        1.0,
+        ge=0,
+        description="Weight of the per-token reverse-KL (policy-gradient) term; 0 with kd_alpha > 0 leaves only the top-k forward KL on the student's own samples (GKD's on-policy forward KL).",
+    )
+    teacher_temperature: float = Field(
+        1.0,
+        gt=0,
+        le=2,
+        description="Distil toward the teacher's distribution at this temperature, renormalized over its top-k (needs top_k > 0): below 1 sharpens it toward the teacher's greedy answer (what a harvest at temperature 0 trains on), 1 takes it as it is.",
+    )
     max_cost: float | None = Field(
         None,
         ge=0,
@@ -155,6 +171,14 @@ class OnpolicyConfig(TeacherConfig):
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the student (only for students you trust)."
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> OnpolicyConfig:
+        if self.reverse_kl == 0 and self.kd_alpha == 0:
+            raise ValueError(
+                "reverse_kl 0 and kd_alpha 0 leave nothing to learn from: set one above 0"
+            )
+        return self
 
 
 @dataclass
@@ -265,6 +289,12 @@ def require_scoring(cfg: OnpolicyConfig) -> str:
         raise ConfigError(
             f"kd_alpha {cfg.kd_alpha} needs the teacher's top-k: set top_k > 0, with a teacher "
             f"that returns prompt_logprobs (this one scores with {result.scoring})"
+        )
+    if cfg.teacher_temperature != 1 and (cfg.top_k == 0 or result.scoring != "prompt_logprobs"):
+        raise ConfigError(
+            f"teacher_temperature {cfg.teacher_temperature} needs the teacher's top-k to "
+            f"renormalize: set top_k > 0, with a teacher that returns prompt_logprobs (this one "
+            f"scores with {result.scoring})"
         )
     return result.scoring
 
@@ -459,6 +489,29 @@ def student_logprobs(st: Student, rollout: dict[str, Any]) -> tuple[Any, Any]:
 # -- rollouts ------------------------------------------------------------------------------------
 
 
+def teacher_view(r: dict[str, Any], temperature: float) -> tuple[Any, Any]:
+    """The teacher's log-probability of each sampled token (float32 array), and its top-k
+    (ids, logprobs, mask; pipeline/kd.py's dense layout) or None when none was stored. At a
+    temperature other than 1 both are the teacher's top-k rescaled by 1/temperature and
+    renormalized over those k (the sampled token is always among them: it is stored first)."""
+    import numpy as np
+
+    from pipeline.kd import unpack_targets
+
+    t_lp = np.asarray(r["teacher_logprobs"], dtype=np.float32)
+    if r.get("teacher_topk") is None:
+        return t_lp, None
+    ids, lps, mask = unpack_targets(r["teacher_topk"], len(r["completion_ids"]))
+    if temperature != 1:
+        scaled = np.where(mask[:, None], lps / temperature, -np.inf)
+        top = np.where(mask, scaled.max(-1), 0.0)[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logz = top + np.log(np.exp(scaled - top).sum(-1, keepdims=True))
+        lps = np.where(mask[:, None], scaled - logz, -np.inf).astype(np.float32)
+        t_lp = np.where(mask, lps[:, 0], t_lp).astype(np.float32)
+    return t_lp, (ids, lps, mask)
+
+
 def rollout_key(
     kind: str, step: int, row: PromptRow, sample_index: int, cfg: OnpolicyConfig
 ) -> str:
@@ -572,10 +625,10 @@ class Run:
         self.summary.teacher_tokens += scores.prompt_tokens
 
     def train_step(self, rollouts: list[dict[str, Any]]) -> dict[str, float]:
-        """One policy-gradient step on the reverse KL (plus the top-k forward KL if asked)."""
+        """One step on the reverse KL (a policy gradient) plus the top-k forward KL if asked."""
         import torch
 
-        from pipeline.kd import reverse_kl_per_token, topk_kd_loss, unpack_targets
+        from pipeline.kd import reverse_kl_per_token
 
         st, cfg = self.student, self.cfg
         st.model.train()
@@ -586,27 +639,15 @@ class Run:
             if not r["completion_ids"]:
                 continue
             s_lp, logits = student_logprobs(st, r)
-            t_lp = torch.tensor(r["teacher_logprobs"], device=st.device)
-            rkl = reverse_kl_per_token(s_lp, t_lp)
+            t_np, top = teacher_view(r, cfg.teacher_temperature)
+            rkl = reverse_kl_per_token(s_lp, torch.from_numpy(t_np).to(st.device))
             # d/dθ KL(s || t) = E_s[(log s - log t) ∇ log s]: the detached reverse KL is the
             # per-token penalty (a zero-discount advantage, as Thinking Machines use).
-            loss = (rkl.detach() * s_lp).sum() / tokens
+            loss = cfg.reverse_kl * (rkl.detach() * s_lp).sum() / tokens
             rkl_sum += float(rkl.detach().sum())
-            if cfg.kd_alpha > 0 and r.get("teacher_topk") is not None:
-                p, c = len(r["prompt_ids"]), len(r["completion_ids"])
-                ids, lps, mask = unpack_targets(r["teacher_topk"], c)
-                full = p + c
-                t_ids = torch.zeros(1, full, ids.shape[1], dtype=torch.long)
-                t_lps = torch.full((1, full, ids.shape[1]), -torch.inf)
-                t_mask = torch.zeros(1, full, dtype=torch.bool)
-                t_ids[0, p:], t_lps[0, p:], t_mask[0, p:] = (
-                    torch.from_numpy(ids),
-                    torch.from_numpy(lps),
-                    torch.from_numpy(mask),
-                )
-                kd, _ = topk_kd_loss(
-                    logits, t_ids.to(st.device), t_lps.to(st.device), t_mask.to(st.device)
-                )
+            if cfg.kd_alpha > 0 and top is not None:
+                c = len(r["completion_ids"])
+                kd = forward_kl(logits, len(r["prompt_ids"]), top)
                 loss = loss + cfg.kd_alpha * kd * c / tokens
                 kd_sum += float(kd.detach()) * c
             loss.backward()
@@ -616,22 +657,49 @@ class Run:
             out["kd_loss"] = kd_sum / max(tokens, 1)
         return out
 
-    def held_out(self, step: int, rows: list[PromptRow]) -> float | None:
-        """Mean reverse KL per token on the held-out prompts' rollouts at this step."""
+    def held_out(self, step: int, rows: list[PromptRow]) -> dict[str, float]:
+        """Mean reverse KL per token on the held-out prompts' rollouts at this step (eval_reverse_kl)
+        and, when the loss has the top-k term, the forward KL there (eval_kd_loss)."""
         import torch
 
         if not rows:
-            return None
+            return {}
+        cfg = self.cfg
         rollouts = self.rollouts("eval", step, rows)
-        total, n = 0.0, 0
+        rkl = kd = 0.0
+        n = 0
         self.student.model.eval()
         with torch.no_grad():
             for r in rollouts:
                 if r["completion_ids"]:
-                    s_lp, _ = student_logprobs(self.student, r)
-                    total += float((s_lp.cpu() - torch.tensor(r["teacher_logprobs"])).sum())
-                    n += len(r["completion_ids"])
-        return total / max(n, 1)
+                    s_lp, logits = student_logprobs(self.student, r)
+                    t_lp, top = teacher_view(r, cfg.teacher_temperature)
+                    rkl += float((s_lp.cpu() - torch.from_numpy(t_lp)).sum())
+                    c = len(r["completion_ids"])
+                    if cfg.kd_alpha > 0 and top is not None:
+                        kd += float(forward_kl(logits, len(r["prompt_ids"]), top)) * c
+                    n += c
+        out = {"eval_reverse_kl": rkl / max(n, 1)}
+        if cfg.kd_alpha > 0:
+            out["eval_kd_loss"] = kd / max(n, 1)
+        return out
+
+
+def forward_kl(logits: Any, prompt_len: int, top: tuple[Any, Any, Any]) -> Any:
+    """Mean forward KL(teacher's top-k || student) over a rollout's completion tokens
+    (pipeline/kd.py's loss; the targets sit at the completion's positions, like labels)."""
+    import torch
+
+    from pipeline.kd import topk_kd_loss
+
+    ids, lps, mask = (torch.from_numpy(x) for x in top)
+    full, k = prompt_len + len(mask), ids.shape[1]
+    t_ids = torch.zeros(1, full, k, dtype=torch.long)
+    t_lps = torch.full((1, full, k), -torch.inf)
+    t_mask = torch.zeros(1, full, dtype=torch.bool)
+    t_ids[0, prompt_len:], t_lps[0, prompt_len:], t_mask[0, prompt_len:] = ids, lps, mask
+    dev = logits.device
+    return topk_kd_loss(logits, t_ids.to(dev), t_lps.to(dev), t_mask.to(dev))[0]
 
 
 # -- checkpoints and the report ------------------------------------------------------------------
@@ -700,8 +768,12 @@ def write_outputs(run: Run, started: float) -> None:
             "lora_r": cfg.lora_r,
             "top_k": cfg.top_k,
             "kd_alpha": cfg.kd_alpha,
-            "loss": "per-token reverse KL (policy gradient)"
-            + (" + top-k forward KL" if cfg.kd_alpha else ""),
+            "reverse_kl": cfg.reverse_kl,
+            "teacher_temperature": cfg.teacher_temperature,
+            "loss": " + ".join(
+                ["per-token reverse KL (policy gradient)"] * (cfg.reverse_kl > 0)
+                + ["top-k forward KL"] * (cfg.kd_alpha > 0)
+            ),
         },
     }
     (cfg.out / "train_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -710,6 +782,7 @@ def write_outputs(run: Run, started: float) -> None:
         cfg.out / "reverse_kl.png",
         ("reverse_kl", "student's own samples"),
         ("eval_reverse_kl", "held-out prompts"),
+        terms=(("kd_loss", "top-k forward KL (own samples)"),) if cfg.kd_alpha else (),
         title="On-policy distillation: reverse KL to the teacher (lower is better)",
         ylabel="KL(student || teacher), nats per sampled token",
     )
@@ -779,7 +852,7 @@ def train(
     order = list(range(len(train_rows)))
     random.Random(cfg.seed).shuffle(order)
     if done == 0 and not any(h.get("step") == 0 for h in s.history):
-        s.history.append({"step": 0, "eval_reverse_kl": run.held_out(0, held_rows)})
+        s.history.append({"step": 0, **run.held_out(0, held_rows)})
     last_print, t0 = 0.0, time.monotonic()
     for step in range(done + 1, cfg.steps + 1):
         k = cfg.prompts_per_step
@@ -787,7 +860,7 @@ def train(
         rollouts = run.rollouts("train", step, picked)
         entry: dict[str, Any] = {"step": step, **run.train_step(rollouts)}
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            entry["eval_reverse_kl"] = run.held_out(step, held_rows)
+            entry.update(run.held_out(step, held_rows))
         entry["teacher_tokens"] = s.teacher_tokens
         entry["spend_usd"] = round(run.budget.spent, 6)
         s.history.append(entry)
@@ -801,9 +874,11 @@ def train(
             per_step = (now - t0) / (step - done)
             eta = per_step * (cfg.steps - step)
             held = entry.get("eval_reverse_kl")
+            kd = entry.get("kd_loss")
             print(
                 f"onpolicy: step {step}/{cfg.steps}, reverse KL {entry['reverse_kl']:.3f}"
                 + (f" (held-out {held:.3f})" if held is not None else "")
+                + (f", forward KL {kd:.3f}" if kd is not None else "")
                 + f", {s.teacher_tokens} teacher tokens scored, ${run.budget.spent:.4f}, "
                 f"ETA {math.ceil(eta)}s",
                 file=sys.stderr,

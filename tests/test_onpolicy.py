@@ -231,3 +231,65 @@ def test_eval_and_merge_read_an_onpolicy_run_unchanged(
     assert report["prompts"] == 4
     assert set(report["metrics"]) >= {"base", "finetuned"}
     assert report["metrics"]["finetuned"]["nll"] != report["metrics"]["base"]["nll"]
+
+
+def test_teacher_view_sharpens_the_teachers_top_k_and_keeps_its_order() -> None:
+    import numpy as np
+
+    from pipeline.kd import pack_targets
+    from pipeline.onpolicy import teacher_view
+
+    ids = [[5, 7, 9], [3, 5, 8]]  # per sampled token: itself first, then the alternatives
+    lps = [[-1.0, -0.5, -3.0], [-0.25, -2.0, -2.5]]
+    r = {
+        "completion_ids": [5, 3],
+        "teacher_logprobs": [-1.0, -0.25],
+        "teacher_topk": pack_targets([0, 1], ids, lps),
+    }
+    raw, top = teacher_view(r, 1.0)
+    assert raw.tolist() == [-1.0, -0.25] and np.allclose(top[1], lps, atol=2e-3)  # as stored
+    sharp, (got_ids, got, mask) = teacher_view(r, 0.5)
+    want = np.array(lps) / 0.5
+    want -= np.log(np.exp(want).sum(-1, keepdims=True))  # renormalized over the k
+    assert np.allclose(got, want, atol=5e-3) and got_ids.tolist() == ids and mask.all()
+    assert np.allclose(sharp, want[:, 0], atol=5e-3)  # the sampled token's, from the same rows
+    assert (np.argsort(got, -1) == np.argsort(np.array(lps), -1)).all()  # same order, sharper
+    assert sharp[1] > -0.25 and sharp[0] < -1.0  # the likely token gains, the other loses
+    assert teacher_view({**r, "teacher_topk": None}, 0.5)[1] is None
+
+
+def test_forward_kl_on_the_students_samples_toward_a_sharpened_teacher(
+    models: tuple[Path, Path], teacher_server: ModelServer, tmp_path: Path
+) -> None:
+    """GKD's on-policy forward KL: no reverse-KL term, the teacher's top-k at temperature 0.5 as
+    the target at each of the student's sampled positions; the forward KL to that teacher on the
+    held-out prompts' samples falls."""
+    more = {"top_k": 5, "kd_alpha": 1.0, "reverse_kl": 0.0, "teacher_temperature": 0.5}
+    cfg = OnpolicyConfig(
+        **config(tmp_path, teacher_server.url, models[1], steps=12, eval_every=12, **more)
+    )
+    summary = onpolicy(cfg)
+    assert summary.exit_code == EXIT_OK and summary.steps_done == 12
+    held = [h["eval_kd_loss"] for h in summary.history if "eval_kd_loss" in h]
+    assert len(held) == 2 and held[-1] < 0.7 * held[0], held  # step 0 and 12
+    assert all("kd_loss" in h for h in summary.history if "reverse_kl" in h)
+    settings = json.loads((tmp_path / "out" / "train_report.json").read_text())["settings"]
+    assert settings["teacher_temperature"] == 0.5 and settings["reverse_kl"] == 0.0
+    db = sqlite3.connect(tmp_path / "out" / "store.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM rollouts WHERE teacher_topk IS NULL").fetchone() == (0,)
+
+
+def test_a_teacher_temperature_without_the_top_k_or_no_loss_term_is_a_config_error(
+    models: tuple[Path, Path], teacher_server: ModelServer, tmp_path: Path
+) -> None:
+    conf = tmp_path / "c.yaml"
+    more = {"teacher_temperature": 0.5}
+    conf.write_text(
+        yaml.safe_dump({"onpolicy": config(tmp_path, teacher_server.url, models[1], **more)})
+    )
+    proc = run_cli("onpolicy", "--config", str(conf))
+    assert_one_line_error(proc, "teacher_temperature 0.5", "top_k")
+    assert proc.returncode == EXIT_USAGE
+    proc = run_cli("onpolicy", "--config", str(conf), "--reverse-kl", "0")
+    assert_one_line_error(proc, "nothing to learn from")
+    assert proc.returncode == EXIT_USAGE
