@@ -11,10 +11,13 @@ both generates (SFT arm) and scores (on-policy arm, `prompt_logprobs`).
 - SFT arm: harvest the teacher's answers to the first N training prompts (and the held-out ones,
   with top-5 logprobs, for the eval's teacher-KL), build as the demo does but without the
   reference filter (neither arm sees the labels), LoRA fine-tune, for each N in the budgets.
-- On-policy arm: `distill onpolicy` on the same training prompts, with the system prompt as
-  teacher-only context, run on (it resumes) until it has scored at least as many answer tokens as
-  each SFT budget, then further.
-- Both arms: `distill eval` on the held-out prompts (format compliance, accuracy vs the reference
+- On-policy arms: `distill onpolicy` on the same training prompts, with the system prompt as
+  teacher-only context, run on (it resumes) while a step still fits in half of, then in each
+  SFT budget, then further (it is shown at the tokens it scored, never more than the budget). The forward-KL arm (every run): GKD's on-policy
+  forward KL toward the teacher's top-20 sharpened to temperature 0.05 (the teacher's greedy next
+  token at each of the student's prefixes), one prompt x 2 samples a step. The reverse-KL arm
+  (full run only): the per-token reverse KL of Thinking Machines' recipe, 4 prompts x 4 samples.
+- Every arm: `distill eval` on the held-out prompts (format compliance, accuracy vs the reference
   label, teacher-KL on the teacher's answers).
 
 Teacher tokens are answer tokens: the tokens the teacher generated (SFT) or scored (on-policy). The
@@ -34,19 +37,23 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/demo.yaml"
 # (held-out prompts, SFT budgets in training prompts, on-policy budgets beyond SFT's largest)
-FULL = {"held_out": 32, "sft_prompts": (16, 48, 96), "extra": (2, 4)}
-QUICK = {"held_out": 16, "sft_prompts": (16, 48), "extra": (2,)}
-ONPOLICY = {  # per step: 4 prompts x 4 samples of <= 12 tokens
-    "samples": 4,
-    "prompts_per_step": 4,
-    "max_new_tokens": 12,
-    "lr": 1e-3,
-    "lora_r": 8,
-    "lora_alpha": 16,
-    "eval_prompts": 0,  # the arms are compared by `distill eval`
-    "save_steps": 1,
-    "progress_every": 30.0,
+FULL: dict[str, Any] = {"held_out": 32, "sft_prompts": (16, 48, 96), "extra": (2, 4)}
+QUICK: dict[str, Any] = {"held_out": 16, "sft_prompts": (16, 48), "extra": (2,)}
+COMMON = {"lr": 1e-3, "lora_r": 8, "lora_alpha": 16, "eval_prompts": 0, "save_steps": 1}
+ARMS = {  # name -> settings; the arms are compared by `distill eval`, not by eval_prompts
+    "forward KL": {  # per step: 1 prompt x 2 samples of <= 8 tokens
+        **COMMON,
+        "samples": 2,
+        "prompts_per_step": 1,
+        "max_new_tokens": 8,
+        "top_k": 20,
+        "kd_alpha": 1.0,
+        "reverse_kl": 0.0,
+        "teacher_temperature": 0.05,
+    },
+    "reverse KL": {**COMMON, "samples": 4, "prompts_per_step": 4, "max_new_tokens": 12},
 }
+QUICK_ARMS = ("forward KL",)
 
 
 def with_(cfg: Any, **update: Any) -> Any:
@@ -146,6 +153,7 @@ def main(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
 
     sft: list[dict[str, Any]] = []
     onp: list[dict[str, Any]] = []
+    vs: dict[str, tuple[int, int, dict[str, Any]]] = {}
     base: dict[str, Any] = {}
     teacher_row: dict[str, Any] = {}
     with serve_teacher(student, log_path=out / "vllm.log", engine="vllm") as url:
@@ -189,53 +197,65 @@ def main(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
             )
             say(f"SFT on {n} prompts: {answer} answer tokens, {time.monotonic() - t:.0f}s")
         data = out / f"sft-data-{budgets[-1]}"  # its eval split: the same held-out answers
-        ocfg = OnpolicyConfig(
-            base_url=url,
-            model=served_model_name(student),
-            student=str(student),
-            prompts=[train_file],
-            out=out / "onpolicy",
-            teacher_system_prompt_file=ROOT / "prompts/demo/system.md",
-            steps=1,
-            **ONPOLICY,
-        )
-        targets = [r["teacher_tokens"] for r in sft]
-        targets += [targets[-1] * k for k in plan["extra"]]
-        done = scored = steps_so_far = 0
-        for target in targets:
-            t = time.monotonic()
-            while done < target:  # more steps (the run resumes) at the rate seen so far
-                per_step = done / steps_so_far if steps_so_far else 16 * 12
-                more = max(1, math.ceil((target - done) / per_step))
-                ocfg = with_(ocfg, steps=steps_so_far + more)
-                onpolicy(ocfg)
-                done, scored, steps_so_far = onpolicy_tokens(ocfg.out)
-            m = held_out_scores(data, ocfg.out, out / f"eval-onpolicy-{steps_so_far}", n_held)
-            onp.append(
-                {
-                    "steps": steps_so_far,
-                    "teacher_tokens": done,
-                    "all_tokens": scored,
-                    **m["finetuned"],
-                }
+        sft_tok = [r["teacher_tokens"] for r in sft]
+        half = sft_tok[-1] // 2  # the on-policy student here is scored against the largest SFT arm
+        targets = sorted({*(t // 2 for t in sft_tok), *sft_tok})
+        targets += [sft_tok[-1] * k for k in plan["extra"]]
+        for arm in QUICK_ARMS if quick else tuple(ARMS):
+            settings = ARMS[arm]
+            ocfg = OnpolicyConfig(
+                base_url=url,
+                model=served_model_name(student),
+                student=str(student),
+                prompts=[train_file],
+                out=out / f"onpolicy-{arm.replace(' ', '-').lower()}",
+                teacher_system_prompt_file=ROOT / "prompts/demo/system.md",
+                steps=1,
+                progress_every=30.0,
+                **settings,
             )
-            say(
-                f"on-policy to {done} answer tokens ({steps_so_far} steps), {time.monotonic() - t:.0f}s"
-            )
-
-        # The last on-policy student against the largest SFT arm, in one report with intervals.
-        vs = held_out_scores(
-            data, ocfg.out, out / "eval-onpolicy-vs-sft", n_held, against=out / f"sft-{budgets[-1]}"
-        )["differences"]
+            guess = settings["samples"] * settings["prompts_per_step"] * settings["max_new_tokens"]
+            done = scored = steps_so_far = 0
+            for target in targets:
+                t = time.monotonic()
+                # More steps (the run resumes) at the rate seen so far, staying within the
+                # budget: an arm is never compared at more tokens than the budget it is shown at.
+                while target - done >= (per_step := done / steps_so_far if steps_so_far else guess):
+                    more = math.floor((target - done) / per_step)
+                    ocfg = with_(ocfg, steps=steps_so_far + more)
+                    onpolicy(ocfg)
+                    done, scored, steps_so_far = onpolicy_tokens(ocfg.out)
+                if not steps_so_far:
+                    continue  # not even one step fits in this budget
+                if not (onp and onp[-1]["arm"] == arm and onp[-1]["steps"] == steps_so_far):
+                    m = held_out_scores(
+                        data, ocfg.out, out / f"eval-{ocfg.out.name}-{steps_so_far}", n_held
+                    )
+                    onp.append(
+                        {
+                            "arm": arm,
+                            "steps": steps_so_far,
+                            "teacher_tokens": done,
+                            "all_tokens": scored,
+                            **m["finetuned"],
+                        }
+                    )
+                say(
+                    f"on-policy ({arm}) to {done} answer tokens ({steps_so_far} steps), "
+                    f"{time.monotonic() - t:.0f}s"
+                )
+                if target == half:  # the student at half SFT's tokens vs SFT, with intervals
+                    vs[arm] = (steps_so_far, done, held_out_scores(
+                        data, ocfg.out, out / f"eval-{ocfg.out.name}-vs-sft", n_held,
+                        against=out / f"sft-{budgets[-1]}",
+                    )["differences"])  # fmt: skip
 
     target_acc = sft[-1]["accuracy"]
     sft_needs = reached(sft, target_acc)
-    onp_needs = reached(onp, target_acc)
-    ratio = None if onp_needs is None or not sft_needs else onp_needs / sft_needs
     lines = [
         f"On-policy vs SFT, demo task (SmolLM2-135M-Instruct; teacher: the same + system prompt, "
         f"vLLM CPU), {n_held} held-out prompts, {'--quick' if quick else 'full'}",
-        f"{'arm':<10} {'budget':>10} {'answer tok':>10} {'all tok':>8} {'format':>7} "
+        f"{'arm':<22} {'budget':>10} {'answer tok':>10} {'all tok':>8} {'format':>7} "
         f"{'accuracy':>8} {'teacher-KL':>10}",
     ]
 
@@ -244,7 +264,7 @@ def main(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
         acc = r.get("accuracy")
         kl = r.get("teacher_kl")
         return (
-            f"{arm:<10} {budget:>10} {r.get('teacher_tokens', 0) if arm != 'base' else '-':>10} "
+            f"{arm:<22} {budget:>10} {r.get('teacher_tokens', 0) if arm != 'base' else '-':>10} "
             f"{r.get('all_tokens', '-') if arm != 'base' else '-':>8} "
             f"{'-' if fmt is None else f'{fmt:.0%}':>7} {'-' if acc is None else f'{acc:.0%}':>8} "
             f"{'-' if kl is None else f'{kl:.3f}':>10}"
@@ -252,40 +272,54 @@ def main(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
 
     lines.append(row("base", "-", base))
     lines += [row("sft", f"{r['prompts']} prompts", r) for r in sft]
-    lines += [row("onpolicy", f"{r['steps']} steps", r) for r in onp]
+    lines += [row(f"on-policy {r['arm']}", f"{r['steps']} steps", r) for r in onp]
     if teacher_row:
         acc, fmt = teacher_row.get("accuracy"), teacher_row.get("format_compliance")
         lines.append(
             f"teacher (with the system prompt): format "
             f"{'-' if fmt is None else f'{fmt:.0%}'}, accuracy {'-' if acc is None else f'{acc:.0%}'}"
         )
-    need = (
-        f"{ratio:.2f} ({onp_needs} / {sft_needs} answer tokens)"
-        if ratio is not None
-        else f"not reached: on-policy stayed below {target_acc:.0%} up to {onp[-1]['teacher_tokens']} "
-        f"answer tokens (> {onp[-1]['teacher_tokens'] / max(sft_needs or 1, 1):.2f}x SFT's {sft_needs})"
-    )
-    lines.append(
-        f"on-policy ({onp[-1]['steps']} steps) - SFT ({budgets[-1]} prompts), `distill eval "
-        "--against`, 95% paired bootstrap: "
-        + "; ".join(
-            f"{k} {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] {d['verdict']}"
-            for k, d in vs.items()
-            if k in ("accuracy", "format_compliance", "teacher_kl", "nll")
+    ratios: dict[str, float | None] = {}
+    for arm in dict.fromkeys(r["arm"] for r in onp):
+        rows = [r for r in onp if r["arm"] == arm]
+        needs = reached(rows, target_acc)
+        ratios[arm] = None if needs is None or not sft_needs else needs / sft_needs
+        need = (
+            f"{needs / sft_needs:.2f} ({needs} / {sft_needs} answer tokens)"
+            if needs is not None and sft_needs
+            else f"not reached: below {target_acc:.0%} up to {rows[-1]['teacher_tokens']} answer "
+            f"tokens (> {rows[-1]['teacher_tokens'] / max(sft_needs or 1, 1):.2f}x SFT's {sft_needs})"
         )
-    )
-    lines += [
-        f"teacher tokens on-policy needs to reach SFT's held-out accuracy ({target_acc:.0%}) / "
-        f"SFT's: {need}   (goal <= 0.5)",
-        f"wall time {time.monotonic() - started:.0f}s",
-    ]
+        lines.append(
+            f"on-policy {arm}: teacher tokens it needs to reach SFT's held-out accuracy "
+            f"({target_acc:.0%}) / SFT's: {need}   (goal <= 0.5)"
+        )
+        if arm in vs:
+            steps, tokens, diffs = vs[arm]
+            lines.append(
+                f"  at {tokens} answer tokens ({steps} steps) - SFT ({budgets[-1]} prompts, "
+                f"{sft_tok[-1]} tokens), `distill eval --against`, 95% paired bootstrap: "
+                + "; ".join(
+                    f"{k} {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] {d['verdict']}"
+                    for k, d in diffs.items()
+                    if k in ("accuracy", "format_compliance", "teacher_kl", "nll")
+                )
+            )
+    lines.append(f"wall time {time.monotonic() - started:.0f}s")
     text = "\n".join(lines)
     print(text)
     (out / "report.md").write_text(
         "# On-policy vs SFT at equal teacher tokens\n\n```\n" + text + "\n```\n", encoding="utf-8"
     )
     print(f"report -> {out / 'report.md'}")
-    return {"sft": sft, "onpolicy": onp, "base": base, "ratio": ratio, "quick": quick, "vs_sft": vs}
+    return {
+        "sft": sft,
+        "onpolicy": onp,
+        "base": base,
+        "ratios": ratios,
+        "quick": quick,
+        "vs_sft": {a: v[2] for a, v in vs.items()},
+    }
 
 
 if __name__ == "__main__":

@@ -76,12 +76,26 @@ def test_a_streamed_harvest_from_vllm_stores_the_same_rows(
     assert all(r["prompt_tokens"] and r["completion_tokens"] and r["logprobs"] for r in streamed)
 
 
+FORWARD_KL = [
+    "--top-k",
+    "5",
+    "--kd-alpha",
+    "1",
+    "--reverse-kl",
+    "0",
+    "--teacher-temperature",
+    "0.1",
+]
+
+
+@pytest.mark.parametrize("loss", [[], FORWARD_KL], ids=["reverse-kl", "sharpened-forward-kl"])
 def test_onpolicy_against_vllm_scores_with_prompt_logprobs(
-    vllm_teacher: Teacher, tmp_path: Path
+    vllm_teacher: Teacher, tmp_path: Path, loss: list[str]
 ) -> None:
     """`distill onpolicy` with vLLM as the scorer: the probe finds prompt_logprobs, the student's
     token ids pass the tokenizer check, every rollout is stored once, held-out reverse KL is in
-    the report (a fresh tiny student with the teacher's tokenizer)."""
+    the report (a fresh tiny student with the teacher's tokenizer); with the top-k forward KL,
+    vLLM's top-k is stored with every rollout and the held-out forward KL is reported too."""
     from tests.tinymodels import make_tiny_model
 
     url, model, _ = vllm_teacher
@@ -89,7 +103,7 @@ def test_onpolicy_against_vllm_scores_with_prompt_logprobs(
     p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(8))
     out = tmp_path / "out"
     args = ["--prompts", str(p), "--student", str(student), "--out", str(out)]
-    args += ["--base-url", url, "--model", model, "--steps", "3"]
+    args += ["--base-url", url, "--model", model, "--steps", "3", *loss]
     conf = tmp_path / "c.yaml"
     conf.write_text(
         "onpolicy:\n  max_new_tokens: 8\n  samples: 2\n  prompts_per_step: 2\n  eval_prompts: 2\n"
@@ -108,4 +122,9 @@ def test_onpolicy_against_vllm_scores_with_prompt_logprobs(
     ).fetchone()
     assert n == distinct == 3 * 2 * 2 + 2 * 2 * 2  # 3 steps of 2x2, held-out at steps 0 and 3
     assert tokens == report["teacher_tokens_scored"] > 0
-    print(f"vLLM on-policy: held-out reverse KL {held}, {tokens} teacher tokens scored")
+    if loss:
+        kd = {h["step"]: h["eval_kd_loss"] for h in report["history"] if "eval_kd_loss" in h}
+        assert set(kd) == {0, 3} and all(0 <= v < 100 for v in kd.values()), kd
+        empty = db.execute("SELECT COUNT(*) FROM rollouts WHERE teacher_topk IS NULL").fetchone()
+        assert empty == (0,)
+    print(f"vLLM on-policy {loss}: held-out reverse KL {held}, {tokens} teacher tokens scored")
