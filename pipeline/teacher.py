@@ -88,7 +88,7 @@ class TeacherConfig(StageConfig):
     )
     adaptive_concurrency: bool = Field(
         True,
-        description="Adapt the in-flight limit (AIMD): cut to 0.9x on a refusal (503, header-less 429), halve on a timeout, grow by one per round trip while latency holds.",
+        description="Adapt the in-flight limit (AIMD): cut to 0.9x on a refusal (503, header-less 429), halve on a timeout, grow by one per round trip while latency holds (one per 16 next to the level last refused).",
     )
     timeout: float = Field(
         600.0,
