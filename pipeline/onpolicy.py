@@ -178,7 +178,18 @@ class OnpolicyConfig(TeacherConfig):
             raise ValueError(
                 "reverse_kl 0 and kd_alpha 0 leave nothing to learn from: set one above 0"
             )
+        if self.top_k == 0 and top_k_users(self):
+            raise ValueError(
+                f"{' and '.join(top_k_users(self))}: these read the teacher's top-k; set "
+                "top_k > 0 (with a teacher that returns prompt_logprobs)"
+            )
         return self
+
+
+def top_k_users(cfg: OnpolicyConfig) -> list[str]:
+    """The settings that read the teacher's top-k, as "name value"."""
+    used = (("kd_alpha", cfg.kd_alpha > 0), ("teacher_temperature", cfg.teacher_temperature != 1))
+    return [f"{name} {getattr(cfg, name)}" for name, on in used if on]
 
 
 @dataclass
@@ -285,16 +296,11 @@ def require_scoring(cfg: OnpolicyConfig) -> str:
             "cannot): on-policy distillation needs vLLM, SGLang or Together; with this teacher, "
             "harvest with --logprobs and train with `distill finetune --loss kd` instead"
         )
-    if cfg.kd_alpha > 0 and (cfg.top_k == 0 or result.scoring != "prompt_logprobs"):
+    if (cfg.kd_alpha > 0 or cfg.teacher_temperature != 1) and result.scoring != "prompt_logprobs":
         raise ConfigError(
-            f"kd_alpha {cfg.kd_alpha} needs the teacher's top-k: set top_k > 0, with a teacher "
-            f"that returns prompt_logprobs (this one scores with {result.scoring})"
-        )
-    if cfg.teacher_temperature != 1 and (cfg.top_k == 0 or result.scoring != "prompt_logprobs"):
-        raise ConfigError(
-            f"teacher_temperature {cfg.teacher_temperature} needs the teacher's top-k to "
-            f"renormalize: set top_k > 0, with a teacher that returns prompt_logprobs (this one "
-            f"scores with {result.scoring})"
+            f"{' and '.join(top_k_users(cfg))}: these read the teacher's top-k, which only a "
+            f"teacher returning prompt_logprobs gives (this one scores with {result.scoring}); "
+            "leave them at their defaults with this teacher"
         )
     return result.scoring
 
