@@ -43,7 +43,7 @@ import torch
 # GPT-2's byte-level alphabet: each byte is shown as one printable character ('Ġ' is a space, 'Ċ' a
 # newline). Byte-level BPE vocabularies (GPT-2, Llama 3, Qwen) spell their tokens with it.
 _BYTE_CHARS = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-_BYTELEVEL = {
+BYTELEVEL = {
     chr(c): b
     for b, c in zip(
         [*_BYTE_CHARS, *(b for b in range(256) if b not in _BYTE_CHARS)],
@@ -54,7 +54,7 @@ _SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _ESCAPED = re.compile(r"\\x([0-9a-fA-F]{2})")
 
 
-def _decode_token(token: str, mode: str) -> bytes | None:
+def decode_token(token: str, mode: str) -> bytes | None:
     """The bytes a teacher token string stands for, or None when it cannot be known.
 
     mode "text": the token as text, as OpenAI and vLLM's chat API return it; OpenAI writes a token
@@ -70,7 +70,7 @@ def _decode_token(token: str, mode: str) -> bytes | None:
             return bytes(int(h, 16) for h in _ESCAPED.findall(token))
         return None if "\ufffd" in token or not token else token.encode("utf-8")
     if mode == "bytelevel":
-        return bytes(_BYTELEVEL[c] for c in token) if all(c in _BYTELEVEL for c in token) else None
+        return bytes(BYTELEVEL[c] for c in token) if all(c in BYTELEVEL for c in token) else None
     m = _SP_BYTE.match(token)
     return bytes([int(m.group(1), 16)]) if m else token.replace("\u2581", " ").encode("utf-8")
 
@@ -110,7 +110,7 @@ def _student_vocab(tokenizer: Any) -> dict[bytes, int]:
     added = tokenizer.get_added_vocab()
     out: dict[bytes, int] = {t.encode("utf-8"): i for t, i in added.items()}
     for t, i in sorted(vocab.items(), key=lambda kv: (_SP_BYTE.match(kv[0]) is not None, kv[1])):
-        if t not in added and (b := _decode_token(t, mode)) is not None:
+        if t not in added and (b := decode_token(t, mode)) is not None:
             out.setdefault(b, i)
     return out
 
@@ -223,7 +223,7 @@ def _teacher_spans(
     looks_bytelevel = any(c in t for t in tokens for c in "ĠĊĉ")
     modes = ["bytelevel", "text", "sentencepiece"] if looks_bytelevel else ["text", "bytelevel"]
     for mode in modes:
-        pieces = [_decode_token(t, mode) for t in tokens]
+        pieces = [decode_token(t, mode) for t in tokens]
         spans = _spans(pieces, answer)
         if spans is None and None not in pieces:  # a <think> block or end token around the answer
             whole = b"".join(p for p in pieces if p is not None)
@@ -247,7 +247,7 @@ def _candidates(
     """One position's target: student id -> teacher logprob, the sampled token first, then the
     alternatives that are one student token each (others are counted; their mass is the tail)."""
     cand = [(sampled, float(row[1]))] + [
-        (vocab.get(p) if (p := _decode_token(str(a), mode)) is not None else None, float(lp))
+        (vocab.get(p) if (p := decode_token(str(a), mode)) is not None else None, float(lp))
         for a, lp in (row[2] or [])
     ]
     seen: dict[int, float] = {}
@@ -348,7 +348,7 @@ def _per_token_kl(
     t_p = t_lp.exp()
     mass = t_p.sum(-1)
     if tail:
-        # One more bucket holds what the top-k leave out, on both sides (TRL's _add_tail_bucket).
+        # One more bucket holds what the top-k leave out, on both sides (as trl.experimental.server_distillation's _add_tail_bucket).
         t_tail = (1 - mass).clamp_min(0)
         s_tail = torch.log(-torch.expm1(torch.logsumexp(s_lp, -1).clamp(max=-1e-7)))
         tail_kl = torch.xlogy(t_tail, t_tail) - t_tail * s_tail

@@ -151,7 +151,7 @@ class OpenAIServer(ThreadedServer):
     seed: int = 0
     finish_reason: str = "stop"
     responder: Callable[[dict[str, Any], int], dict[str, Any]] | None = (
-        None  # -> {content, reasoning?, finish_reason?}
+        None  # -> {content, reasoning?, shape?, finish_reason?, tokens?}
     )
     reject: Callable[[dict[str, Any]], str | None] | None = None  # -> message for a 400, or None
     hang_seconds: float = 3600.0
@@ -415,7 +415,8 @@ class OpenAIServer(ThreadedServer):
         }
         if body.get("logprobs") and self.supports_logprobs:
             k = int(body.get("top_logprobs") or 0)
-            toks = (content or "x").split()[:50]
+            # the generated tokens: a responder's own (a trace's tokens too, as vLLM sends them)
+            toks = spec.get("tokens") or (content or "x").split()[:50]
             choice["logprobs"] = {
                 "content": [
                     {

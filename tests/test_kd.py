@@ -3,6 +3,7 @@ dense references on a toy vocabulary; end to end against the model-backed teache
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,9 +14,9 @@ import pytest
 import torch
 
 from pipeline.kd import (
-    _BYTELEVEL,
-    _decode_token,
+    BYTELEVEL,
     align_topk,
+    decode_token,
     pack_targets,
     reverse_kl_per_token,
     teacher_kl,
@@ -32,15 +33,15 @@ from tests.tinymodels import make_tiny_model, make_tokenizer
 def test_token_strings_decode_to_bytes() -> None:
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    assert {c: b for b, c in bytes_to_unicode().items()} == _BYTELEVEL
-    assert _decode_token("Ġhello", "bytelevel") == b" hello"
-    assert _decode_token("Ċ", "bytelevel") == b"\n"
-    assert _decode_token(" hello", "text") == b" hello"
-    assert _decode_token("bytes:\\xe6\\x97", "text") == b"\xe6\x97"  # OpenAI, partial UTF-8
-    assert _decode_token("\ufffd", "text") is None  # vLLM, partial UTF-8: bytes lost
-    assert _decode_token("", "text") is None  # vLLM 0.32 CPU, partial UTF-8: an empty string
-    assert _decode_token("\u2581hi", "sentencepiece") == b" hi"
-    assert _decode_token("<0x0A>", "sentencepiece") == b"\n"
+    assert {c: b for b, c in bytes_to_unicode().items()} == BYTELEVEL
+    assert decode_token("Ġhello", "bytelevel") == b" hello"
+    assert decode_token("Ċ", "bytelevel") == b"\n"
+    assert decode_token(" hello", "text") == b" hello"
+    assert decode_token("bytes:\\xe6\\x97", "text") == b"\xe6\x97"  # OpenAI, partial UTF-8
+    assert decode_token("\ufffd", "text") is None  # vLLM, partial UTF-8: bytes lost
+    assert decode_token("", "text") is None  # vLLM 0.32 CPU, partial UTF-8: an empty string
+    assert decode_token("\u2581hi", "sentencepiece") == b" hi"
+    assert decode_token("<0x0A>", "sentencepiece") == b"\n"
 
 
 def render(tok, answer: str) -> tuple[str, int, list[int], list[tuple[int, int]]]:
@@ -466,7 +467,57 @@ def test_finetune_kd_logs_both_terms_and_eval_shows_teacher_kl(kd_run: dict) -> 
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("case", ["no_targets", "other_tokenizer", "no_coverage"])
+@pytest.mark.parametrize("covered", ["trace_and_answer", "answer_only"])
+def test_a_reasoning_trace_carries_targets_when_its_logprobs_come_back(
+    server, tmp_path: Path, covered: str
+) -> None:
+    """vLLM returns logprobs over the whole generation, `<think>` trace included, while the trace
+    arrives as `reasoning_content`: build aligns the trace's tokens too, so it is distilled like
+    the answer. A server that sends logprobs for the answer alone: the trace is counted."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from pipeline.reasoning import join_think
+    from tests.conftest import arithmetic_rows, harvest_args, write_jsonl
+
+    student = make_tiny_model(tmp_path / "student")
+    tok = make_tokenizer()
+    trace, answer = "I add the two numbers: 12 + 7 = 19.", "The answer is 19."
+    spoken = join_think(trace, answer) if covered == "trace_and_answer" else answer
+    tokens = [tok.decode([i]) for i in tok(spoken)["input_ids"]]
+    server.responder = lambda body, i: {
+        "content": answer, "reasoning": trace, "shape": "reasoning_content", "tokens": tokens,
+    }  # fmt: skip
+    prompts = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(4))
+    more = ["--logprobs", "--top-logprobs", "3"]
+    result = CliRunner().invoke(cli, harvest_args(server, prompts, tmp_path / "run", *more))
+    assert result.exit_code == 0, result.output
+    (tmp_path / "b.yaml").write_text(
+        "build:\n  filters: {verify: false, duplicate: false, near_duplicate: false}\n"
+    )
+    args = [
+        "build",
+        "--config",
+        str(tmp_path / "b.yaml"),
+        str(tmp_path / "run"),
+        "--eval-size",
+        "1",
+    ]
+    result = CliRunner().invoke(
+        cli, [*args, "--to", str(tmp_path / "ds"), "--tokenizer", str(student)]
+    )
+    assert result.exit_code == 0, result.output
+    kd = json.loads((tmp_path / "ds" / "build_report.json").read_text())["kd"]
+    answer_tokens = 4 * len(tok(answer)["input_ids"])
+    if covered == "trace_and_answer":  # every token of the trace and the answer has a target
+        assert kd["target_tokens"] == 4 * len(tokens) > answer_tokens
+        assert "reasoning_unaligned" not in kd["no_target"]
+    else:  # the answer's tokens have targets; the trace's are counted, not silently lost
+        assert kd["target_tokens"] == answer_tokens
+        assert kd["no_target"]["reasoning_unaligned"] > 0
+
+
+@pytest.mark.parametrize("case", ["no_targets", "other_tokenizer", "other_template", "no_coverage"])
 def test_kd_bad_input_is_one_line_error(kd_run: dict, case: str) -> None:
     from click.testing import CliRunner
 
@@ -485,11 +536,18 @@ def test_kd_bad_input_is_one_line_error(kd_run: dict, case: str) -> None:
         tok.add_tokens(["zzqx"])
         tok.save_pretrained(student)
         message = "rebuild for this student"
+    elif case == "other_template":  # the same vocabulary, another chat template
+        from transformers import AutoTokenizer
+
+        student = tmp / "other-template"
+        shutil.copytree(kd_run["student"], student)
+        tok = AutoTokenizer.from_pretrained(student)
+        tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
+        tok.save_pretrained(student)
+        message = "another tokenizer or chat template"
     else:  # answers harvested without logprobs: coverage 0
         report = json.loads((ds / "build_report.json").read_text())
         ds = tmp / "nocov"
-        import shutil
-
         shutil.copytree(kd_run["ds"], ds, dirs_exist_ok=True)
         report["kd"] |= {"target_tokens": 0, "no_target": {"no_logprobs": 10}}
         (ds / "build_report.json").write_text(json.dumps(report))
@@ -504,10 +562,11 @@ def test_kd_bad_input_is_one_line_error(kd_run: dict, case: str) -> None:
     assert not (tmp / f"bad-{case}" / "adapter").exists()
 
 
-def test_training_batches_pair_each_target_with_its_label(kd_run: dict) -> None:
-    """In the batches the trainer sees, the teacher's sampled token (slot 0) of a target is the
-    label at the same position: the token CE trains at t, predicted by the logits at t-1, as the
-    KD term's shift assumes. An off-by-one in positions or kd_index breaks this."""
+@pytest.mark.parametrize("pack", [False, True])
+def test_training_batches_pair_each_target_with_its_label(kd_run: dict, pack: bool) -> None:
+    """In the batches the trainer sees, padded or packed, the teacher's sampled token (slot 0) of
+    a target is the label at the same position: the token CE trains at t, predicted by the logits
+    at t-1, as the KD term's shift assumes. An off-by-one in positions or kd_index breaks this."""
     from pipeline import finetune as ft
 
     cfg = ft.FinetuneConfig(
@@ -515,8 +574,15 @@ def test_training_batches_pair_each_target_with_its_label(kd_run: dict) -> None:
         out=str(kd_run["tmp"] / "align"), max_steps=1, batch_size=4, report_to="none",
     )  # fmt: skip
     data = ft.prepare_data(cfg, ft.plan_run(cfg))
-    collate = ft.with_kd_index(data, None)
-    batch = collate(data.train_rows[:4])
+    if pack:  # rows cut to half (as max_length cuts them) pack two to a row
+        cut = [{k: v[: len(r["input_ids"]) // 2] for k, v in r.items()} for r in data.train_rows]
+        data = dataclasses.replace(data, train_rows=cut + data.train_rows)
+    train, _, collate = ft.training_datasets(cfg, data, pack)
+    if pack:
+        assert len(train) < len(data.train_rows) and "kd_index" in train.column_names
+    batch = collate([train[i] for i in range(min(4, len(train)))])
+    if pack:  # sequences restart inside a row
+        assert (batch["position_ids"] == 0).sum() > batch["input_ids"].shape[0]
     ids, lps, mask = data.kd.gather(batch["kd_index"], batch["labels"])
     assert mask.sum() > 10
     assert torch.equal(ids[..., 0][mask], batch["labels"][mask])
