@@ -109,6 +109,10 @@ def test_t4_16gb(qwen):
     assert (big.dtype, big.quantize, big.gradient_checkpointing) == ("fp16", True, True)
     assert big.estimate.total <= big.budget_bytes
     assert any("4-bit" in r for r in big.reasons)
+    # A 14B in 4-bit: its fp32-upcast embeddings and head leave no room on 16 GB (refused, where
+    # an estimate without the upcast planned 1x16 and ran out of memory).
+    with pytest.raises(PlanError):
+        plan("t4", qwen["14B"])
     with pytest.raises(PlanError, match="no bf16"):
         plan("t4", qwen["0.5B"], dtype="bf16")
     no_bnb = dataclasses.replace(SIMULATED["t4"], bitsandbytes=False)
