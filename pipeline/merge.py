@@ -4,7 +4,7 @@
 
 The merged folder loads with `AutoModelForCausalLM.from_pretrained` (no PEFT needed) and keeps the
 tokenizer, chat template and generation config (with the end-of-turn stop token) of the fine-tune
-run. The adapter is merged in fp32 and the result saved in the student's own dtype.
+run, and its train_report.json (base student, prompt ids trained on). The adapter is merged in fp32 and the result saved in the student's own dtype.
 
 GGUF (for llama.cpp, Ollama, LM Studio) needs llama.cpp's `convert_hf_to_gguf.py`, which is not a
 pip package: we look for it at `gguf_converter`, in `$LLAMA_CPP_DIR`, then on PATH, and say so
@@ -115,6 +115,10 @@ def merge(cfg: MergeConfig) -> Path:
     AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(str(to))
     if (adapter / "generation_config.json").exists():
         GenerationConfig.from_pretrained(str(adapter)).save_pretrained(str(to))
+    # The training record goes with the weights: `distill eval` reads the base student and the
+    # prompt ids trained on from it, and refuses a split that shares any, wherever the folder goes.
+    if (run.out / "train_report.json").is_file():
+        shutil.copyfile(run.out / "train_report.json", to / "train_report.json")
     print(f"merged {adapter} into {student} -> {to}", flush=True)
 
     if converter is None:

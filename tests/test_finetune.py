@@ -121,6 +121,9 @@ def test_only_the_teachers_last_turn_is_trained(tiny_model, arch, template, last
     carries loss (both ways of finding the mask); train_on all trains every assistant turn."""
     from transformers import AutoTokenizer
 
+    from pipeline.finetune import FinetuneConfig
+
+    assert FinetuneConfig.model_fields["train_on"].default == "last"  # what a run gets unasked
     tok = AutoTokenizer.from_pretrained(tiny_model(arch, template))
     assert mask_of(tok, TWO_TURNS)[2] == last
     assert mask_of(tok, TWO_TURNS, "all")[2] == both
@@ -317,6 +320,18 @@ def test_merge_gives_same_logits_as_adapter(trained, tmp_path):
     assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(a, c, atol=1e-5)  # the adapter did change the model
     assert (merged_dir / "tokenizer.json").exists() and (merged_dir / "model.safetensors").exists()
+
+
+def test_a_merged_model_is_refused_on_the_prompts_it_was_trained_on(trained, data_dir, tmp_path):
+    """The merged folder carries its training record: `distill eval` finds the base student and
+    the prompt ids trained on from it wherever the folder was moved, and refuses the train split."""
+    merged = tmp_path / "moved" / "merged"
+    result = CliRunner().invoke(cli, ["merge", str(trained["out"]), "--to", str(merged)])
+    assert result.exit_code == 0, result.output
+    args = ["eval", "--data", str(data_dir), "--finetuned", str(merged), "--split", "train"]
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "ev")])
+    assert result.exit_code == 2, result.output
+    assert "trained on" in result.output and "Traceback" not in result.output
 
 
 def test_merge_keeps_a_bf16_students_dtype(trained, tmp_path):
