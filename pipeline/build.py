@@ -146,7 +146,7 @@ class BuildConfig(StageConfig):
     )
     answer_patterns: list[str] = Field(
         default_factory=list,
-        description="Regexes tried first to find the final answer (group 1, else the whole match; the last match wins); then \\boxed{}, 'The answer is', the last number.",
+        description="Regexes tried first to find the answer in the final answer (group 1, else the whole match; the last match wins); then the last \\boxed{}, 'The answer is ...', else the whole final answer (the <think> trace never counts).",
     )
     verify: str = Field(
         "auto",
