@@ -178,7 +178,7 @@ def probe(
     )
     if out is not None:
         click.echo(f"probe result -> {write_probe(out, result)}", err=True)
-    click.echo(result.model_dump_json(indent=2) if as_json else table(result))
+    say(result.model_dump_json(indent=2) if as_json else table(result))
 
 
 @cli.command()
