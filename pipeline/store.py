@@ -267,7 +267,7 @@ def check_schema(db: sqlite3.Connection, path: Path) -> None:
     if version == 0 and tables:
         raise StoreError(
             f"{path}: a SQLite file of another application (tables: {', '.join(sorted(tables))}); "
-            "distill leaves it untouched: choose another --out"
+            "distill leaves it untouched: pass a distill run directory (for harvest, another --out)"
         )
     if version > len(MIGRATIONS):
         raise StoreError(
@@ -279,7 +279,7 @@ def check_schema(db: sqlite3.Connection, path: Path) -> None:
         if cols != set(RESPONSE_COLUMNS):
             raise StoreError(
                 f"{path}: its `responses` table is not distill's (columns differ); distill leaves "
-                "it untouched: choose another --out"
+                "it untouched: pass a distill run directory (for harvest, another --out)"
             )
 
 

@@ -109,7 +109,7 @@ def test_a_foreign_sqlite_file_is_refused_untouched(server: OpenAIServer, tmp_pa
     assert (run / STORE_FILE).read_bytes() == before and server.requests == 0
     assert not (run / "harvest.log").exists()  # not harvest's folder: no log written into it
     proc = run_cli("export", str(run), "--to", str(tmp_path / "out"), "--format", "jsonl")
-    assert_one_line_error(proc, "another application")
+    assert_one_line_error(proc, "another application", "pass a distill run directory")
 
 
 def test_a_responses_table_of_another_shape_is_refused_untouched(
@@ -123,7 +123,8 @@ def test_a_responses_table_of_another_shape_is_refused_untouched(
     before = (run / STORE_FILE).read_bytes()
     prompts = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(3))
     assert_one_line_error(run_cli(*harvest_args(server, prompts, run)), "not distill's")
-    assert_one_line_error(run_cli("build", str(run), "--to", str(tmp_path / "ds")), "not distill's")
+    build = run_cli("build", str(run), "--to", str(tmp_path / "ds"))  # build has no --out
+    assert_one_line_error(build, "not distill's", "pass a distill run directory")
     assert (run / STORE_FILE).read_bytes() == before and server.requests == 0
 
 
