@@ -178,7 +178,7 @@ def probe(
     )
     if out is not None:
         click.echo(f"probe result -> {write_probe(out, result)}", err=True)
-    click.echo(result.model_dump_json(indent=2) if as_json else table(result))
+    say(result.model_dump_json(indent=2) if as_json else table(result))
 
 
 @cli.command()
@@ -576,7 +576,7 @@ def doctor(run_dir: Path, replace: bool) -> None:
     """Check a run's store; if damaged, recover every readable row into a new file.
 
     Exit 0 healthy (or recovered and swapped in), 3 recovered into store.recovered.sqlite but not
-    swapped in yet (rerun with --replace), 1 recovery failed.
+    swapped in yet (rerun with --replace), 1 recovery failed, 2 no store at that path.
     """
     from pipeline.doctor import doctor as run_doctor
     from pipeline.errors import EXIT_OK, EXIT_PARTIAL

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import StoreError
+from pipeline.errors import InputError, StoreError
 from pipeline.store import STORE_FILE, RunLock, backfill_prompts, check_schema, create_store_file
 
 RECOVERED = "store.recovered.sqlite"
@@ -362,7 +362,7 @@ def doctor(run_dir: Path, *, replace: bool = False) -> DoctorReport:
     run_dir = Path(run_dir)
     path = run_dir / STORE_FILE
     if not path.is_file() or path.stat().st_size == 0:
-        raise StoreError(
+        raise InputError(  # a wrong path: bad input (exit 2), as in every other command
             f"{run_dir}: no harvest store here ({STORE_FILE} missing or empty); check the path, "
             "or restore the file from a backup"
         )

@@ -54,6 +54,7 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.hardware import native_bf16
 from pipeline.outdir import claim
 from pipeline.reasoning import split_think
+from pipeline.redact import redact
 from pipeline.verify import answers_match, check_mode, check_prompt, extract_answer
 
 
@@ -1261,7 +1262,11 @@ def evaluate(cfg: EvalConfig) -> Path:
         for i, p in enumerate(prompts)
     ]
     report: dict[str, Any] = {
-        "config": cfg.model_dump(mode="json"),
+        # Redacted as config.yaml is: judge_base_url may carry user:password.
+        "config": {
+            k: redact(v) if isinstance(v, str) else v
+            for k, v in cfg.model_dump(mode="json").items()
+        },
         "students": {
             "base": str(students.base),
             "finetuned": str(students.finetuned),

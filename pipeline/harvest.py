@@ -45,7 +45,14 @@ from pipeline.probe import ProbeResult, probe, read_probe
 from pipeline.prompts import CHUNK, PromptReader, PromptRow, chunks, read_text_arg
 from pipeline.ratelimit import retrying
 from pipeline.record import content_hash
-from pipeline.store import STORE_FILE, Store, open_run, request_key, request_keys
+from pipeline.store import (
+    STORE_FILE,
+    Store,
+    log_early_failure,
+    open_run,
+    request_key,
+    request_keys,
+)
 from pipeline.teacher import (
     Completion,
     Teacher,
@@ -929,50 +936,68 @@ def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
         return summary
     # reloadable as it is: with teachers listed, the top-level teacher fields are not used
     unused = set(TeacherConfig.model_fields) if cfg.teachers else None
-    with open_run(Path(cfg.out), log, dump_config(cfg, exclude=unused)) as store:
-        log.info(
-            "harvest start: %d prompts (%d duplicates dropped), teachers %s",
-            summary.prompts,
-            summary.duplicates_dropped,
-            summary.teachers,
-        )
-        for text in reader.conflicts:
-            log.warning("prompt conflict: %s", text)
+    try:
+        if surveyed:  # before open_run rewrites config.yaml: exit 2 leaves the run as it was
+            settle_changed_prompts(cfg, None, changed)
+        with open_run(Path(cfg.out), log, dump_config(cfg, exclude=unused)) as store:
+            return run_harvest(cfg, reader, store, summary, surveyed, changed, work, pretty)
+    except DistillError as e:
+        if summary.status != "failed":  # raised before harvest.log was open (else logged there)
+            log_early_failure(Path(cfg.out), "harvest", e)
+        raise
+
+
+def run_harvest(
+    cfg: HarvestConfig,
+    reader: PromptReader,
+    store: Store,
+    summary: Summary,
+    surveyed: bool,
+    changed: list[tuple[str, str, str]],
+    work: set[str],
+    pretty: bool | None,
+) -> Summary:
+    """The part of `harvest` with the run directory open: every fatal error, the exit code and
+    the summary go to harvest.log too."""
+    log.info(
+        "harvest start: %d prompts (%d duplicates dropped), teachers %s",
+        summary.prompts,
+        summary.duplicates_dropped,
+        summary.teachers,
+    )
+    for text in reader.conflicts:
+        log.warning("prompt conflict: %s", text)
+    h = Harvest(cfg, store, summary, sys.stderr.isatty() if pretty is None else pretty)
+    teachers = cfg.all_teachers()
+    try:
         if not surveyed and store.count():  # a store of an older schema, now migrated
             changed, work = survey(cfg, reader, store, summary)
         settle_changed_prompts(cfg, store, changed)
-        h = Harvest(cfg, store, summary, sys.stderr.isatty() if pretty is None else pretty)
-        teachers = cfg.all_teachers()
-        try:
-            h.learn_endpoints([(t, t.label in work) for t in teachers])
-            run_loop(
-                h.run(
-                    [(t, feed(cfg, reader, store, t) if t.label in work else []) for t in teachers]
-                )
-            )
-        except DistillError as e:  # the log tells the whole story, fatal errors included
-            summary.status, summary.exit_code = "failed", e.exit_code
-            log.error("harvest failed: %s", e)
-            raise
-        finally:
-            summary.elapsed_s = round(time.monotonic() - h.started, 3)
-            summary.throttled = sum(t.limiter.throttled for t in h.teachers)
-            if summary.status == "failed":
-                log.info("%s (exit %d)", summary.line(), summary.exit_code)
-        elapsed = max(summary.elapsed_s, 1e-9)
-        summary.completions_per_s = round(summary.completed / elapsed, 2)
-        summary.tokens_per_s = round(
-            (summary.prompt_tokens + summary.completion_tokens) / elapsed, 1
+        h.learn_endpoints([(t, t.label in work) for t in teachers])
+        run_loop(
+            h.run([(t, feed(cfg, reader, store, t) if t.label in work else []) for t in teachers])
         )
-        summary.cost_usd = round(summary.cost_usd, 6)
-        summary.stopped = h.stopping
-        if summary.total - summary.already_done - summary.completed > 0:
-            summary.status = "partial"
-            summary.exit_code = EXIT_PARTIAL
-            if h.signals:  # not a cap, not a failure: the user stopped it
-                summary.status, summary.exit_code = "interrupted", EXIT_INTERRUPTED
-        log.info("%s (exit %d)", summary.line(), summary.exit_code)
-        return summary
+    except DistillError as e:  # the log tells the whole story, fatal errors included
+        summary.status, summary.exit_code = "failed", e.exit_code
+        log.error("harvest failed: %s", e)
+        raise
+    finally:
+        summary.elapsed_s = round(time.monotonic() - h.started, 3)
+        summary.throttled = sum(t.limiter.throttled for t in h.teachers)
+        if summary.status == "failed":
+            log.info("%s (exit %d)", summary.line(), summary.exit_code)
+    elapsed = max(summary.elapsed_s, 1e-9)
+    summary.completions_per_s = round(summary.completed / elapsed, 2)
+    summary.tokens_per_s = round((summary.prompt_tokens + summary.completion_tokens) / elapsed, 1)
+    summary.cost_usd = round(summary.cost_usd, 6)
+    summary.stopped = h.stopping
+    if summary.total - summary.already_done - summary.completed > 0:
+        summary.status = "partial"
+        summary.exit_code = EXIT_PARTIAL
+        if h.signals:  # not a cap, not a failure: the user stopped it
+            summary.status, summary.exit_code = "interrupted", EXIT_INTERRUPTED
+    log.info("%s (exit %d)", summary.line(), summary.exit_code)
+    return summary
 
 
 def summary_json(summary: Summary) -> str:

@@ -27,6 +27,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from pipeline.errors import PromptRejected, TeacherError, TransientError
+from pipeline.redact import redact
 from pipeline.teacher import (
     TeacherConfig,
     chat_body,
@@ -46,7 +47,7 @@ TOP_K_TRIES = (20, 5, 1)
 class ProbeResult(BaseModel):
     """What one endpoint answered; None where the probe could not tell (skipped, or refused)."""
 
-    base_url: str = Field(description="API root probed.")
+    base_url: str = Field(description="API root probed, credentials masked (redact.py).")
     model: str = Field(description="Model name sent.")
     probed_at: float = Field(description="Unix time of the probe.")
     requests: int = Field(0, description="Requests sent by the probe.")
@@ -89,7 +90,9 @@ class _Prober:
     ):
         self.t, self.client = t, client
         self.max_cost, self.max_requests = max_cost, max_requests
-        self.result = ProbeResult(base_url=t.base_url, model=t.model or "", probed_at=time.time())
+        self.result = ProbeResult(
+            base_url=redact(t.base_url), model=t.model or "", probed_at=time.time()
+        )
         self.latencies: list[float] = []
 
     def may_send(self, what: str, worst_tokens: tuple[int, int]) -> bool:
@@ -264,7 +267,8 @@ def read_probe(
     model: str | None = None,
 ) -> ProbeResult | None:
     """The stored probe result if there is one younger than `max_age_s` (and, when given, of the
-    same base_url and model); None otherwise, or when the file cannot be read."""
+    same base_url and model); None otherwise, or when the file cannot be read. URLs are compared
+    redacted: the stored one has its credentials masked."""
     path = run_dir / PROBE_FILE
     try:
         result = ProbeResult.model_validate(json.loads(path.read_text(encoding="utf-8")))
@@ -272,7 +276,7 @@ def read_probe(
         return None
     if time.time() - result.probed_at > max_age_s:
         return None
-    if base_url is not None and result.base_url != base_url.rstrip("/"):
+    if base_url is not None and redact(result.base_url) != redact(base_url.rstrip("/")):
         return None
     if model is not None and result.model != model:
         return None

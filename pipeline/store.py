@@ -35,8 +35,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError, RunLockedError, StoreError
-from pipeline.outdir import claim, own_files, record
+from pipeline.errors import DistillError, InputError, RunLockedError, StoreError
+from pipeline.outdir import MARKER, claim, own_files, owner, record
 from pipeline.record import Response, canonical_json, content_hash, utcnow
 from pipeline.redact import RedactingFilter, redact
 
@@ -267,7 +267,7 @@ def check_schema(db: sqlite3.Connection, path: Path) -> None:
     if version == 0 and tables:
         raise StoreError(
             f"{path}: a SQLite file of another application (tables: {', '.join(sorted(tables))}); "
-            "distill leaves it untouched: choose another --out"
+            "distill leaves it untouched: pass a distill run directory (for harvest, another --out)"
         )
     if version > len(MIGRATIONS):
         raise StoreError(
@@ -279,7 +279,7 @@ def check_schema(db: sqlite3.Connection, path: Path) -> None:
         if cols != set(RESPONSE_COLUMNS):
             raise StoreError(
                 f"{path}: its `responses` table is not distill's (columns differ); distill leaves "
-                "it untouched: choose another --out"
+                "it untouched: pass a distill run directory (for harvest, another --out)"
             )
 
 
@@ -722,15 +722,13 @@ def open_run(
         with Store(run_dir) as store:
             try:
                 record(run_dir, stage, [STORE_FILE, "lock", "harvest.log", "config.yaml"])
-                handler = logging.FileHandler(run_dir / "harvest.log", encoding="utf-8")
+                handler = log_handler(run_dir)
                 if config_yaml is not None:
                     (run_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
             except OSError as e:
                 raise StoreError(
                     f"{run_dir}: cannot write to the run directory ({e.strerror})"
                 ) from None
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            handler.addFilter(RedactingFilter())
             log.addHandler(handler)
             log.setLevel(logging.INFO)
             log.propagate = False
@@ -740,6 +738,35 @@ def open_run(
             log.removeHandler(handler)
             handler.close()
         lock.release()
+
+
+def log_handler(run_dir: Path) -> logging.FileHandler:
+    """RUN/harvest.log, appended to, one timestamped line per event, every line redacted."""
+    handler = logging.FileHandler(run_dir / "harvest.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.addFilter(RedactingFilter())
+    return handler
+
+
+def log_early_failure(run_dir: Path, stage: str, error: DistillError) -> None:
+    """`<stage> failed: ERROR (exit N)` appended to RUN/harvest.log, for an error raised before
+    `open_run` opened the log (a damaged store, an edited prompt): from cron, a log that ends in
+    its last run's summary reads as a hang. Only where the log is already the stage's (its marker
+    or harvest.log there): no file is added to a folder the stage does not own. Not for a lock
+    refusal: that log belongs to the run holding the lock, which has not failed."""
+    if isinstance(error, RunLockedError) or owner(run_dir) != stage:
+        return
+    if not ((run_dir / MARKER).is_file() or (run_dir / "harvest.log").is_file()):
+        return
+    with contextlib.suppress(OSError):
+        handler = log_handler(run_dir)
+        try:
+            text = f"{stage} failed: {error} (exit {error.exit_code})"
+            handler.handle(
+                logging.makeLogRecord({"levelno": logging.ERROR, "levelname": "ERROR", "msg": text})
+            )
+        finally:
+            handler.close()
 
 
 def migrate(db: sqlite3.Connection) -> None:

@@ -389,7 +389,8 @@ def test_bad_inputs_raise_typed_errors(setup: dict[str, Path]) -> None:
 
 
 def test_judge_through_the_teacher_client(setup: dict[str, Path], server: Any) -> None:
-    """The judge (off by default) grades every answer through the real HTTP client."""
+    """The judge (off by default) grades every answer through the real HTTP client; a password
+    in its URL reaches no file of the report."""
     seen: list[str] = []
 
     def grade(body: dict[str, Any], index: int) -> dict[str, Any]:
@@ -398,8 +399,13 @@ def test_judge_through_the_teacher_client(setup: dict[str, Path], server: Any) -
 
     server.responder = grade
     cfg = _cfg(setup, "judged", limit=2, nll=False, max_new_tokens=2)
-    cfg.judge, cfg.judge_model, cfg.judge_base_url = True, "judge-model", server.url
-    got = read_report(evaluate(cfg))
+    judge_url = server.url.replace("http://", "http://alice:judgepw-1234@")
+    cfg.judge, cfg.judge_model, cfg.judge_base_url = True, "judge-model", judge_url
+    out = evaluate(cfg)
+    got = read_report(out)
+    for f in out.rglob("*"):
+        assert not f.is_file() or b"judgepw-1234" not in f.read_bytes(), f
+    assert got["config"]["judge_base_url"] == server.url.replace("http://", "http://***@")
     assert len(seen) == 4  # two prompts x two students
     assert all("Reference answer:\nThe answer is" in s for s in seen)
     assert (

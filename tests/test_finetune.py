@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from pipeline.artifacts import read_finetune_run
 from pipeline.cli import cli
 from pipeline.errors import TrainingError
 from pipeline.finetune import (
@@ -438,6 +440,24 @@ def test_known_template_qwen_trains_end_to_end(tiny_model, data_dir, tmp_path): 
     assert report["settings"]["packing"] is False and report["settings"]["grad_accum"] == 2
     assert report["settings"]["end_of_turn_token"] == "<|im_end|>"
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_a_relative_student_is_recorded_absolute(tiny_model, data_dir, tmp_path, monkeypatch):  # noqa: F811
+    """`--student student` from one folder: `distill eval` run from another still finds it."""
+    shutil.copytree(tiny_model("llama", "known"), tmp_path / "student")
+    monkeypatch.chdir(tmp_path)
+    cfg = FinetuneConfig(
+        data=str(data_dir), student="student", out="ft", max_steps=1, batch_size=2,
+        grad_accum=1, max_length=128, eval_steps=5, save_steps=5, report_to="none",
+    )  # fmt: skip
+    out = finetune(cfg)
+    assert json.loads((out / "train_report.json").read_text())["student"] == str(
+        tmp_path / "student"
+    )
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run = read_finetune_run(tmp_path / "ft")
+    assert Path(run.student).is_absolute() and (Path(run.student) / "config.json").is_file()
 
 
 def test_yaml_config_then_flags(tiny_model, data_dir, tmp_path):  # noqa: F811

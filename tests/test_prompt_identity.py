@@ -32,10 +32,15 @@ def test_an_edited_prompt_stops_before_sending(server: OpenAIServer, tmp_path: P
     edited = [ROWS[0], {**ROWS[1], "prompt": "What is 2 + 5?", "reference": "7"}]
     write_jsonl(prompts, edited)
     sent, before = server.requests, (run / STORE_FILE).read_bytes()
-    proc = run_cli(*harvest_args(server, prompts, run))  # was: both texts kept under id b
+    config = (run / "config.yaml").read_bytes()
+    # --concurrency: a config.yaml of other text, which exit 2 must not have written
+    proc = run_cli(*harvest_args(server, prompts, run, "--concurrency", "3"))
     assert_one_line_error(proc, f"{prompts}:2", "'b'", "new id", "--replace-changed-prompts")
-    assert proc.returncode == 2 and server.requests == sent
+    assert proc.returncode == 2 and server.requests == sent  # was: both texts kept under id b
     assert (run / STORE_FILE).read_bytes() == before
+    assert (run / "config.yaml").read_bytes() == config
+    last = (run / "harvest.log").read_text().splitlines()[-1]
+    assert "harvest failed" in last and "'b'" in last and "(exit 2)" in last
     dry = run_cli(*harvest_args(server, prompts, run, "--dry-run"))
     assert_one_line_error(dry, "'b'")
 

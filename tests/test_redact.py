@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.probe import read_probe
 from pipeline.redact import MASK, RedactingFilter, redact, remember_secret
 from tests.conftest import arithmetic_rows, harvest_args, run_cli, write_jsonl
 from tests.openai_server import OpenAIServer
@@ -95,3 +96,20 @@ def test_nothing_leaks_when_the_server_quotes_the_request_back(
             assert secret not in text, text
         for f in files:  # raw bytes: the SQLite file and its -wal, logs, datasets, config
             assert secret.encode() not in f.read_bytes(), f
+
+
+def test_a_probe_keeps_url_credentials_out_of_its_output_and_probe_json(
+    server: OpenAIServer, tmp_path: Path
+) -> None:
+    """`distill probe` prints and stores the URL masked; harvest still finds the probe.json of a
+    teacher whose URL carries credentials."""
+    url = server.url.replace("http://", f"http://alice:{PASSWORD}@")
+    run = tmp_path / "run"
+    table = run_cli("probe", "--base-url", url, "--model", "m")
+    as_json = run_cli("probe", "--base-url", url, "--model", "m", "--json", "--out", str(run))
+    for proc in (table, as_json):
+        assert proc.returncode == 0, proc.stderr
+        assert PASSWORD not in proc.stdout + proc.stderr
+    assert f"{MASK}@127.0.0.1" in table.stdout
+    assert PASSWORD not in (run / "probe.json").read_text()
+    assert read_probe(run, base_url=url, model="m") is not None

@@ -107,8 +107,9 @@ def test_a_foreign_sqlite_file_is_refused_untouched(server: OpenAIServer, tmp_pa
     proc = run_cli(*harvest_args(server, prompts, run))
     assert_one_line_error(proc, str(run / STORE_FILE), "another application", "contacts")
     assert (run / STORE_FILE).read_bytes() == before and server.requests == 0
+    assert not (run / "harvest.log").exists()  # not harvest's folder: no log written into it
     proc = run_cli("export", str(run), "--to", str(tmp_path / "out"), "--format", "jsonl")
-    assert_one_line_error(proc, "another application")
+    assert_one_line_error(proc, "another application", "pass a distill run directory")
 
 
 def test_a_responses_table_of_another_shape_is_refused_untouched(
@@ -122,7 +123,8 @@ def test_a_responses_table_of_another_shape_is_refused_untouched(
     before = (run / STORE_FILE).read_bytes()
     prompts = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(3))
     assert_one_line_error(run_cli(*harvest_args(server, prompts, run)), "not distill's")
-    assert_one_line_error(run_cli("build", str(run), "--to", str(tmp_path / "ds")), "not distill's")
+    build = run_cli("build", str(run), "--to", str(tmp_path / "ds"))  # build has no --out
+    assert_one_line_error(build, "not distill's", "pass a distill run directory")
     assert (run / STORE_FILE).read_bytes() == before and server.requests == 0
 
 
@@ -167,6 +169,8 @@ def test_a_damaged_store_is_never_reported_done_and_doctor_recovers_it(
     proc = run_cli(*harvest_args(server, prompts, run))  # was: "60/60 done", exit 0
     assert_one_line_error(proc, str(run / STORE_FILE), f"distill doctor {run}")
     assert proc.returncode == 1 and server.requests == sent
+    last = (run / "harvest.log").read_text().splitlines()[-1]  # from cron: not a hang
+    assert "harvest failed" in last and "distill doctor" in last and "(exit 1)" in last
     for cmd in (
         ["export", str(run), "--to", str(tmp_path / "e"), "--format", "jsonl"],
         ["build", str(run), "--to", str(tmp_path / "ds")],
