@@ -49,6 +49,7 @@ from pipeline.artifacts import (
     read_json,
     trained_prompt_ids,
 )
+from pipeline.chat import render, renders_reasoning, stop_ids, tokenize_split, training_template
 from pipeline.config import StageConfig, dump_config
 from pipeline.errors import ConfigError, InputError
 from pipeline.hardware import native_bf16
@@ -426,7 +427,7 @@ def load_student(which: str, students: Students, device: str, load_in_4bit: bool
     return model, tok
 
 
-def stop_ids(students: Students) -> set[int]:
+def generation_stops(students: Students) -> set[int]:
     """End-of-answer ids from both students' generation configs, so both stop at the same tokens.
 
     The fine-tune stage adds the template's end-of-turn token to the adapter's generation config
@@ -445,23 +446,6 @@ def stop_ids(students: Students) -> set[int]:
             continue
         out.update(i for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int))
     return out
-
-
-def eos_ids(model, tok, extra: set[int]) -> set[int]:  # type: ignore[no-untyped-def]
-    """Every token id that ends an answer (the generation config may list several)."""
-    ids = model.generation_config.eos_token_id
-    out = set(ids if isinstance(ids, list) else [ids] if ids is not None else []) | extra
-    if tok.eos_token_id is not None:
-        out.add(tok.eos_token_id)
-    return out
-
-
-def render(tok, messages: list[dict[str, Any]], generation_prompt: bool) -> list[int]:  # type: ignore[no-untyped-def]
-    text = tok.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt
-    )
-    # The template already writes any BOS it wants; don't let the tokenizer add a second one.
-    return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
 @dataclass
@@ -606,7 +590,6 @@ def heldout_teacher_kl(
     import torch
 
     from pipeline import kd
-    from pipeline.finetune import renders_reasoning, tokenize_split, training_template
 
     rows = read_dataset(cfg.data, cfg.split)[cfg.split]
     if not set(kd.KD_COLUMNS) <= set(rows.column_names):
@@ -1202,14 +1185,14 @@ def run_students(
 
     import torch
 
-    shared_stops = stop_ids(students)
+    shared_stops = generation_stops(students)
     label = students.labels()
     metrics: dict[str, dict[str, Any]] = {}
     per: dict[str, list[dict[str, Any]]] = {}
     teacher: dict[str, Any] = {}
     for which in STUDENTS:
         model, tok = load_student(which, students, device, cfg.load_in_4bit)
-        stops = eos_ids(model, tok, shared_stops)
+        stops = set(stop_ids(model, tok)) | shared_stops
         answers = generate(model, tok, prompts, cfg, label[which], stops)
         nll = teacher_nll(model, tok, prompts, cfg, label[which], stops) if cfg.nll else None
         metrics[which], per[which] = score(prompts, answers, nll, cfg, ver)
