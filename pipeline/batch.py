@@ -73,10 +73,9 @@ from pipeline.store import BATCH_OPEN_STATES, STORE_FILE, Store, open_run
 from pipeline.teacher import (
     Completion,
     TeacherConfig,
+    batch_result,
     chat_body,
-    cost,
     http_client,
-    parse_completion,
     raise_for_status,
     to_response,
     transport_error,
@@ -558,31 +557,19 @@ class BatchRun:
             return
         if key in self.done:
             return
-        resp = rec.get("response") or {}
-        status = resp.get("status_code")
-        error = rec.get("error")
-        if status == 200 and not error:
-            try:
-                completion = parse_completion(resp.get("body"), None)
-            except TransientError as e:
-                error = {"message": str(e)}
-            else:
-                self.commit(t, req, completion)
-                return
+        status, got = batch_result(rec)
+        if isinstance(got, Completion):
+            self.commit(t, req, got)
+            return
         if status is not None:  # the server answered this request, with a refusal
             self.refused.add(key)
-        if not error:
-            body = resp.get("body") or {}
-            error = body.get("error") if isinstance(body, dict) else None
-        message = error.get("message") if isinstance(error, dict) else str(error)
-        code = error.get("code") if isinstance(error, dict) else None
         self.store.add_failure(
             key,
             req["prompt_id"],
             req["sample_index"],
             t.label,
             status,
-            f"batch {b['id']}: {code + ': ' if code else ''}{message}",
+            f"batch {b['id']}: {got}",
             1,
         )
         self.summary.errors += 1
@@ -598,7 +585,7 @@ class BatchRun:
             reference=r["reference"],
             meta=r["meta"] or {},
         )
-        spent = cost(t, completion.prompt_tokens or 0, completion.completion_tokens or 0)
+        spent = completion.cost_usd(t)
         attempts = self.store.batch_attempts(key)
         added = self.store.add_response(
             to_response(

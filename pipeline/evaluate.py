@@ -910,7 +910,7 @@ def run_judge(cfg: EvalConfig, prompts: list[Prompt], per: dict[str, list[dict[s
 
     from pipeline.errors import PromptRejected
     from pipeline.ratelimit import retrying
-    from pipeline.teacher import Teacher, TeacherConfig, chat_body
+    from pipeline.teacher import Teacher, TeacherConfig, chat_body, estimate_tokens
 
     tcfg = TeacherConfig(
         model=cfg.judge_model,
@@ -926,7 +926,7 @@ def run_judge(cfg: EvalConfig, prompts: list[Prompt], per: dict[str, list[dict[s
         )
         messages = [{"role": "user", "content": content}]
         body = chat_body(tcfg, messages, {"temperature": 0}, max_tokens=8)
-        await teacher.limiter.acquire(len(content) / 4 + 8)
+        await teacher.limiter.acquire(estimate_tokens(messages) + 8)  # + max_tokens
         try:
             async for attempt in retrying(tcfg.max_retries):
                 with attempt:
