@@ -43,10 +43,10 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipeline.artifacts import (
+    FinetuneRun,
     read_build_report,
     read_dataset,
     read_finetune_run,
-    read_json,
     trained_prompt_ids,
 )
 from pipeline.chat import render, renders_reasoning, stop_ids, tokenize_split, training_template
@@ -254,27 +254,15 @@ class Students:
     base: Path
     finetuned: Path  # a merged model folder, or a PEFT adapter folder when `adapter` is true
     adapter: bool
-    run_dir: Path | None  # the fine-tune OUT folder, when known (for log_history.json)
+    run: FinetuneRun  # its fine-tune run: loss curves, the prompts it trained on
     # `against`: the student in the base's place (a PEFT adapter on `base` when against_adapter)
     against: Path | None = None
     against_adapter: bool = False
-    against_run: Path | None = None  # its fine-tune OUT folder, when known (held-out check)
+    against_run: FinetuneRun | None = None  # its fine-tune run, when an adapter (held-out check)
 
     def labels(self) -> dict[str, str]:
         """How the report names each column."""
         return {**LABELS, "base": "against"} if self.against is not None else dict(LABELS)
-
-
-RUN_FILES = ("train_report.json", "log_history.json")  # what a fine-tune run folder holds
-
-
-def _is_model(path: Path) -> bool:
-    return (path / "config.json").is_file()
-
-
-def _is_adapter(path: Path) -> bool:
-    """A fine-tune OUT folder (adapter/ inside) or a PEFT adapter folder."""
-    return any((d / "adapter_config.json").is_file() for d in (path / "adapter", path))
 
 
 def resolve_students(cfg: EvalConfig) -> Students:
@@ -284,29 +272,10 @@ def resolve_students(cfg: EvalConfig) -> Students:
         raise InputError(
             f"{ft}: fine-tuned student not found (key `finetuned`); pass the OUT folder of `distill finetune`"
         )
-    if _is_adapter(ft):
-        run = read_finetune_run(ft, str(cfg.base) if cfg.base else None)
-        where = "key `base`" if cfg.base else f"the fine-tune run {run.out}"
-        return _against(
-            cfg, _checked(Students(Path(run.student), run.adapter, True, run.out), where)
-        )
-    if not _is_model(ft):
-        raise InputError(
-            f"{ft}: neither a fine-tune OUT folder (adapter/), a PEFT adapter (adapter_config.json) "
-            "nor a model folder (config.json); fix the key `finetuned`"
-        )
-    # A merged model: the run it came from (base student, loss curves) is its folder or the parent.
-    run_dir = next((d for d in (ft, ft.parent) if any((d / f).is_file() for f in RUN_FILES)), None)
-    base, where = cfg.base, "key `base`"
-    if base is None and run_dir is not None:
-        student = read_json(run_dir / "train_report.json").get("student")
-        if student:
-            base, where = Path(student), f"`student` in {run_dir / 'train_report.json'}"
-    if base is None:
-        raise ConfigError(
-            f"{ft}: cannot tell the base student; set `base` (--base) to its local model folder"
-        )
-    return _against(cfg, _checked(Students(Path(base), ft, False, run_dir), where))
+    run = read_finetune_run(ft, str(cfg.base) if cfg.base else None, merged=True)
+    where = "key `base`" if cfg.base else f"the fine-tune run {run.out or ft}"
+    students = Students(Path(run.student), run.adapter or ft, run.adapter is not None, run)
+    return _against(cfg, _checked(students, where))
 
 
 def _against(cfg: EvalConfig, students: Students) -> Students:
@@ -314,26 +283,19 @@ def _against(cfg: EvalConfig, students: Students) -> Students:
     if cfg.against is None:
         return students
     a = Path(cfg.against)
-    if _is_adapter(a):
-        run = read_finetune_run(a)
-        if Path(run.student).resolve() != students.base.resolve():
-            raise InputError(
-                f"{a} (key `against`): trained on {run.student}, but the fine-tuned student's base "
-                f"is {students.base}; compare runs of the same student, or pass a merged model"
-            )
-        return dataclasses.replace(
-            students, against=run.adapter, against_adapter=True, against_run=run.out
-        )
-    if _is_model(a):
+    if (a / "config.json").is_file():  # a merged model: compared as it is
         return dataclasses.replace(students, against=a)
-    raise InputError(
-        f"{a} (key `against`): neither a fine-tune OUT folder (adapter/) nor a model folder "
-        "(config.json); pass the --out folder of the `distill finetune` run to compare against"
-    )
+    run = read_finetune_run(a)
+    if Path(run.student).resolve() != students.base.resolve():
+        raise InputError(
+            f"{a} (key `against`): trained on {run.student}, but the fine-tuned student's base "
+            f"is {students.base}; compare runs of the same student, or pass a merged model"
+        )
+    return dataclasses.replace(students, against=run.adapter, against_adapter=True, against_run=run)
 
 
 def _checked(students: Students, where: str) -> Students:
-    if not _is_model(students.base):
+    if not (students.base / "config.json").is_file():
         raise InputError(
             f"{students.base} (from {where}): not a local model folder (no config.json); set `base` (--base) to one"
         )
@@ -1110,12 +1072,12 @@ def check_held_out(cfg: EvalConfig, prompts: list[Prompt], students: Students) -
     """Refuse to score a fine-tuned student (or the one it is compared against) on prompts it
     was trained on (train_report.json records the train prompt ids); returns what was checked,
     for the report."""
-    runs = [(students.run_dir, "student")]
+    runs = [(students.run, "student")]
     if students.against_run is not None:
         runs.append((students.against_run, "`against` student"))
     said = []
-    for run_dir, who in runs:
-        trained = trained_prompt_ids(read_json(run_dir / "train_report.json") if run_dir else {})
+    for run, who in runs:
+        trained = trained_prompt_ids(run.report)
         if trained is None:
             said.append(
                 f"not checked: the {who}'s fine-tune run records no training prompt ids (trained "
@@ -1126,7 +1088,7 @@ def check_held_out(cfg: EvalConfig, prompts: list[Prompt], students: Students) -
         if shared:
             raise InputError(
                 f"{cfg.data} [{cfg.split}]: {len(shared)} of its {len(prompts)} prompts (e.g. "
-                f"{shared[0]!r}) are in the data {run_dir} was trained on; evaluate on a split "
+                f"{shared[0]!r}) are in the data {run.out} was trained on; evaluate on a split "
                 "held out from that training data (the same build), or fine-tune on this build's train split"
             )
         said.append(
@@ -1274,7 +1236,7 @@ def write_report(report: dict[str, Any], cfg: EvalConfig, students: Students, ou
     from pipeline.plots import plot_loss_curves, plot_metrics
 
     out.mkdir(parents=True, exist_ok=True)
-    history = students.run_dir / "log_history.json" if students.run_dir else None
+    history = students.run.out / "log_history.json" if students.run.out else None
     loss_plot = (
         history is not None
         and history.is_file()
