@@ -644,8 +644,6 @@ def build_trainer(
 ) -> DistillTrainer:
     """Step 4: datasets (packed here unless the kernel takes TRL's packing), TrainingArguments,
     the LoRA config and the trainer. Writes OUT/config.yaml and OUT/plan.json."""
-    from peft import LoraConfig
-
     plan, out = setup.plan, setup.out
     # Varlen kernels take TRL's own packing (one flattened row per batch); others get rows packed
     # here. TRL refuses a custom collator together with its packing.
@@ -684,18 +682,6 @@ def build_trainer(
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=not main_process(),
     )
-    # PEFT reads a plain string as a regex over full module names; a name means a list of one.
-    targets = cfg.lora_target_modules
-    if isinstance(targets, str) and targets != "all-linear":
-        targets = [targets]
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        use_dora=cfg.use_dora,
-        task_type="CAUSAL_LM",
-    )
     out.mkdir(parents=True, exist_ok=True)
     if main_process():
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
@@ -714,11 +700,29 @@ def build_trainer(
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             processing_class=data.tokenizer,
-            peft_config=lora,
+            peft_config=lora_config(cfg),
         )
     finally:
         if tb_dir_set:
             del os.environ["TENSORBOARD_LOGGING_DIR"]
+
+
+def lora_config(cfg: FinetuneConfig) -> Any:
+    """The adapter to train. PEFT reads a plain string as a regex over full module names; a name
+    means a list of one."""
+    from peft import LoraConfig
+
+    targets = cfg.lora_target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [targets]
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        use_dora=cfg.use_dora,
+        task_type="CAUSAL_LM",
+    )
 
 
 def training_datasets(cfg: FinetuneConfig, data: Tokenized, pack: bool) -> tuple[Any, Any, Any]:
