@@ -282,7 +282,7 @@ def require_scoring(cfg: OnpolicyConfig) -> str:
             "cannot): on-policy distillation needs vLLM, SGLang or Together; with this teacher, "
             "harvest with --logprobs and train with `distill finetune --loss kd` instead"
         )
-    if (cfg.kd_alpha > 0 or cfg.teacher_temperature != 1) and result.scoring != "prompt_logprobs":
+    if top_k_users(cfg) and result.scoring != "prompt_logprobs":
         raise ConfigError(
             f"{' and '.join(top_k_users(cfg))}: these read the teacher's top-k, which only a "
             f"teacher returning prompt_logprobs gives (this one scores with {result.scoring}); "
