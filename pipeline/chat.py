@@ -216,6 +216,8 @@ def check_masks(rows: list[dict], tokenizer, prompt_ids: list[str], student: str
 def tokenize_split(
     split, tokenizer, template: str, how: str, native_reasoning: bool, train_on: str = "last"
 ):
+    """(rows of input_ids and labels, their prompt ids) for a dataset split, each row as
+    tokenize_row makes it; a template that refuses a row names its prompt id."""
     rows, pids = [], []
     for i, ex in enumerate(split):
         pid = str(ex.get("prompt_id") or f"row {i}")
