@@ -164,10 +164,11 @@ def trained_prompt_ids(report: dict[str, Any]) -> set[str] | None:
 class FinetuneRun:
     """A `distill finetune` output folder: the LoRA adapter and the student it was trained on."""
 
-    out: Path
-    """The run folder (holds adapter/, train_report.json, config.yaml)."""
-    adapter: Path
-    """The PEFT adapter folder (adapter_config.json, weights, tokenizer)."""
+    out: Path | None
+    """The run folder (holds adapter/, train_report.json, config.yaml); None for a merged model
+    whose run is not beside it."""
+    adapter: Path | None
+    """The PEFT adapter folder (adapter_config.json, weights, tokenizer); None: a merged model."""
     student: str
     """The base model: a local folder (absolute in runs written since) or a hub id."""
     report: dict[str, Any] = field(default_factory=dict)
@@ -180,32 +181,52 @@ def student_path(student: str) -> str:
     return str(p.absolute()) if p.exists() else student
 
 
-def read_finetune_run(out: str | Path, student: str | None = None) -> FinetuneRun:
-    """The run at `out` (the --out of `distill finetune`, or its adapter/ folder).
+def _has(folder: Path, *files: str) -> bool:
+    return any((folder / f).is_file() for f in files)
 
-    The student is `student` when given (a --student override), else the one the run names:
-    train_report.json, then config.yaml, then the adapter's `base_model_name_or_path`.
+
+def read_finetune_run(
+    out: str | Path, student: str | None = None, *, merged: bool = False
+) -> FinetuneRun:
+    """The run at `out` (the --out of `distill finetune`, or its adapter/ folder; with `merged`,
+    also a merged model folder from `distill merge`: adapter None).
+
+    The student is `student` when given (a --student or --base override), else the one the run
+    names: train_report.json, then config.yaml, then the adapter's `base_model_name_or_path`.
     """
     given = Path(out)
     if not given.exists():
         raise InputError(f"{given}: folder not found; pass the --out folder of `distill finetune`")
-    if (given / "adapter" / "adapter_config.json").is_file():
+    if _has(given / "adapter", "adapter_config.json"):
         run_dir, adapter = given, given / "adapter"
-    elif (given / "adapter_config.json").is_file():
+    elif _has(given, "adapter_config.json"):
         adapter = given
-        has_record = any((given.parent / f).is_file() for f in ("train_report.json", "config.yaml"))
-        run_dir = given.parent if has_record else given
-    else:
-        raise InputError(
-            f"{given}: no LoRA adapter here (adapter/adapter_config.json); pass the --out folder "
-            "of `distill finetune`"
+        run_dir = given.parent if _has(given.parent, "train_report.json", "config.yaml") else given
+    elif merged and _has(given, "config.json"):
+        # A merged model: its run (student, loss curves) is the folder or the parent, if either.
+        found = (
+            d for d in (given, given.parent) if _has(d, "train_report.json", "log_history.json")
         )
+        run = next(found, None)
+        report = read_json(run / "train_report.json") if run else {}
+        return FinetuneRun(run, None, _named(given, student or report.get("student")), report)
+    else:
+        what = "no LoRA adapter here (adapter/adapter_config.json)"
+        if merged:
+            what = "neither a fine-tune OUT folder (adapter/), a PEFT adapter nor a model folder"
+        raise InputError(f"{given}: {what}; pass the --out folder of `distill finetune`")
     report = read_json(run_dir / "train_report.json")
     named = student or report.get("student") or _config_student(run_dir / "config.yaml")
     named = named or read_json(adapter / "adapter_config.json").get("base_model_name_or_path")
-    if not named:
-        raise InputError(f"{given}: cannot tell which student was trained; pass --student")
-    return FinetuneRun(out=run_dir, adapter=adapter, student=str(named), report=report)
+    return FinetuneRun(run_dir, adapter, _named(given, named), report)
+
+
+def _named(given: Path, student: Any) -> str:
+    if not student:
+        raise InputError(
+            f"{given}: cannot tell which student was trained; name it (--student; --base for eval)"
+        )
+    return str(student)
 
 
 def read_json(path: Path) -> dict[str, Any]:

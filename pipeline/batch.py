@@ -32,7 +32,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -73,10 +73,9 @@ from pipeline.store import BATCH_OPEN_STATES, STORE_FILE, Store, open_run
 from pipeline.teacher import (
     Completion,
     TeacherConfig,
+    batch_result,
     chat_body,
-    cost,
     http_client,
-    parse_completion,
     raise_for_status,
     to_response,
     transport_error,
@@ -233,20 +232,23 @@ class BatchAPI:
                 return str(data["id"])
         raise AssertionError("unreachable")
 
+    async def listed(self, path: str, what: str, **params: Any) -> AsyncIterator[dict[str, Any]]:
+        """The items of a paginated list, page by page (`after`: the last id of the page before)."""
+        while True:
+            data = await self._call("GET", path, what, params=params)
+            items = data.get("data") or []
+            for item in items:
+                yield item
+            if not data.get("has_more") or not items:
+                return
+            params["after"] = items[-1]["id"]
+
     async def find_file(self, filename: str) -> str | None:
         """The id of an uploaded batch file by name (a crash may have hidden it from us)."""
-        after: str | None = None
-        while True:
-            params: dict[str, Any] = {"purpose": "batch", "limit": 10000}
-            if after:
-                params["after"] = after
-            data = await self._call("GET", "files", "list files", params=params)
-            for f in data.get("data") or []:
-                if f.get("filename") == filename:
-                    return str(f["id"])
-            if not data.get("has_more") or not data.get("data"):
-                return None
-            after = data["data"][-1]["id"]
+        async for f in self.listed("files", "list files", purpose="batch", limit=10000):
+            if f.get("filename") == filename:
+                return str(f["id"])
+        return None
 
     async def create(
         self, file_id: str, local_id: str, window: str, since: float
@@ -269,20 +271,12 @@ class BatchAPI:
 
     async def find_batch(self, local_id: str, since: float) -> dict[str, Any] | None:
         """A batch we created but may not have recorded; the list is newest first."""
-        after: str | None = None
-        while True:
-            params: dict[str, Any] = {"limit": 100}
-            if after:
-                params["after"] = after
-            data = await self._call("GET", "batches", "list batches", params=params)
-            for b in data.get("data") or []:
-                if (b.get("metadata") or {}).get("distill_batch") == local_id:
-                    return dict(b)
-                if (b.get("created_at") or since) < since:
-                    return None
-            if not data.get("has_more") or not data.get("data"):
+        async for b in self.listed("batches", "list batches", limit=100):
+            if (b.get("metadata") or {}).get("distill_batch") == local_id:
+                return dict(b)
+            if (b.get("created_at") or since) < since:
                 return None
-            after = data["data"][-1]["id"]
+        return None
 
     async def get(self, batch_id: str) -> dict[str, Any]:
         return dict(await self._call("GET", f"batches/{batch_id}", "status"))
@@ -558,31 +552,19 @@ class BatchRun:
             return
         if key in self.done:
             return
-        resp = rec.get("response") or {}
-        status = resp.get("status_code")
-        error = rec.get("error")
-        if status == 200 and not error:
-            try:
-                completion = parse_completion(resp.get("body"), None)
-            except TransientError as e:
-                error = {"message": str(e)}
-            else:
-                self.commit(t, req, completion)
-                return
+        status, got = batch_result(rec)
+        if isinstance(got, Completion):
+            self.commit(t, req, got)
+            return
         if status is not None:  # the server answered this request, with a refusal
             self.refused.add(key)
-        if not error:
-            body = resp.get("body") or {}
-            error = body.get("error") if isinstance(body, dict) else None
-        message = error.get("message") if isinstance(error, dict) else str(error)
-        code = error.get("code") if isinstance(error, dict) else None
         self.store.add_failure(
             key,
             req["prompt_id"],
             req["sample_index"],
             t.label,
             status,
-            f"batch {b['id']}: {code + ': ' if code else ''}{message}",
+            f"batch {b['id']}: {got}",
             1,
         )
         self.summary.errors += 1
@@ -598,7 +580,7 @@ class BatchRun:
             reference=r["reference"],
             meta=r["meta"] or {},
         )
-        spent = cost(t, completion.prompt_tokens or 0, completion.completion_tokens or 0)
+        spent = completion.cost_usd(t)
         attempts = self.store.batch_attempts(key)
         added = self.store.add_response(
             to_response(

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.artifacts import DatasetWriter
+from pipeline.chat import encode, prepare_messages, renders_reasoning, training_template
 from pipeline.config import StageConfig
 from pipeline.errors import ConfigError, InputError, StoreError
 from pipeline.outdir import staged
@@ -882,21 +883,15 @@ class KDTargets:
         self.seen_logprobs = False  # a kept row had logprobs (else, as before, no kd section)
         if self.on:
             # The rendering finetune uses (its training template), so positions point at its tokens.
-            from pipeline.finetune import renders_reasoning, training_template
-
             self.template, _ = training_template(tok)
             self.native = renders_reasoning(tok, self.template)
 
     def add(self, r: Row, row: dict[str, Any], split: str) -> None:
         from pipeline import kd
-        from pipeline.finetune import prepare_messages
 
-        tok = self.tok
         msgs = prepare_messages(row["messages"], self.native)
-        text = tok.apply_chat_template(msgs, chat_template=self.template, tokenize=False)
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-        al = _align_row(r, msgs[-1], text, ids, offsets, tok, self.native)
+        text, ids, offsets = encode(self.tok, self.template, msgs)
+        al = _align_row(r, msgs[-1], text, ids, offsets, self.tok, self.native)
         row["kd_check"] = kd.ids_check(ids)
         row["kd_targets"] = (
             kd.pack_targets(al.positions, al.ids, al.logprobs) if al.positions else None

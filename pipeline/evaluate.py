@@ -43,12 +43,13 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipeline.artifacts import (
+    FinetuneRun,
     read_build_report,
     read_dataset,
     read_finetune_run,
-    read_json,
     trained_prompt_ids,
 )
+from pipeline.chat import render, renders_reasoning, stop_ids, tokenize_split, training_template
 from pipeline.config import StageConfig, dump_config
 from pipeline.errors import ConfigError, InputError
 from pipeline.hardware import native_bf16
@@ -254,27 +255,15 @@ class Students:
     base: Path
     finetuned: Path  # a merged model folder, or a PEFT adapter folder when `adapter` is true
     adapter: bool
-    run_dir: Path | None  # the fine-tune OUT folder, when known (for log_history.json)
+    run: FinetuneRun  # its fine-tune run: loss curves, the prompts it trained on
     # `against`: the student in the base's place (a PEFT adapter on `base` when against_adapter)
     against: Path | None = None
     against_adapter: bool = False
-    against_run: Path | None = None  # its fine-tune OUT folder, when known (held-out check)
+    against_run: FinetuneRun | None = None  # its fine-tune run, when an adapter (held-out check)
 
     def labels(self) -> dict[str, str]:
         """How the report names each column."""
         return {**LABELS, "base": "against"} if self.against is not None else dict(LABELS)
-
-
-RUN_FILES = ("train_report.json", "log_history.json")  # what a fine-tune run folder holds
-
-
-def _is_model(path: Path) -> bool:
-    return (path / "config.json").is_file()
-
-
-def _is_adapter(path: Path) -> bool:
-    """A fine-tune OUT folder (adapter/ inside) or a PEFT adapter folder."""
-    return any((d / "adapter_config.json").is_file() for d in (path / "adapter", path))
 
 
 def resolve_students(cfg: EvalConfig) -> Students:
@@ -284,29 +273,10 @@ def resolve_students(cfg: EvalConfig) -> Students:
         raise InputError(
             f"{ft}: fine-tuned student not found (key `finetuned`); pass the OUT folder of `distill finetune`"
         )
-    if _is_adapter(ft):
-        run = read_finetune_run(ft, str(cfg.base) if cfg.base else None)
-        where = "key `base`" if cfg.base else f"the fine-tune run {run.out}"
-        return _against(
-            cfg, _checked(Students(Path(run.student), run.adapter, True, run.out), where)
-        )
-    if not _is_model(ft):
-        raise InputError(
-            f"{ft}: neither a fine-tune OUT folder (adapter/), a PEFT adapter (adapter_config.json) "
-            "nor a model folder (config.json); fix the key `finetuned`"
-        )
-    # A merged model: the run it came from (base student, loss curves) is its folder or the parent.
-    run_dir = next((d for d in (ft, ft.parent) if any((d / f).is_file() for f in RUN_FILES)), None)
-    base, where = cfg.base, "key `base`"
-    if base is None and run_dir is not None:
-        student = read_json(run_dir / "train_report.json").get("student")
-        if student:
-            base, where = Path(student), f"`student` in {run_dir / 'train_report.json'}"
-    if base is None:
-        raise ConfigError(
-            f"{ft}: cannot tell the base student; set `base` (--base) to its local model folder"
-        )
-    return _against(cfg, _checked(Students(Path(base), ft, False, run_dir), where))
+    run = read_finetune_run(ft, str(cfg.base) if cfg.base else None, merged=True)
+    where = "key `base`" if cfg.base else f"the fine-tune run {run.out or ft}"
+    students = Students(Path(run.student), run.adapter or ft, run.adapter is not None, run)
+    return _against(cfg, _checked(students, where))
 
 
 def _against(cfg: EvalConfig, students: Students) -> Students:
@@ -314,26 +284,19 @@ def _against(cfg: EvalConfig, students: Students) -> Students:
     if cfg.against is None:
         return students
     a = Path(cfg.against)
-    if _is_adapter(a):
-        run = read_finetune_run(a)
-        if Path(run.student).resolve() != students.base.resolve():
-            raise InputError(
-                f"{a} (key `against`): trained on {run.student}, but the fine-tuned student's base "
-                f"is {students.base}; compare runs of the same student, or pass a merged model"
-            )
-        return dataclasses.replace(
-            students, against=run.adapter, against_adapter=True, against_run=run.out
-        )
-    if _is_model(a):
+    if (a / "config.json").is_file():  # a merged model: compared as it is
         return dataclasses.replace(students, against=a)
-    raise InputError(
-        f"{a} (key `against`): neither a fine-tune OUT folder (adapter/) nor a model folder "
-        "(config.json); pass the --out folder of the `distill finetune` run to compare against"
-    )
+    run = read_finetune_run(a)
+    if Path(run.student).resolve() != students.base.resolve():
+        raise InputError(
+            f"{a} (key `against`): trained on {run.student}, but the fine-tuned student's base "
+            f"is {students.base}; compare runs of the same student, or pass a merged model"
+        )
+    return dataclasses.replace(students, against=run.adapter, against_adapter=True, against_run=run)
 
 
 def _checked(students: Students, where: str) -> Students:
-    if not _is_model(students.base):
+    if not (students.base / "config.json").is_file():
         raise InputError(
             f"{students.base} (from {where}): not a local model folder (no config.json); set `base` (--base) to one"
         )
@@ -427,7 +390,7 @@ def load_student(which: str, students: Students, device: str, load_in_4bit: bool
     return model, tok
 
 
-def stop_ids(students: Students) -> set[int]:
+def generation_stops(students: Students) -> set[int]:
     """End-of-answer ids from both students' generation configs, so both stop at the same tokens.
 
     The fine-tune stage adds the template's end-of-turn token to the adapter's generation config
@@ -446,23 +409,6 @@ def stop_ids(students: Students) -> set[int]:
             continue
         out.update(i for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int))
     return out
-
-
-def eos_ids(model, tok, extra: set[int]) -> set[int]:  # type: ignore[no-untyped-def]
-    """Every token id that ends an answer (the generation config may list several)."""
-    ids = model.generation_config.eos_token_id
-    out = set(ids if isinstance(ids, list) else [ids] if ids is not None else []) | extra
-    if tok.eos_token_id is not None:
-        out.add(tok.eos_token_id)
-    return out
-
-
-def render(tok, messages: list[dict[str, Any]], generation_prompt: bool) -> list[int]:  # type: ignore[no-untyped-def]
-    text = tok.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt
-    )
-    # The template already writes any BOS it wants; don't let the tokenizer add a second one.
-    return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
 @dataclass
@@ -607,7 +553,6 @@ def heldout_teacher_kl(
     import torch
 
     from pipeline import kd
-    from pipeline.finetune import renders_reasoning, tokenize_split, training_template
 
     rows = read_dataset(cfg.data, cfg.split)[cfg.split]
     if not set(kd.KD_COLUMNS) <= set(rows.column_names):
@@ -928,7 +873,7 @@ def run_judge(cfg: EvalConfig, prompts: list[Prompt], per: dict[str, list[dict[s
 
     from pipeline.errors import PromptRejected
     from pipeline.ratelimit import retrying
-    from pipeline.teacher import Teacher, TeacherConfig, chat_body
+    from pipeline.teacher import Teacher, TeacherConfig, chat_body, estimate_tokens
 
     tcfg = TeacherConfig(
         model=cfg.judge_model,
@@ -944,7 +889,7 @@ def run_judge(cfg: EvalConfig, prompts: list[Prompt], per: dict[str, list[dict[s
         )
         messages = [{"role": "user", "content": content}]
         body = chat_body(tcfg, messages, {"temperature": 0}, max_tokens=8)
-        await teacher.limiter.acquire(len(content) / 4 + 8)
+        await teacher.limiter.acquire(estimate_tokens(messages) + 8)  # + max_tokens
         try:
             async for attempt in retrying(tcfg.max_retries):
                 with attempt:
@@ -1128,12 +1073,12 @@ def check_held_out(cfg: EvalConfig, prompts: list[Prompt], students: Students) -
     """Refuse to score a fine-tuned student (or the one it is compared against) on prompts it
     was trained on (train_report.json records the train prompt ids); returns what was checked,
     for the report."""
-    runs = [(students.run_dir, "student")]
+    runs = [(students.run, "student")]
     if students.against_run is not None:
         runs.append((students.against_run, "`against` student"))
     said = []
-    for run_dir, who in runs:
-        trained = trained_prompt_ids(read_json(run_dir / "train_report.json") if run_dir else {})
+    for run, who in runs:
+        trained = trained_prompt_ids(run.report)
         if trained is None:
             said.append(
                 f"not checked: the {who}'s fine-tune run records no training prompt ids (trained "
@@ -1144,7 +1089,7 @@ def check_held_out(cfg: EvalConfig, prompts: list[Prompt], students: Students) -
         if shared:
             raise InputError(
                 f"{cfg.data} [{cfg.split}]: {len(shared)} of its {len(prompts)} prompts (e.g. "
-                f"{shared[0]!r}) are in the data {run_dir} was trained on; evaluate on a split "
+                f"{shared[0]!r}) are in the data {run.out} was trained on; evaluate on a split "
                 "held out from that training data (the same build), or fine-tune on this build's train split"
             )
         said.append(
@@ -1203,14 +1148,14 @@ def run_students(
 
     import torch
 
-    shared_stops = stop_ids(students)
+    shared_stops = generation_stops(students)
     label = students.labels()
     metrics: dict[str, dict[str, Any]] = {}
     per: dict[str, list[dict[str, Any]]] = {}
     teacher: dict[str, Any] = {}
     for which in STUDENTS:
         model, tok = load_student(which, students, device, cfg.load_in_4bit)
-        stops = eos_ids(model, tok, shared_stops)
+        stops = set(stop_ids(model, tok)) | shared_stops
         answers = generate(model, tok, prompts, cfg, label[which], stops)
         nll = teacher_nll(model, tok, prompts, cfg, label[which], stops) if cfg.nll else None
         metrics[which], per[which] = score(prompts, answers, nll, cfg, ver)
@@ -1296,7 +1241,7 @@ def write_report(report: dict[str, Any], cfg: EvalConfig, students: Students, ou
     from pipeline.plots import plot_loss_curves, plot_metrics
 
     out.mkdir(parents=True, exist_ok=True)
-    history = students.run_dir / "log_history.json" if students.run_dir else None
+    history = students.run.out / "log_history.json" if students.run.out else None
     loss_plot = (
         history is not None
         and history.is_file()

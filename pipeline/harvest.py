@@ -484,9 +484,7 @@ class Harvest:
         t = teacher.cfg
         got = completion.choices[: len(job.samples)]
         k = max(1, len(got))
-        pt = completion.prompt_tokens
-        ct = completion.completion_tokens
-        request_cost = cost(t, pt or 0, ct or 0)  # with n > 1, usage is split evenly
+        request_cost = completion.cost_usd(t)  # with n > 1, usage is split evenly
         params = dict(self.params)
         if job.max_tokens is not None:
             params["max_tokens"] = job.max_tokens
@@ -507,8 +505,8 @@ class Harvest:
                 )
             )
             self.summary.completed += 1
-        self.summary.prompt_tokens += pt or 0
-        self.summary.completion_tokens += ct or 0
+        self.summary.prompt_tokens += completion.prompt_tokens or 0
+        self.summary.completion_tokens += completion.completion_tokens or 0
         self.summary.reasoning_tokens += completion.reasoning_tokens or 0
         self.summary.cost_usd += request_cost
         return job.samples[len(got) :]
@@ -582,9 +580,7 @@ class Harvest:
             # Whatever a probe said: the first answer without them stops the run, unstored
             # (its key promises logprobs), before thousands more are paid for.
             t = teacher.cfg
-            self.summary.cost_usd += cost(
-                t, completion.prompt_tokens or 0, completion.completion_tokens or 0
-            )
+            self.summary.cost_usd += completion.cost_usd(t)
             self.fatal = self.fatal or TeacherError(
                 f"{t.base_url} ({t.model}) answered prompt {job.row.id} without the logprobs "
                 "asked for; stopped before paying for more (that answer is not stored): drop "
@@ -644,7 +640,7 @@ class Harvest:
             or (current or 0) >= retry_len
         ):
             return None
-        spent = cost(t, completion.prompt_tokens or 0, completion.completion_tokens or 0)
+        spent = completion.cost_usd(t)
         self.summary.cost_usd += spent
         log.info(
             "prompt %s: finish_reason length; retrying with max_tokens=%d", job.row.id, retry_len

@@ -82,6 +82,7 @@ def merge(cfg: MergeConfig) -> Path:
         raise ConfigError("no destination: pass --to DIR or set merge.to")
     run = read_finetune_run(cfg.out, cfg.student)
     adapter, student, to = run.adapter, run.student, Path(cfg.to)
+    assert adapter is not None  # read without merged=True: an adapter, or an InputError
     claim(to, "merge", "--to")  # never another stage's folder or a folder of foreign files
     if any(p.name != MARKER for p in to.iterdir()):
         raise ConfigError(

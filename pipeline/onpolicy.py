@@ -56,6 +56,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from pipeline.artifacts import read_dataset, student_path
+from pipeline.chat import render, stop_ids
 from pipeline.config import dump_config
 from pipeline.errors import (
     EXIT_OK,
@@ -258,21 +259,6 @@ def teacher_messages(messages: list[dict[str, Any]], context: str | None) -> lis
     return [{"role": "system", "content": context}, *messages]
 
 
-def render_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
-    """The chat prompt's token ids (the student's template; teacher and student share it)."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def stop_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Token ids that end the student's turn: generation_config's EOS and the tokenizer's."""
-    ids = model.generation_config.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
 # -- the teacher ---------------------------------------------------------------------------------
 
 
@@ -296,7 +282,7 @@ def require_scoring(cfg: OnpolicyConfig) -> str:
             "cannot): on-policy distillation needs vLLM, SGLang or Together; with this teacher, "
             "harvest with --logprobs and train with `distill finetune --loss kd` instead"
         )
-    if (cfg.kd_alpha > 0 or cfg.teacher_temperature != 1) and result.scoring != "prompt_logprobs":
+    if top_k_users(cfg) and result.scoring != "prompt_logprobs":
         raise ConfigError(
             f"{' and '.join(top_k_users(cfg))}: these read the teacher's top-k, which only a "
             f"teacher returning prompt_logprobs gives (this one scores with {result.scoring}); "
@@ -564,8 +550,8 @@ class Run:
                 out += [stored[k] for k in keys]
                 self.summary.reused += len(keys)
                 continue
-            prompt_ids = render_ids(tok, row.messages)
-            t_prompt = render_ids(tok, teacher_messages(row.messages, cfg.teacher_system_prompt))
+            prompt_ids = render(tok, row.messages)
+            t_prompt = render(tok, teacher_messages(row.messages, cfg.teacher_system_prompt))
             seed = int(content_hash([cfg.seed, kind, step, row.id], length=8), 16)
             for s, completion in enumerate(
                 sample(self.student, prompt_ids, cfg.samples, cfg, seed)

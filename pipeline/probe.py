@@ -17,6 +17,7 @@ harvest can read it back while it is fresh (`read_probe`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import statistics
 import time
@@ -29,13 +30,18 @@ from pydantic import BaseModel, Field
 from pipeline.errors import PromptRejected, TeacherError, TransientError
 from pipeline.redact import redact
 from pipeline.teacher import (
+    ReasoningShape,
     TeacherConfig,
     chat_body,
     connect_failure,
     cost,
     estimate_tokens,
     http_client,
+    parse_completion,
     raise_for_status,
+    score_body,
+    scores_in,
+    usage_cost,
 )
 
 PROBE_FILE = "probe.json"
@@ -61,7 +67,7 @@ class ProbeResult(BaseModel):
     scoring: Literal["prompt_logprobs", "echo"] | None = Field(
         None, description="How /v1/completions scores a given text, if it can."
     )
-    reasoning: Literal["reasoning_content", "reasoning", "think"] | None = Field(
+    reasoning: ReasoningShape | None = Field(
         None, description="Where the reasoning trace arrives (None: none seen)."
     )
     ratelimit_headers: dict[str, str] = Field(
@@ -69,19 +75,6 @@ class ProbeResult(BaseModel):
     )
     batch_api: bool | None = Field(None, description="GET /v1/batches answered 200.")
     notes: list[str] = Field(default_factory=list, description="What was skipped, and why.")
-
-
-def reasoning_shape(
-    message: dict[str, Any],
-) -> Literal["reasoning_content", "reasoning", "think"] | None:
-    """Which of the shapes `split_reasoning` understands this message used."""
-    for key in ("reasoning_content", "reasoning"):
-        if isinstance(message.get(key), str) and message[key]:
-            return key  # type: ignore[return-value]
-    content = message.get("content")
-    if isinstance(content, str) and ("<think>" in content or "</think>" in content):
-        return "think"
-    return None
 
 
 class _Prober:
@@ -126,14 +119,8 @@ class _Prober:
                 "and is the base URL right (it usually ends in /v1)?"
             ) from e
         resp.extensions["latency_s"] = time.monotonic() - started
-        try:
-            usage = resp.json().get("usage") or {}
-            spent = cost(
-                self.t, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
-            )
-            self.result.cost_usd += spent
-        except (ValueError, AttributeError):
-            pass
+        with contextlib.suppress(ValueError):  # an unreadable body: nothing to count
+            self.result.cost_usd += usage_cost(self.t, resp.json())
         for k, v in resp.headers.items():
             if k.lower().startswith("x-ratelimit-limit-"):
                 self.result.ratelimit_headers[k.lower()] = v
@@ -159,44 +146,38 @@ class _Prober:
                 except (TransientError, PromptRejected) as e:
                     raise TeacherError(f"{e}; try the probe again when the server answers") from e
             self.latencies.append(resp.extensions["latency_s"])
-            choices = resp.json().get("choices") or []
+            try:
+                choices = parse_completion(resp.json(), None).choices
+            except (ValueError, TransientError):  # no usable choice: nothing honoured
+                choices = []
             r.n_honoured = len(choices) >= 2
-            first = choices[0] if choices and isinstance(choices[0], dict) else {}
-            r.reasoning = reasoning_shape(first.get("message") or {})
-            entries = ((first.get("logprobs") or {}).get("content")) or []
+            r.reasoning = choices[0].reasoning_shape if choices else None
+            rows = (choices[0].logprobs if choices else None) or []
             # Accepted but ignored: a smaller k would not do better.
-            r.logprobs = bool(entries)
-            r.top_logprobs = 0
-            if entries:
-                r.top_logprobs = min(k, max(len(e.get("top_logprobs") or []) for e in entries))
-            elif k:
+            r.logprobs = bool(rows)
+            r.top_logprobs = min(k, max(len(alts) for *_, alts in rows)) if rows else 0
+            if not rows and k:
                 r.notes.append(f"logprobs asked (top_logprobs={k}) but none came back")
             return
 
     async def scoring(self) -> None:
-        tries: list[tuple[Literal["prompt_logprobs", "echo"], dict[str, Any]]] = [
-            ("prompt_logprobs", {"prompt_logprobs": 1}),
-            ("echo", {"echo": True, "logprobs": 1}),
-        ]
-        tokens = (len(SCORED_TEXT) // 4 + 1, 1)
-        for name, extra in tries:
+        names: tuple[Literal["prompt_logprobs", "echo"], ...] = ("prompt_logprobs", "echo")
+        tokens = (estimate_tokens(SCORED_TEXT), 1)
+        for name in names:
             if not self.may_send(f"scoring ({name})", tokens):
                 return
-            body = {"model": self.t.model, "prompt": SCORED_TEXT, "max_tokens": 1, **extra}
+            body = score_body(self.t, SCORED_TEXT, name, top_k=1)
             resp = await self.send("POST", "/completions", body)
             if resp.status_code == 404:
                 return  # no /v1/completions at all
             if resp.status_code != 200:
                 continue
-            choices = resp.json().get("choices") or [{}]
-            c = choices[0] if isinstance(choices[0], dict) else {}
-            if name == "prompt_logprobs" and isinstance(c.get("prompt_logprobs"), list):
-                self.result.scoring = name
-                return
-            lp = c.get("logprobs") or {}
-            if name == "echo" and isinstance(lp, dict) and lp.get("token_logprobs"):
-                self.result.scoring = name
-                return
+            try:
+                scores_in(resp.json(), name)
+            except (ValueError, TransientError):
+                continue
+            self.result.scoring = name
+            return
 
     async def batches(self) -> None:
         if self.may_send("batch API", (0, 0)):

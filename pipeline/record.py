@@ -92,21 +92,11 @@ class Response:
         return unpack_logprobs(self.logprobs)
 
 
-def pack_logprobs(logprobs: Any) -> bytes | None:
-    """OpenAI `choice.logprobs` -> zlib-compressed JSON of [token, logprob, [[alt, logprob], ...]]."""
-    if not logprobs:
+def pack_logprobs(rows: list | None) -> bytes | None:
+    """Token logprobs as [[token, logprob, [[alt, logprob], ...]], ...] (teacher.token_logprobs
+    reads them off the API) -> zlib-compressed JSON; None stays None."""
+    if not rows:
         return None
-    content = logprobs.get("content") if isinstance(logprobs, dict) else None
-    if not content:
-        return None
-    rows = [
-        [
-            t.get("token"),
-            t.get("logprob"),
-            [[a.get("token"), a.get("logprob")] for a in t.get("top_logprobs") or []],
-        ]
-        for t in content
-    ]
     return zlib.compress(canonical_json(rows).encode("utf-8"), 6)
 
 

@@ -362,7 +362,7 @@ class Store:
                 # or power cut could lose the last commits, never corrupt the file.
                 self.db.execute("PRAGMA synchronous=NORMAL")
                 self.db.execute("PRAGMA busy_timeout=5000")
-                self._migrate()
+                migrate(self.db)
                 # Keys with a recorded failure: a success for one of them removes that record.
                 self.failed_keys = {r[0] for r in self.db.execute("SELECT key FROM failures")}
             except StoreError:
@@ -405,9 +405,6 @@ class Store:
             raise
         return db
 
-    def _migrate(self) -> None:
-        migrate(self.db)
-
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error, AttributeError):
             self.db.close()
@@ -419,6 +416,29 @@ class Store:
             yield
         except (sqlite3.Error, UnicodeDecodeError) as e:  # garbage where text should be
             raise _friendly(e, self.path) from None
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One write transaction: rolled back on a SQLite error, which is one line naming the file."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            yield
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise _friendly(e, self.path) from None
+
+    def _rows_if_table(self, sql: str, args: Any = ()) -> list[sqlite3.Row]:
+        """The rows of a read; none when its table is missing (a read-only store of an older
+        schema, which is never migrated)."""
+        with self._reading():
+            try:
+                return self.db.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as e:
+                if "no such table" in str(e):
+                    return []
+                raise
 
     def __enter__(self) -> Store:
         return self
@@ -439,8 +459,7 @@ class Store:
         # ON CONFLICT(key) DO NOTHING, not INSERT OR IGNORE: only a stored key is skipped; a row
         # that breaks a NOT NULL constraint raises instead of vanishing.
         sql = f"INSERT INTO responses ({', '.join(RESPONSE_COLUMNS)}) VALUES ({', '.join('?' * len(RESPONSE_COLUMNS))}) ON CONFLICT(key) DO NOTHING"
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self._writing():
             cur = self.db.execute(sql, values)
             # The first answer to a prompt id fixes its text (a replacement is recorded apart).
             self.db.execute(
@@ -457,11 +476,6 @@ class Store:
             )
             if resp.key in self.failed_keys:
                 self.db.execute("DELETE FROM failures WHERE key = ?", (resp.key,))
-            self.db.execute("COMMIT")
-        except sqlite3.Error as e:
-            with contextlib.suppress(sqlite3.Error):
-                self.db.execute("ROLLBACK")
-            raise _friendly(e, self.path) from None
         self.failed_keys.discard(resp.key)
         return cur.rowcount == 1
 
@@ -532,29 +546,17 @@ class Store:
         sql, args = "SELECT id, hash FROM prompts", []
         if ids is not None:
             sql, args = sql + " WHERE id IN (SELECT value FROM json_each(?))", [json.dumps(ids)]
-        with self._reading():
-            try:
-                return dict(self.db.execute(sql, args).fetchall())
-            except sqlite3.OperationalError as e:
-                if "no such table" in str(e):  # a read-only store of schema 1 to 3
-                    return {}
-                raise
+        return {r[0]: r[1] for r in self._rows_if_table(sql, args)}
 
     def replace_prompts(self, prompts: list[tuple[str, str, str]]) -> None:
         """Make (id, content hash, file:line) each prompt's current text (build uses only it)."""
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self._writing():
             self.db.executemany(
                 "INSERT INTO prompts (id, hash, source, first_seen) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET hash = excluded.hash, source = excluded.source "
                 "WHERE hash != excluded.hash",
                 [(pid, h, src, utcnow()) for pid, h, src in prompts],
             )
-            self.db.execute("COMMIT")
-        except sqlite3.Error as e:
-            with contextlib.suppress(sqlite3.Error):
-                self.db.execute("ROLLBACK")
-            raise _friendly(e, self.path) from None
 
     def has_logprobs(self) -> bool:
         """Whether any stored answer carries token logprobs."""
@@ -575,8 +577,7 @@ class Store:
         now = utcnow()
         row = {**batch, "created_at": now, "updated_at": now}
         cols = [c for c in BATCH_COLUMNS if c in row]
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self._writing():
             self.db.execute(
                 f"INSERT INTO batches ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                 [row[c] for c in cols],
@@ -595,11 +596,6 @@ class Store:
                     for r in requests
                 ],
             )
-            self.db.execute("COMMIT")
-        except sqlite3.Error as e:
-            with contextlib.suppress(sqlite3.Error):
-                self.db.execute("ROLLBACK")
-            raise _friendly(e, self.path) from None
 
     def update_batch(self, local_id: str, /, **fields: Any) -> None:
         """Record what happened to a batch (its state, the server's ids and status)."""
@@ -619,14 +615,7 @@ class Store:
         if states is not None:
             sql += f" WHERE state IN ({', '.join('?' * len(states))})"
             args = states
-        with self._reading():
-            try:
-                cur = self.db.execute(sql + " ORDER BY created_at, id", args)
-            except sqlite3.OperationalError as e:
-                if "no such table" in str(e):  # a read-only store of schema 1
-                    return []
-                raise
-            return [dict(r) for r in cur]
+        return [dict(r) for r in self._rows_if_table(sql + " ORDER BY created_at, id", args)]
 
     def batch_requests(self, batch_id: str) -> list[dict[str, Any]]:
         with self._reading():
@@ -652,13 +641,7 @@ class Store:
 
     def batch_keys(self) -> set[str]:
         """Every key ever sent in a batch."""
-        with self._reading():
-            try:
-                return {r[0] for r in self.db.execute("SELECT DISTINCT key FROM batch_requests")}
-            except sqlite3.OperationalError as e:
-                if "no such table" in str(e):  # a read-only store of schema 1
-                    return set()
-                raise
+        return {r[0] for r in self._rows_if_table("SELECT DISTINCT key FROM batch_requests")}
 
     def batch_attempts(self, key: str) -> int:
         """How many batches a key has been sent in."""
@@ -675,14 +658,8 @@ class Store:
             for v in (row[c] for c in ROLLOUT_COLUMNS)
         ]
         sql = f"INSERT INTO rollouts ({', '.join(ROLLOUT_COLUMNS)}) VALUES ({', '.join('?' * len(ROLLOUT_COLUMNS))}) ON CONFLICT(key) DO NOTHING"
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self._writing():
             cur = self.db.execute(sql, values)
-            self.db.execute("COMMIT")
-        except sqlite3.Error as e:
-            with contextlib.suppress(sqlite3.Error):
-                self.db.execute("ROLLBACK")
-            raise _friendly(e, self.path) from None
         return cur.rowcount == 1
 
     def rollouts(self, kind: str, step: int | None = None) -> dict[str, dict[str, Any]]:

@@ -1,8 +1,9 @@
 """The OpenAI chat-completions wire format, and a client for one teacher endpoint.
 
 Everything that knows the API's shape lives here: the request body (`chat_body`, used by harvest,
-batch and the eval judge), the reply (`parse_completion`, online and Batch API output lines alike),
-what it costs (`cost`, `estimate_tokens`), the stored record it becomes (`to_response`), and what
+batch, the probe and the eval judge; `score_body` for /completions scoring), the reply
+(`parse_completion`, `batch_result` for a Batch API output line, `parse_scores`), what it costs
+(`cost`, `usage_cost`, `estimate_tokens`), the stored record it becomes (`to_response`), and what
 an HTTP status means (`raise_for_status`, for the chat endpoint and the Batch API's /files and
 /batches calls):
 - `TransientError` (timeout, dropped connection, 408/409/429/5xx, unparseable body, empty
@@ -28,7 +29,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 from urllib.parse import urlparse
 
 import certifi
@@ -39,7 +40,7 @@ from pipeline.config import StageConfig
 from pipeline.errors import ConfigError, PromptRejected, TeacherError, TransientError, Unreachable
 from pipeline.prompts import PromptRow
 from pipeline.ratelimit import Limiter, parse_retry_after
-from pipeline.reasoning import content_text, split_think
+from pipeline.reasoning import content_text, has_think, split_think
 from pipeline.record import Response, content_hash, pack_logprobs, utcnow
 from pipeline.redact import redact, remember_secret
 
@@ -145,6 +146,10 @@ class TeacherConfig(StageConfig):
         return key
 
 
+ReasoningShape = Literal["reasoning_content", "reasoning", "think"]
+REASONING_FIELDS: tuple[ReasoningShape, ...] = ("reasoning_content", "reasoning")
+
+
 @dataclass
 class Choice:
     """One parsed answer."""
@@ -153,13 +158,13 @@ class Choice:
     content: str
     reasoning: str | None
     finish_reason: str | None
-    logprobs: Any
+    logprobs: list | None  # [[token, logprob, [[alt, logprob], ...]], ...] (token_logprobs)
+    reasoning_shape: ReasoningShape | None = None  # where the trace arrived (reasoning_shape)
 
     @property
     def has_logprobs(self) -> bool:
         """Token logprobs came back for this answer (an empty answer has none to give)."""
-        lp = self.logprobs
-        return not self.content or (isinstance(lp, dict) and bool(lp.get("content")))
+        return not self.content or bool(self.logprobs)
 
 
 @dataclass
@@ -173,14 +178,42 @@ class Completion:
     reasoning_tokens: int | None
     latency_s: float | None  # None for Batch API answers
 
+    def cost_usd(self, t: TeacherConfig) -> float:
+        """What the request cost at the teacher's prices (all its choices together)."""
+        return cost(t, self.prompt_tokens or 0, self.completion_tokens or 0)
+
+
+def reasoning_shape(message: dict[str, Any]) -> ReasoningShape | None:
+    """Where a chat message carries its reasoning trace: a field, inline `<think>`, or None."""
+    for key in REASONING_FIELDS:
+        if isinstance(message.get(key), str) and message[key]:
+            return key
+    return "think" if has_think(content_text(message.get("content"))) else None
+
 
 def split_reasoning(message: dict[str, Any]) -> tuple[str, str | None]:
     """(answer, reasoning) from a chat message, whichever shape the server used."""
     content = content_text(message.get("content"))
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
-        return content, reasoning
+    shape = reasoning_shape(message)
+    if shape in REASONING_FIELDS:
+        return content, message[shape]
     return split_think(content)
+
+
+def token_logprobs(logprobs: Any) -> list | None:
+    """OpenAI `choice.logprobs` -> [[token, logprob, [[alt, logprob], ...]], ...] (what the store
+    packs, record.pack_logprobs), or None when there are none."""
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not content:
+        return None
+    return [
+        [
+            t.get("token"),
+            t.get("logprob"),
+            [[a.get("token"), a.get("logprob")] for a in t.get("top_logprobs") or []],
+        ]
+        for t in content
+    ]
 
 
 def chat_body(
@@ -205,8 +238,11 @@ def chat_body(
     return body
 
 
-def estimate_tokens(messages: list[dict[str, Any]]) -> int:
-    """~4 characters a token, plus a few per message: good enough to reserve budget."""
+def estimate_tokens(messages: list[dict[str, Any]] | str) -> int:
+    """~4 characters a token, plus a few per message: good enough to reserve budget. A plain text
+    (a /completions prompt) has no message overhead."""
+    if isinstance(messages, str):
+        return len(messages) // 4 + 1
     chars = sum(
         len(m["content"]) if isinstance(m["content"], str) else len(json.dumps(m["content"]))
         for m in messages
@@ -217,6 +253,17 @@ def estimate_tokens(messages: list[dict[str, Any]]) -> int:
 def cost(t: TeacherConfig, prompt_tokens: float, completion_tokens: float) -> float:
     """USD at the teacher's prices (per million tokens)."""
     return (prompt_tokens * t.price_input + completion_tokens * t.price_output) / 1e6
+
+
+def _usage(data: Any) -> dict[str, Any]:
+    usage = data.get("usage") if isinstance(data, dict) else None
+    return usage if isinstance(usage, dict) else {}
+
+
+def usage_cost(t: TeacherConfig, data: Any) -> float:
+    """What a reply body (chat or /completions) cost by its `usage`; 0 when it has none."""
+    usage = _usage(data)
+    return cost(t, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
 
 
 def parse_completion(data: Any, latency_s: float | None) -> Completion:
@@ -243,11 +290,12 @@ def parse_completion(data: Any, latency_s: float | None) -> Completion:
                 content=answer,
                 reasoning=reasoning,
                 finish_reason=c.get("finish_reason"),
-                logprobs=c.get("logprobs"),
+                logprobs=token_logprobs(c.get("logprobs")),
+                reasoning_shape=reasoning_shape(c["message"]),
             )
         )
     choices.sort(key=lambda c: c.index)
-    usage: dict[str, Any] = data["usage"] if isinstance(data.get("usage"), dict) else {}
+    usage = _usage(data)
     details = usage.get("completion_tokens_details") or {}
     return Completion(
         choices=choices,
@@ -259,6 +307,25 @@ def parse_completion(data: Any, latency_s: float | None) -> Completion:
         reasoning_tokens=details.get("reasoning_tokens") if isinstance(details, dict) else None,
         latency_s=latency_s,
     )
+
+
+def batch_result(line: dict[str, Any]) -> tuple[int | None, Completion | str]:
+    """One line of a Batch API output or error file -> (the HTTP status its request got, None if
+    it never ran; the Completion, or what went wrong as "code: message")."""
+    resp = line.get("response") or {}
+    status, error = resp.get("status_code"), line.get("error")
+    if status == 200 and not error:
+        try:
+            return status, parse_completion(resp.get("body"), None)
+        except TransientError as e:
+            return status, str(e)
+    if not error:
+        body = resp.get("body") or {}
+        error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return status, str(error)
+    code = error.get("code")
+    return status, f"{code + ': ' if code else ''}{error.get('message')}"
 
 
 def assemble_stream(chunks: list[Any]) -> dict[str, Any]:
@@ -575,10 +642,10 @@ class Scores:
 
 
 def score_body(
-    t: TeacherConfig, prompt: list[int], protocol: str, top_k: int = 0
+    t: TeacherConfig, prompt: list[int] | str, protocol: str, top_k: int = 0
 ) -> dict[str, Any]:
     """The JSON body of one /v1/completions request that scores `prompt`, given as token ids so
-    nothing is re-tokenized. protocol "prompt_logprobs" (vLLM):
+    nothing is re-tokenized (or as text, to probe a server). protocol "prompt_logprobs" (vLLM):
     per prompt token the actual token's logprob and the top `top_k`; "echo" (SGLang, Together):
     `echo` + `logprobs`, whose top-k come keyed by token text, so only the actual token is used.
     max_tokens is 1, not 0: several servers refuse 0, and the one token is billed as output."""
@@ -593,23 +660,36 @@ def score_body(
     return body
 
 
+def scores_in(data: Any, protocol: str) -> Any:
+    """The scores a /completions reply carries: the `prompt_logprobs` list, or the echoed
+    `logprobs` object; TransientError when they are missing (an overloaded proxy may drop them)."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    c = choices[0] if isinstance(choices, list) and choices else None
+    if not isinstance(c, dict):
+        raise TransientError("HTTP 200 with empty or missing choices", status=200)
+    if protocol == "prompt_logprobs":
+        if not isinstance(c.get("prompt_logprobs"), list):
+            raise TransientError("HTTP 200 without prompt_logprobs for every token", status=200)
+        return c["prompt_logprobs"]
+    lp = c.get("logprobs")
+    if not isinstance(lp, dict) or not isinstance(lp.get("token_logprobs"), list):
+        raise TransientError("HTTP 200 without echoed token logprobs", status=200)
+    return lp
+
+
 def parse_scores(data: Any, protocol: str, ids: list[int]) -> Scores:
     """A scoring reply for the token ids `ids` -> Scores, one entry per id. A body without the
     scores asked for raises TransientError (an overloaded proxy may drop them; asking again may
     work); a prompt_logprobs row that lacks the id sent means the server re-tokenized: an error."""
     n = len(ids)
-    choices = data.get("choices") if isinstance(data, dict) else None
-    c = choices[0] if isinstance(choices, list) and choices else None
-    if not isinstance(c, dict):
-        raise TransientError("HTTP 200 with empty or missing choices", status=200)
+    scores = scores_in(data, protocol)
     logprobs: list[float | None] = []
     top: list[dict[int, float]] = []
     tokens: list[str] = []
     if protocol == "prompt_logprobs":
-        rows = c.get("prompt_logprobs")
-        if not isinstance(rows, list) or len(rows) < n:
+        if len(scores) < n:
             raise TransientError("HTTP 200 without prompt_logprobs for every token", status=200)
-        for tid, row in zip(ids, rows):
+        for tid, row in zip(ids, scores):
             if not row:  # the first token has no context, so no logprob
                 logprobs.append(None)
                 top.append({})
@@ -625,15 +705,12 @@ def parse_scores(data: Any, protocol: str, ids: list[int]) -> Scores:
             top.append({int(i): float(v["logprob"]) for i, v in row.items()})
             tokens.append(str(own.get("decoded_token", "")))
     else:
-        lp = c.get("logprobs")
-        if not isinstance(lp, dict) or not isinstance(lp.get("token_logprobs"), list):
-            raise TransientError("HTTP 200 without echoed token logprobs", status=200)
-        if len(lp["token_logprobs"]) < n:
+        if len(scores["token_logprobs"]) < n:
             raise TransientError("HTTP 200 with fewer echoed tokens than sent", status=200)
-        logprobs = [None if v is None else float(v) for v in lp["token_logprobs"][:n]]
-        tokens = [str(x) for x in (lp.get("tokens") or [])][:n]
+        logprobs = [None if v is None else float(v) for v in scores["token_logprobs"][:n]]
+        tokens = [str(x) for x in (scores.get("tokens") or [])][:n]
         top = [{} for _ in range(n)]
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    usage = _usage(data)
     return Scores(
         logprobs=logprobs,
         top=top,

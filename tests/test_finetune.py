@@ -13,18 +13,20 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from pipeline.artifacts import read_finetune_run
-from pipeline.cli import cli
-from pipeline.errors import TrainingError
-from pipeline.finetune import (
-    FinetuneConfig,
+from pipeline.chat import (
     check_masks,
-    finetune,
-    packed_rows_collator,
-    packing_keeps_sequences_apart,
     prepare_messages,
     renders_reasoning,
     tokenize_row,
     training_template,
+)
+from pipeline.cli import cli
+from pipeline.errors import TrainingError
+from pipeline.finetune import (
+    FinetuneConfig,
+    finetune,
+    packed_rows_collator,
+    packing_keeps_sequences_apart,
 )
 from tests.tinymodels import make_chat_dataset, make_tiny_model, tiny_model  # noqa: F401
 
@@ -596,7 +598,7 @@ def test_on_the_output_of_distill_build(tiny_model, tmp_path):  # noqa: F811
     import datasets
     from transformers import AutoTokenizer
 
-    from pipeline.finetune import tokenize_split
+    from pipeline.chat import tokenize_split
 
     tok = AutoTokenizer.from_pretrained(tiny_model("qwen2", "known"))
     template, how = training_template(tok)

@@ -124,9 +124,7 @@ def test_rerun_sends_nothing_new_prompts_only_and_new_params_new_keys(
     assert json.loads(again.stdout)["already_done"] == 10
     # a growing prompt file: only the new prompts are paid for
     write_jsonl(p, arithmetic_rows(15))
-    more = run_cli(
-        "harvest", "--prompts", str(p), "--out", str(run), "--base-url", server.url, "--model", "m"
-    )
+    more = run_cli(*harvest_args(server, p, run))
     assert more.returncode == 0 and server.requests == 15
     # another temperature is another question: new keys, old rows untouched
     before = {r["key"]: r for r in rows_of(run)}
@@ -238,9 +236,7 @@ def test_rejected_prompt_is_recorded_and_retried_on_rerun(
     )
     p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(5))
     run = tmp_path / "run"
-    proc = run_cli(
-        "harvest", "--prompts", str(p), "--out", str(run), "--base-url", server.url, "--model", "m"
-    )
+    proc = run_cli(*harvest_args(server, p, run))
     assert proc.returncode == 3, proc.stderr  # partial: rerun later
     assert "1 failed" in proc.stderr and "rerun" in proc.stderr
     with Store(run, readonly=True) as s:
@@ -250,9 +246,7 @@ def test_rejected_prompt_is_recorded_and_retried_on_rerun(
         )
         assert s.count() == 4
     server.reject = None
-    proc = run_cli(
-        "harvest", "--prompts", str(p), "--out", str(run), "--base-url", server.url, "--model", "m"
-    )
+    proc = run_cli(*harvest_args(server, p, run))
     assert proc.returncode == 0
     with Store(run, readonly=True) as s:
         assert s.failures() == [] and s.count() == 5
@@ -312,8 +306,11 @@ def test_bad_input_one_line_error_and_store_untouched(server: OpenAIServer, tmp_
     server.models = {"good-model"}
     good = write_jsonl(tmp_path / "good.jsonl", arithmetic_rows(2))
     run = tmp_path / "run"
-    base = ["harvest", "--out", str(run), "--base-url", server.url]
-    assert run_cli(*base, "--prompts", str(good), "--model", "good-model").returncode == 0
+
+    def args(prompts: Path, *more: str, url: str = server.url, model: str = "good-model") -> list:
+        return harvest_args(url, prompts, run, *more, model=model)
+
+    assert run_cli(*args(good)).returncode == 0
     store = run / "store.sqlite"
     snapshot = store.read_bytes()
 
@@ -325,54 +322,26 @@ def test_bad_input_one_line_error_and_store_untouched(server: OpenAIServer, tmp_
     (tmp_path / "unknown.yaml").write_text("harvest:\n  modle: x\n")
     (tmp_path / "wrongtype.yaml").write_text("harvest:\n  rpm: lots\n")
     cases = [
+        (args(tmp_path / "missing.jsonl"), ["missing.jsonl", "not found"]),
+        (args(bad_json), ["bad.jsonl:2", "invalid JSON"]),
+        (args(no_prompt), ["np.jsonl:1", "neither 'prompt' nor 'messages'"]),
+        (args(empty), ["empty.jsonl", "no prompts"]),
         (
-            [*base, "--prompts", str(tmp_path / "missing.jsonl"), "--model", "good-model"],
-            ["missing.jsonl", "not found"],
-        ),
-        (
-            [*base, "--prompts", str(bad_json), "--model", "good-model"],
-            ["bad.jsonl:2", "invalid JSON"],
-        ),
-        (
-            [*base, "--prompts", str(no_prompt), "--model", "good-model"],
-            ["np.jsonl:1", "neither 'prompt' nor 'messages'"],
-        ),
-        ([*base, "--prompts", str(empty), "--model", "good-model"], ["empty.jsonl", "no prompts"]),
-        (
-            [*base, "--prompts", str(good), "--config", str(tmp_path / "unknown.yaml")],
+            args(good, "--config", str(tmp_path / "unknown.yaml")),
             ["unknown.yaml", "unknown key 'modle'"],
         ),
         (
-            [*base, "--prompts", str(good), "--config", str(tmp_path / "wrongtype.yaml")],
+            args(good, "--config", str(tmp_path / "wrongtype.yaml")),
             ["wrongtype.yaml", "rpm", "lots"],
         ),
+        (args(good, url="localhost:8000"), ["base_url", "localhost:8000"]),
         (
-            [
-                "harvest",
-                "--out",
-                str(run),
-                "--prompts",
-                str(good),
-                "--model",
-                "good-model",
-                "--base-url",
-                "localhost:8000",
-            ],
-            ["base_url", "localhost:8000"],
-        ),
-        (
-            [
-                *base,
-                "--prompts",
-                str(write_jsonl(tmp_path / "new.jsonl", arithmetic_rows(3, start=50))),
-                "--model",
-                "nope",
-            ],
+            args(write_jsonl(tmp_path / "new.jsonl", arithmetic_rows(3, start=50)), model="nope"),
             ["HTTP 404", "'nope'", "base URL"],
         ),
     ]
-    for args, needles in cases:
-        assert_one_line_error(run_cli(*args), *needles)
+    for argv, needles in cases:
+        assert_one_line_error(run_cli(*argv), *needles)
         assert store.read_bytes() == snapshot
 
 

@@ -24,6 +24,7 @@ from pipeline.kd import (
     unpack_targets,
 )
 from pipeline.record import pack_logprobs, unpack_logprobs
+from pipeline.teacher import token_logprobs
 from tests.model_server import ModelServer, make_teacher_model
 from tests.tinymodels import make_tiny_model, make_tokenizer
 
@@ -293,7 +294,9 @@ def test_kd_from_the_model_server_lowers_teacher_kl(tmp_path: Path) -> None:
             choice = httpx.post(srv.url + "/chat/completions", json=body, timeout=60).json()
             choice = choice["choices"][0]
             answer = choice["message"]["content"]
-            stored = unpack_logprobs(pack_logprobs(choice["logprobs"]))  # as the store keeps it
+            stored = unpack_logprobs(
+                pack_logprobs(token_logprobs(choice["logprobs"]))
+            )  # as the store keeps it
             prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             text = tok.apply_chat_template(
                 messages + [{"role": "assistant", "content": answer}], tokenize=False
