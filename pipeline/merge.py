@@ -13,6 +13,7 @@ when it is not found.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -118,8 +119,8 @@ def merge(cfg: MergeConfig) -> Path:
         GenerationConfig.from_pretrained(str(adapter)).save_pretrained(str(to))
     # The training record goes with the weights: `distill eval` reads the base student and the
     # prompt ids trained on from it, and refuses a split that shares any, wherever the folder goes.
-    if (run.out / "train_report.json").is_file():
-        shutil.copyfile(run.out / "train_report.json", to / "train_report.json")
+    if run.report:
+        (to / "train_report.json").write_text(json.dumps(run.report, indent=2), encoding="utf-8")
     print(f"merged {adapter} into {student} -> {to}", flush=True)
 
     if converter is None:
