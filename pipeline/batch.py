@@ -618,6 +618,20 @@ class BatchRun:
 
     def tally(self, wanted: set[str] | None) -> None:
         s = self.summary
+        self.count(wanted)
+        s.cost_usd = round(s.cost_usd, 6)
+        # Done means this command's job is done: submit, that nothing is left unsubmitted;
+        # cancel, that cancelling was asked; collect and run, that every answer is in.
+        if s.failed_batches:
+            s.status, s.exit_code = "failed", EXIT_FAILED
+        elif s.command == "cancel":
+            pass
+        elif s.left or (s.open_batches and s.command != "submit"):
+            s.status, s.exit_code = "partial", EXIT_PARTIAL
+
+    def count(self, wanted: set[str] | None) -> None:
+        """The summary's answers stored, keys left to submit and open batches (`status` too)."""
+        s = self.summary
         done = self.store.done_keys()
         out = self.store.keys_in_open_batches()
         if wanted is None:  # without a config: the keys batches have asked for
@@ -629,15 +643,6 @@ class BatchRun:
         open_batches = self.store.batches(BATCH_OPEN_STATES)
         s.open_batches = len(open_batches)
         s.open_requests = sum(b["request_count"] for b in open_batches)
-        s.cost_usd = round(s.cost_usd, 6)
-        # Done means this command's job is done: submit, that nothing is left unsubmitted;
-        # cancel, that cancelling was asked; collect and run, that every answer is in.
-        if s.failed_batches:
-            s.status, s.exit_code = "failed", EXIT_FAILED
-        elif s.command == "cancel":
-            pass
-        elif s.left or (s.open_batches and s.command != "submit"):
-            s.status, s.exit_code = "partial", EXIT_PARTIAL
 
 
 def _line(r: dict[str, Any]) -> str:
@@ -768,33 +773,24 @@ def status(run_dir: Path) -> BatchSummary:
     summary = BatchSummary(run_dir=str(run_dir), command="status")
     with Store(run_dir, readonly=True) as store:
         store.check()  # it reads only the batches table: a damaged store must not look fine
-        rows = store.batches()
+        run = BatchRun(run_dir, BatchConfig(), store, summary)
 
         async def ask() -> None:
-            apis: dict[tuple[str, str], BatchAPI] = {}
             try:
-                for b in rows:
+                for b in store.batches():
                     info = {
                         k: b[k] for k in ("id", "teacher", "state", "batch_id", "request_count")
                     }
                     info["remote_status"] = b["remote_status"]
                     if b["state"] == "submitted":
                         t = TeacherConfig.model_validate_json(b["teacher_config"])
-                        api = apis.setdefault((t.base_url, t.api_key_env), BatchAPI(t))
-                        remote = await api.get(b["batch_id"])
+                        remote = await run.api(t).get(b["batch_id"])
                         info["remote_status"] = remote.get("status")
                         info["request_counts"] = remote.get("request_counts")
                     summary.batches.append(info)
             finally:
-                for api in apis.values():
-                    await api.aclose()
+                await run.aclose()
 
         asyncio.run(ask())
-        summary.stored = store.count()
-        done = store.done_keys()
-        out = store.keys_in_open_batches()
-        summary.left = len(store.batch_keys() - done - out)
-        open_rows = [b for b in rows if b["state"] in BATCH_OPEN_STATES]
-        summary.open_batches = len(open_rows)
-        summary.open_requests = sum(b["request_count"] for b in open_rows)
+        run.count(None)
     return summary
