@@ -274,9 +274,13 @@ def resolve_students(cfg: EvalConfig) -> Students:
             f"{ft}: fine-tuned student not found (key `finetuned`); pass the OUT folder of `distill finetune`"
         )
     run = read_finetune_run(ft, str(cfg.base) if cfg.base else None, merged=True)
-    where = "key `base`" if cfg.base else f"the fine-tune run {run.out or ft}"
-    students = Students(Path(run.student), run.adapter or ft, run.adapter is not None, run)
-    return _against(cfg, _checked(students, where))
+    base = Path(run.student)
+    if not (base / "config.json").is_file():
+        where = "key `base`" if cfg.base else f"the fine-tune run {run.out or ft}"
+        raise InputError(
+            f"{base} (from {where}): not a local model folder (no config.json); set `base` (--base) to one"
+        )
+    return _against(cfg, Students(base, run.adapter or ft, run.adapter is not None, run))
 
 
 def _against(cfg: EvalConfig, students: Students) -> Students:
@@ -293,14 +297,6 @@ def _against(cfg: EvalConfig, students: Students) -> Students:
             f"is {students.base}; compare runs of the same student, or pass a merged model"
         )
     return dataclasses.replace(students, against=run.adapter, against_adapter=True, against_run=run)
-
-
-def _checked(students: Students, where: str) -> Students:
-    if not (students.base / "config.json").is_file():
-        raise InputError(
-            f"{students.base} (from {where}): not a local model folder (no config.json); set `base` (--base) to one"
-        )
-    return students
 
 
 # -- the students ----------------------------------------------------------------------------------
