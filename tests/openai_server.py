@@ -185,6 +185,8 @@ class OpenAIServer(ThreadedServer):
         self._lock = threading.Lock()
         self.active = 0  # chat requests in flight now
         self.peak_active = 0
+        self.busy_s = 0.0  # seconds admitted chat requests held a slot (`active`), summed
+        self.served = 0  # chat requests admitted (not refused for load)
         self._slots: asyncio.Semaphore | None = None
 
     @property
@@ -509,6 +511,7 @@ class OpenAIServer(ThreadedServer):
             )
         self.active += 1
         self.peak_active = max(self.peak_active, self.active)
+        admitted = time.monotonic()
         try:
             if self.queue_slots:
                 if self._slots is None:
@@ -518,6 +521,8 @@ class OpenAIServer(ThreadedServer):
             return await handler(request)  # type: ignore[no-any-return]
         finally:
             self.active -= 1
+            self.busy_s += time.monotonic() - admitted
+            self.served += 1
 
     async def completions(self, request: web.Request) -> web.Response:
         """Legacy /v1/completions, for text scoring: vLLM's `prompt_logprobs`, or `echo` with
@@ -614,6 +619,8 @@ def main() -> None:
                         "completed": srv.completed,
                         "status": srv.status_counts,
                         "peak_active": srv.peak_active,
+                        "busy_s": srv.busy_s,
+                        "served": srv.served,
                     },
                     f,
                 )
