@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pipeline.artifacts import DatasetWriter
 from pipeline.errors import StoreError
-from pipeline.outdir import claim, record, staged
+from pipeline.outdir import staged
 from pipeline.reasoning import content_text
 from pipeline.record import Response
 from pipeline.store import Store
@@ -96,26 +96,12 @@ def export(run_dir: Path, to: Path, fmt: ExportFormat = "hf") -> Path:
             raise StoreError(
                 f"{run_dir}: the store holds no responses yet; run `distill harvest` first"
             )
-        if fmt == "hf":  # a dataset folder built beside `to`, then swapped in (a user's stay)
-            with (
-                staged(Path(to), "export", "--to") as tmp,
-                DatasetWriter(tmp, "arrow", features()) as out,
-            ):
+        # Written into a folder beside `to`, then swapped in for the earlier export, whatever its
+        # format (a user's files stay): `to` never holds half an export, nor an older one beside it.
+        with staged(Path(to), "export", "--to") as tmp:
+            target = tmp if fmt == "hf" else tmp / f"responses.{fmt}"
+            schema = None if fmt == "jsonl" else features()
+            with DatasetWriter(target, "arrow" if fmt == "hf" else fmt, schema) as out:
                 for row in export_rows(store):
                     out.write(row)
-            return Path(to)
-        # parquet/jsonl: a file written beside its target, then renamed
-        to = claim(Path(to), "export", "--to")
-        tmp = to / f".responses.{fmt}.tmp"
-        tmp.unlink(missing_ok=True)
-        try:
-            with DatasetWriter(tmp, fmt, None if fmt == "jsonl" else features()) as out:
-                for row in export_rows(store):
-                    out.write(row)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    path = to / f"responses.{fmt}"
-    tmp.replace(path)
-    record(to, "export", [path.name])
-    return path
+    return Path(to) if fmt == "hf" else Path(to) / f"responses.{fmt}"

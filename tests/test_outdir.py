@@ -135,6 +135,16 @@ def test_a_rebuild_or_reexport_keeps_the_users_files(server: OpenAIServer, tmp_p
     (exp / "notes.md").write_text("mine too")
     assert run_cli("export", str(run), "--to", str(exp)).returncode == 0
     assert (exp / "notes.md").read_text() == "mine too" and (exp / "dataset_info.json").is_file()
+    # Another format replaces the earlier export (no stale dataset beside it), the notes stay.
+    proc = run_cli("export", str(run), "--to", str(exp), "--format", "jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in exp.iterdir()) == [".distill.json", "notes.md", "responses.jsonl"]
+    assert run_cli("export", str(run), "--to", str(exp), "--format", "parquet").returncode == 0
+    assert sorted(p.name for p in exp.iterdir()) == [
+        ".distill.json",
+        "notes.md",
+        "responses.parquet",
+    ]
 
 
 def test_export_to_an_existing_file_is_one_line(server: OpenAIServer, tmp_path: Path) -> None:
