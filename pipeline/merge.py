@@ -4,7 +4,8 @@
 
 The merged folder loads with `AutoModelForCausalLM.from_pretrained` (no PEFT needed) and keeps the
 tokenizer, chat template and generation config (with the end-of-turn stop token) of the fine-tune
-run, and its train_report.json (base student, prompt ids trained on). The adapter is merged in fp32 and the result saved in the student's own dtype.
+run, and its train_report.json (base student, prompt ids trained on). The adapter is merged in
+fp32 and the result saved in the student's own dtype.
 
 GGUF (for llama.cpp, Ollama, LM Studio) needs llama.cpp's `convert_hf_to_gguf.py`, which is not a
 pip package: we look for it at `gguf_converter`, in `$LLAMA_CPP_DIR`, then on PATH, and say so
