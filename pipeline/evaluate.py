@@ -288,8 +288,9 @@ def _against(cfg: EvalConfig, students: Students) -> Students:
     if cfg.against is None:
         return students
     a = Path(cfg.against)
-    if (a / "config.json").is_file():  # a merged model: compared as it is
-        return dataclasses.replace(students, against=a)
+    if (a / "config.json").is_file():  # a merged model: compared as it is, its record checked
+        run = read_finetune_run(a, str(students.base), merged=True)
+        return dataclasses.replace(students, against=a, against_run=run)
     run = read_finetune_run(a)
     if Path(run.student).resolve() != students.base.resolve():
         raise InputError(
@@ -1204,10 +1205,7 @@ def evaluate(cfg: EvalConfig) -> Path:
     ]
     report: dict[str, Any] = {
         # Redacted as config.yaml is: judge_base_url may carry user:password.
-        "config": {
-            k: redact(v) if isinstance(v, str) else v
-            for k, v in cfg.model_dump(mode="json").items()
-        },
+        "config": json.loads(redact(cfg.model_dump_json())),
         "students": {
             "base": str(students.base),
             "finetuned": str(students.finetuned),

@@ -4,7 +4,7 @@
 
 The merged folder loads with `AutoModelForCausalLM.from_pretrained` (no PEFT needed) and keeps the
 tokenizer, chat template and generation config (with the end-of-turn stop token) of the fine-tune
-run, and its train_report.json (base student, prompt ids trained on). The adapter is merged in
+run, its train_report.json (base student, prompt ids trained on) and log_history.json. The adapter is merged in
 fp32 and the result saved in the student's own dtype.
 
 GGUF (for llama.cpp, Ollama, LM Studio) needs llama.cpp's `convert_hf_to_gguf.py`, which is not a
@@ -118,10 +118,13 @@ def merge(cfg: MergeConfig) -> Path:
     AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(str(to))
     if (adapter / "generation_config.json").exists():
         GenerationConfig.from_pretrained(str(adapter)).save_pretrained(str(to))
-    # The training record goes with the weights: `distill eval` reads the base student and the
-    # prompt ids trained on from it, and refuses a split that shares any, wherever the folder goes.
-    if run.report:
-        (to / "train_report.json").write_text(json.dumps(run.report, indent=2), encoding="utf-8")
+    # The training record goes with the weights: `distill eval` reads the base student (the one
+    # merged into) and the prompt ids trained on from it, and refuses a split that shares any,
+    # wherever the folder goes; the loss history goes too, for eval's loss curves.
+    record = {**run.report, "student": student}
+    (to / "train_report.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    if run.out is not None and (run.out / "log_history.json").is_file():
+        shutil.copyfile(run.out / "log_history.json", to / "log_history.json")
     print(f"merged {adapter} into {student} -> {to}", flush=True)
 
     if converter is None:

@@ -13,7 +13,7 @@ The `Limiter` holds three things every request passes through:
   per round trip while answers succeed and latency holds (short-term latency average within 2x
   the long-term one), one per 16 round trips when the next step is the level last refused, and
   cuts to 0.9x on a refusal; a timeout halves it. Releasing a slot yields to the event loop, so
-  the request woken for it goes out before the finished one is parsed and committed.
+  the request woken for it goes out before the finished answer is committed.
 
 Two kinds of refusal need opposite answers. "Too many in flight" (a 503, or a 429 without
 Retry-After or rate-limit headers that comes while other requests are in flight: TGI's
@@ -208,8 +208,8 @@ class Limiter:
         async with self._cond:
             self.in_flight -= 1
             self._cond.notify(1)
-        # Let the request woken for the freed slot go out before this task goes on with its answer
-        # (parsing, committing): otherwise the slot stays empty for that long.
+        # Let the request woken for the freed slot go out before this task goes on to commit its
+        # answer: otherwise the slot stays empty for that long.
         await asyncio.sleep(0)
 
     # -- feedback ----------------------------------------------------------------------------------

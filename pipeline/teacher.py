@@ -191,13 +191,13 @@ def reasoning_shape(message: dict[str, Any]) -> ReasoningShape | None:
     return "think" if has_think(content_text(message.get("content"))) else None
 
 
-def split_reasoning(message: dict[str, Any]) -> tuple[str, str | None]:
-    """(answer, reasoning) from a chat message, whichever shape the server used."""
+def split_reasoning(message: dict[str, Any]) -> tuple[str, str | None, ReasoningShape | None]:
+    """(answer, reasoning, where it arrived) from a chat message, whichever shape the server used."""
     content = content_text(message.get("content"))
     shape = reasoning_shape(message)
     if shape in REASONING_FIELDS:
-        return content, message[shape]
-    return split_think(content)
+        return content, message[shape], shape
+    return (*split_think(content), shape)
 
 
 def token_logprobs(logprobs: Any) -> list | None:
@@ -283,7 +283,7 @@ def parse_completion(data: Any, latency_s: float | None) -> Completion:
     for i, c in enumerate(data["choices"]):
         if not isinstance(c, dict) or not isinstance(c.get("message"), dict):
             raise TransientError("HTTP 200 with a malformed choice", status=200)
-        answer, reasoning = split_reasoning(c["message"])
+        answer, reasoning, shape = split_reasoning(c["message"])
         choices.append(
             Choice(
                 index=int(c.get("index", i)),
@@ -291,7 +291,7 @@ def parse_completion(data: Any, latency_s: float | None) -> Completion:
                 reasoning=reasoning,
                 finish_reason=c.get("finish_reason"),
                 logprobs=token_logprobs(c.get("logprobs")),
-                reasoning_shape=reasoning_shape(c["message"]),
+                reasoning_shape=shape,
             )
         )
     choices.sort(key=lambda c: c.index)

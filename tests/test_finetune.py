@@ -125,8 +125,6 @@ def test_only_the_teachers_last_turn_is_trained(tiny_model, arch, template, last
     carries loss (both ways of finding the mask); train_on all trains every assistant turn."""
     from transformers import AutoTokenizer
 
-    from pipeline.finetune import FinetuneConfig
-
     assert FinetuneConfig.model_fields["train_on"].default == "last"  # what a run gets unasked
     tok = AutoTokenizer.from_pretrained(tiny_model(arch, template))
     assert mask_of(tok, TWO_TURNS)[2] == last
@@ -329,9 +327,12 @@ def test_merge_gives_same_logits_as_adapter(trained, tmp_path):
 def test_a_merged_model_is_refused_on_the_prompts_it_was_trained_on(trained, data_dir, tmp_path):
     """The merged folder carries its training record: `distill eval` finds the base student and
     the prompt ids trained on from it wherever the folder was moved, and refuses the train split."""
-    merged = tmp_path / "moved" / "merged"
-    result = CliRunner().invoke(cli, ["merge", str(trained["out"]), "--to", str(merged)])
+    result = CliRunner().invoke(cli, ["merge", str(trained["out"]), "--to", str(tmp_path / "m")])
     assert result.exit_code == 0, result.output
+    merged = tmp_path / "moved" / "merged"
+    shutil.move(tmp_path / "m", merged)  # away from its run, as a shipped model is
+    record = json.loads((merged / "train_report.json").read_text())
+    assert record["student"] == str(trained["student"]) and (merged / "log_history.json").is_file()
     args = ["eval", "--data", str(data_dir), "--finetuned", str(merged), "--split", "train"]
     result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "ev")])
     assert result.exit_code == 2, result.output
