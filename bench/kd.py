@@ -18,8 +18,8 @@ in one `distill eval --against` report (the paired intervals a user sees).
 
 Steps: 2000 (about 20 s an arm here). At 60 both students are still far from fitting their 36
 rows (training CE about 2), and the comparison measured early noise. Held-out teacher-KL KD/SFT
-(alpha 1, 3 seeds each, measured with this bench) falls as training goes on: 0.94 at 60 steps,
-0.86 at 400, 0.78-0.79 at 1000 (three runs), 0.73 at 2000. SFT fits the one phrasing it saw per
+(alpha 1, 3 seeds each, measured with this bench): 0.94 at 60 steps, 0.86 at 400, 0.78-0.79 at
+1000 (three runs), 0.727 and 0.802 at 2000 (two runs: the harvest is unseeded, so runs differ). SFT fits the one phrasing it saw per
 prompt; KD fits the teacher's distribution over them.
 
 Reported: KD/SFT held-out teacher-KL (goal <= 0.8) per seed and its spread, NLL and accuracy per

@@ -13,8 +13,8 @@ both generates (SFT arm) and scores (on-policy arm, `prompt_logprobs`).
   reference filter (neither arm sees the labels), LoRA fine-tune, for each N in the budgets.
 - On-policy arms: `distill onpolicy` on the same training prompts, with the system prompt as
   teacher-only context, run on (it resumes) while a step still fits in half of, then in each SFT
-  budget, then further (shown at the tokens it scored, never more than the budget). The
-  forward-KL arm (every run): GKD's on-policy forward KL toward the teacher's top-20 sharpened to temperature 0.05 (the teacher's greedy next
+  budget, then further (shown at the tokens it scored: about the budget, since steps are sized by
+  the rate so far; 2,149 against 2,148 once). The forward-KL arm (every run): GKD's on-policy forward KL toward the teacher's top-20 sharpened to temperature 0.05 (the teacher's greedy next
   token at each of the student's prefixes), one prompt x 2 samples a step. The reverse-KL arm
   (full run only): the per-token reverse KL of Thinking Machines' recipe, 4 prompts x 4 samples.
 - Every arm: `distill eval` on the held-out prompts (format compliance, accuracy vs the reference
