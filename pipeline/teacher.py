@@ -567,14 +567,16 @@ class Teacher:
         i = min(range(len(self.pools)), key=self.pool_load.__getitem__)
         self.pool_load[i] += 1
         try:
-            if not self.cfg.stream or url != self.url:
-                resp = await self.pools[i].post(url, json=body)
+            streamed = self.cfg.stream and url == self.url
+            hook: dict[str, Any] = {"trace": self._trace_stream if streamed else self._trace_whole}
+            if not streamed:
+                resp = await self.pools[i].post(url, json=body, extensions=hook)
                 try:
                     return resp, resp.json()
                 except ValueError:
                     return resp, None
             body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-            request = self.pools[i].build_request("POST", self.url, json=body)
+            request = self.pools[i].build_request("POST", self.url, json=body, extensions=hook)
             resp = await self.pools[i].send(request, stream=True)
             try:
                 if resp.status_code != 200:
@@ -585,6 +587,21 @@ class Teacher:
                 await resp.aclose()
         finally:
             self.pool_load[i] -= 1
+
+    async def _trace_stream(self, event: str, _info: dict[str, Any]) -> None:
+        """httpcore's trace hook: once the request is sent, the limiter need not wait for it."""
+        if event.endswith("receive_response_headers.started"):
+            self.limiter.on_wire()
+
+    async def _trace_whole(self, event: str, info: dict[str, Any]) -> None:
+        """... and a whole (not streamed) answer frees the server's slot when its headers come:
+        the body follows at once, and reading it need not keep the next request waiting. (Not a
+        refusal: the limit is cut first, or the request woken for its slot is refused too.)"""
+        await self._trace_stream(event, info)
+        if event.endswith("receive_response_headers.complete"):
+            status = info["return_value"][1]  # (http version, status, reason, headers, rest)
+            if status == 200 and self.limiter.holding():  # (a probe sends without a slot)
+                await self.limiter.release()
 
     async def complete(self, body: dict[str, Any]) -> Completion:
         """Send one chat-completions request; classify every failure (see the module docstring)."""

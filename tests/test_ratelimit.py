@@ -4,6 +4,7 @@ budget server without headers, and the controller's state machine driven directl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,97 @@ def test_a_503_refused_alone_pauses_but_never_paces() -> None:
 
     lim = asyncio.run(run())
     assert lim.requests is None and lim.limit == 1.0
+
+
+def test_a_refusal_counts_what_was_on_the_wire_when_the_request_went() -> None:
+    """Given the 5th slot, but sent after 11 later requests: the server held 11 when it came, so a
+    refusal cuts to 0.9 x 12, not to 0.9 x 5 (what a slow start's overshoot did, for seconds)."""
+
+    async def run() -> Limiter:
+        lim = Limiter(concurrency=64)
+        lim.slow_start, lim.limit = False, 16.0
+        go = asyncio.Event()
+
+        async def other() -> None:
+            await lim.acquire(1)
+            lim.on_wire()
+            await go.wait()
+
+        async def late() -> None:
+            await lim.acquire(1)
+            await go.wait()
+            lim.on_wire()
+            lim.on_throttle(None, 503)
+
+        tasks = [asyncio.ensure_future(other()) for _ in range(4)]
+        tasks.append(asyncio.ensure_future(late()))
+        tasks += [asyncio.ensure_future(other()) for _ in range(7)]
+        await asyncio.sleep(0.01)
+        assert lim.in_flight == 12 and len(lim.unsent) == 1
+        go.set()
+        await asyncio.gather(*tasks)
+        return lim
+
+    lim = asyncio.run(run())
+    assert lim.refused == 1
+    assert lim.limit == pytest.approx(0.9 * 12)
+
+
+def test_an_answer_is_committed_after_the_request_given_its_slot_is_sent() -> None:
+    """Answers that come together must not keep the slots they free empty while each is
+    committed: `release` returns once the request woken for the slot is on the wire."""
+
+    async def run() -> list[str]:
+        lim = Limiter(concurrency=1)
+        order: list[str] = []
+
+        async def first() -> None:
+            await lim.acquire(1)
+            lim.on_wire()
+            await lim.release()
+            order.append("committed")
+
+        async def second() -> None:
+            await lim.acquire(1)
+            for _ in range(5):  # building and writing the request takes the loop a few turns
+                await asyncio.sleep(0)
+            order.append("sent")
+            lim.on_wire()
+            await lim.release()
+
+        await asyncio.gather(first(), second())
+        # a request that never goes out holds a commit back only so long
+        await lim.acquire(1)
+        await asyncio.wait_for(asyncio.gather(lim.release(), lim.acquire(1)), 5)
+        return order
+
+    assert asyncio.run(run()) == ["sent", "committed"]
+
+
+@pytest.mark.parametrize("case", ["answer", "refusal", "stream"])
+def test_a_whole_answer_frees_its_slot_when_its_headers_come(
+    server: OpenAIServer, case: str
+) -> None:
+    """The server's slot is free once it answers: the limiter's slot is given back as the headers
+    of a 200 arrive (so reading the body keeps no request waiting), and once only. A refusal
+    keeps its slot until the limit is cut; a stream holds it while it streams."""
+    if case == "refusal":
+        server.max_in_flight = 0  # refuse everything
+    body = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+
+    async def run() -> tuple[int, int]:
+        t = Teacher(TeacherConfig(base_url=server.url, model="m", stream=case == "stream"))
+        await t.limiter.acquire(10)
+        with contextlib.suppress(TransientError):  # the refusal
+            await t.complete(body)
+        held = t.limiter.in_flight
+        await t.limiter.release()
+        await t.aclose()
+        return held, t.limiter.in_flight
+
+    held, after = asyncio.run(run())
+    assert held == (0 if case == "answer" else 1)
+    assert after == 0
 
 
 def test_overload_refusals_retry_sooner_than_other_failures() -> None:
