@@ -700,29 +700,13 @@ def build_trainer(
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             processing_class=data.tokenizer,
-            peft_config=lora_config(cfg),
+            peft_config=hardware.lora_config(
+                cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, cfg.use_dora
+            ),
         )
     finally:
         if tb_dir_set:
             del os.environ["TENSORBOARD_LOGGING_DIR"]
-
-
-def lora_config(cfg: FinetuneConfig) -> Any:
-    """The adapter to train. PEFT reads a plain string as a regex over full module names; a name
-    means a list of one."""
-    from peft import LoraConfig
-
-    targets = cfg.lora_target_modules
-    if isinstance(targets, str) and targets != "all-linear":
-        targets = [targets]
-    return LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        use_dora=cfg.use_dora,
-        task_type="CAUSAL_LM",
-    )
 
 
 def training_datasets(cfg: FinetuneConfig, data: Tokenized, pack: bool) -> tuple[Any, Any, Any]:

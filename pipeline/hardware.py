@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 GiB = 1024**3
 
@@ -177,6 +178,29 @@ class ModelShape:
         return sum(r * (i + o) for i, o in self.lora_shapes)
 
 
+def lora_targets(target_modules: str | list[str]) -> str | list[str]:
+    """PEFT reads a plain string as a regex over full module names: a name means a list of one."""
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        return [target_modules]
+    return target_modules
+
+
+def lora_config(
+    r: int, alpha: int, dropout: float, target_modules: str | list[str], use_dora: bool = False
+) -> Any:
+    """The adapter a run trains (finetune and onpolicy alike)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=lora_targets(target_modules),
+        use_dora=use_dora,
+        task_type="CAUSAL_LM",
+    )
+
+
 def model_shape(config, target_modules: str | list[str] = "all-linear") -> ModelShape:
     """Build the model on the meta device (no memory, no weights) and measure it.
 
@@ -200,8 +224,7 @@ def model_shape(config, target_modules: str | list[str] = "all-linear") -> Model
         if target_modules == "all-linear":
             hit = True
         else:
-            targets = [target_modules] if isinstance(target_modules, str) else target_modules
-            hit = any(name == t or name.endswith("." + t) for t in targets)
+            hit = any(name == t or name.endswith("." + t) for t in lora_targets(target_modules))
         if hit:
             shapes.append((module.in_features, module.out_features))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -66,6 +66,7 @@ from pipeline.errors import (
     PromptRejected,
     TeacherError,
 )
+from pipeline.hardware import lora_config
 from pipeline.prompts import PromptRow, load_prompts, read_text_arg
 from pipeline.ratelimit import retrying
 from pipeline.record import content_hash, utcnow
@@ -403,7 +404,7 @@ def load_tokenizer(cfg: OnpolicyConfig) -> Any:
 def load_student(cfg: OnpolicyConfig, ckpt: Path | None) -> Student:
     """The student with a fresh LoRA adapter, or the checkpoint's adapter and optimizer."""
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     assert cfg.student is not None
@@ -423,13 +424,7 @@ def load_student(cfg: OnpolicyConfig, ckpt: Path | None) -> Student:
     if ckpt is not None:
         model = PeftModel.from_pretrained(base, str(ckpt / "adapter"), is_trainable=True)
     else:
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.lora_target_modules,
-            task_type="CAUSAL_LM",
-        )
+        lora = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
         model = get_peft_model(base, lora)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -145,6 +145,18 @@ def test_kill_9_resumes_and_scores_no_rollout_twice(
     assert reused and int(reused.group(1)) > 0, again.stderr  # steps after the checkpoint
 
 
+def test_a_single_target_module_name_is_a_list_of_one(
+    models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """As in finetune: PEFT reads a plain string as a regex over full module names, so
+    `lora_target_modules: q_proj` found nothing ("Target modules q_proj not found")."""
+    from pipeline.onpolicy import load_student
+
+    cfg = config(tmp_path, "http://127.0.0.1:9/v1", models[1], lora_target_modules="q_proj")
+    student = load_student(OnpolicyConfig(**cfg), None)
+    assert student.model.peft_config["default"].target_modules == {"q_proj"}
+
+
 def test_an_endpoint_that_cannot_score_is_refused(
     models: tuple[Path, Path], server: OpenAIServer, tmp_path: Path
 ) -> None:
