@@ -886,15 +886,16 @@ def run_judge(cfg: EvalConfig, prompts: list[Prompt], per: dict[str, list[dict[s
         )
         messages = [{"role": "user", "content": content}]
         body = chat_body(tcfg, messages, {"temperature": 0}, max_tokens=8)
-        await teacher.limiter.acquire(estimate_tokens(messages) + 8)  # + max_tokens
         try:
             async for attempt in retrying(tcfg.max_retries):
-                with attempt:
-                    done = await teacher.complete(body)
+                with attempt:  # a slot per try: a 200 gives its slot back as its headers come
+                    await teacher.limiter.acquire(estimate_tokens(messages) + 8)  # + max_tokens
+                    try:
+                        done = await teacher.complete(body)
+                    finally:
+                        await teacher.limiter.release()
         except PromptRejected:
             return
-        finally:
-            await teacher.limiter.release()
         m = re.search(r"\d+", done.choices[0].content)
         rec["judge"] = min(10, max(1, int(m.group()))) / 10 if m else None
 

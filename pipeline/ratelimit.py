@@ -234,7 +234,7 @@ class Limiter:
         sent = _SENT.get()
         return sent is not None and sent[0] in self.holders
 
-    async def release(self) -> None:
+    async def free(self) -> None:
         """Give back the slot this task's request holds; again (its answer came) is a no-op."""
         sent = _SENT.get()
         if sent is not None:  # (None: acquired in another task; tests drive the gate that way)
@@ -245,6 +245,12 @@ class Limiter:
         async with self._cond:
             self.in_flight -= 1
             self._cond.notify(1)
+
+    async def release(self) -> None:
+        """`free`, then wait (what the module docstring says) before the answer is committed.
+        `Teacher` frees a 200's slot as its headers come, without waiting: the task still holds
+        its connection then, which the request woken for the slot may need."""
+        await self.free()
         await asyncio.sleep(0)  # the request woken for the freed slot takes it
         if self.unsent:  # and goes out before this task goes on to commit its answer
             with contextlib.suppress(asyncio.TimeoutError):

@@ -601,7 +601,7 @@ class Teacher:
         if event.endswith("receive_response_headers.complete"):
             status = info["return_value"][1]  # (http version, status, reason, headers, rest)
             if status == 200 and self.limiter.holding():  # (a probe sends without a slot)
-                await self.limiter.release()
+                await self.limiter.free()
 
     async def complete(self, body: dict[str, Any]) -> Completion:
         """Send one chat-completions request; classify every failure (see the module docstring)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import ratelimit
 from pipeline.errors import TransientError
 from pipeline.harvest import HarvestConfig, harvest
 from pipeline.ratelimit import Limiter, retrying
@@ -192,9 +193,12 @@ def test_a_refusal_counts_what_was_on_the_wire_when_the_request_went() -> None:
     assert lim.limit == pytest.approx(0.9 * 12)
 
 
-def test_an_answer_is_committed_after_the_request_given_its_slot_is_sent() -> None:
+def test_an_answer_is_committed_after_the_request_given_its_slot_is_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Answers that come together must not keep the slots they free empty while each is
     committed: `release` returns once the request woken for the slot is on the wire."""
+    monkeypatch.setattr(ratelimit, "WIRE_WAIT", 5.0)  # no wall-clock race on a loaded box
 
     async def run() -> list[str]:
         lim = Limiter(concurrency=1)
@@ -216,6 +220,7 @@ def test_an_answer_is_committed_after_the_request_given_its_slot_is_sent() -> No
 
         await asyncio.gather(first(), second())
         # a request that never goes out holds a commit back only so long
+        monkeypatch.setattr(ratelimit, "WIRE_WAIT", 0.01)
         await lim.acquire(1)
         await asyncio.wait_for(asyncio.gather(lim.release(), lim.acquire(1)), 5)
         return order
