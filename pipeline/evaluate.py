@@ -273,7 +273,7 @@ def resolve_students(cfg: EvalConfig) -> Students:
         raise InputError(
             f"{ft}: fine-tuned student not found (key `finetuned`); pass the OUT folder of `distill finetune`"
         )
-    run = read_finetune_run(ft, str(cfg.base) if cfg.base else None, merged=True)
+    run = _read_run("finetuned", ft, str(cfg.base) if cfg.base else None, merged=True)
     base = Path(run.student)
     if not (base / "config.json").is_file():
         where = "key `base`" if cfg.base else f"the fine-tune run {run.out or ft}"
@@ -283,15 +283,25 @@ def resolve_students(cfg: EvalConfig) -> Students:
     return _against(cfg, Students(base, run.adapter or ft, run.adapter is not None, run))
 
 
+def _read_run(
+    key: str, path: Path, student: str | None = None, merged: bool = False
+) -> FinetuneRun:
+    """`read_finetune_run`, its errors naming the config key the folder came from."""
+    try:
+        return read_finetune_run(path, student, merged=merged)
+    except InputError as e:
+        raise InputError(f"{e} (key `{key}`)") from None
+
+
 def _against(cfg: EvalConfig, students: Students) -> Students:
     """`students` with the `against` student in the base's place, when one is set."""
     if cfg.against is None:
         return students
     a = Path(cfg.against)
     if (a / "config.json").is_file():  # a merged model: compared as it is, its record checked
-        run = read_finetune_run(a, str(students.base), merged=True)
+        run = _read_run("against", a, str(students.base), merged=True)
         return dataclasses.replace(students, against=a, against_run=run)
-    run = read_finetune_run(a)
+    run = _read_run("against", a)
     if Path(run.student).resolve() != students.base.resolve():
         raise InputError(
             f"{a} (key `against`): trained on {run.student}, but the fine-tuned student's base "

@@ -352,6 +352,11 @@ def test_bad_inputs_give_one_line(setup: dict[str, Path]) -> None:
     assert "no_such_model" in msg and "--base" in msg
     msg = _bad(setup, "--finetuned", str(root / "no_such_run"))
     assert "no_such_run" in msg and "finetuned" in msg
+    (root / "not_a_run").mkdir(exist_ok=True)
+    msg = _bad(setup, "--finetuned", str(root / "not_a_run"))
+    assert "not_a_run" in msg and "key `finetuned`" in msg
+    msg = _bad(setup, "--against", str(root / "not_a_run"))
+    assert "not_a_run" in msg and "key `against`" in msg
     msg = _bad(setup, "--format-regex", "(unclosed")
     assert "format_regex" in msg and "(unclosed" in msg
     assert "answer_patterns" in _bad(setup, "--answer-patterns", "[a-")
