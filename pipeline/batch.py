@@ -69,7 +69,7 @@ from pipeline.harvest import (
 from pipeline.prompts import PromptRow
 from pipeline.ratelimit import retrying
 from pipeline.redact import redact
-from pipeline.store import BATCH_OPEN_STATES, STORE_FILE, Store, open_run
+from pipeline.store import BATCH_OPEN_STATES, STORE_FILE, Store, log_early_failure, open_run
 from pipeline.teacher import (
     Completion,
     TeacherConfig,
@@ -709,11 +709,26 @@ def run_batch(
     """One batch command (submit, collect, run, cancel) on a run directory; returns its summary.
     submit and run need `hcfg` (what to ask); collect and cancel need only the store."""
     run_dir = Path(run_dir)
+    summary = BatchSummary(run_dir=str(run_dir), command=command)
+    try:
+        return _run_batch(command, run_dir, bcfg, hcfg, summary)
+    except DistillError as e:
+        if summary.status != "failed":  # raised before harvest.log was open (else logged there)
+            log_early_failure(run_dir, "harvest", e, f"batch {command}")
+        raise
+
+
+def _run_batch(
+    command: str,
+    run_dir: Path,
+    bcfg: BatchConfig,
+    hcfg: HarvestConfig | None,
+    summary: BatchSummary,
+) -> BatchSummary:
     rows: list[PromptRow] = []
     if hcfg is not None:
         batch_teachers(hcfg, bcfg)
         rows, *_ = checked_rows(hcfg)  # input errors surface before the store is touched
-    summary = BatchSummary(run_dir=str(run_dir), command=command)
     started = time.monotonic()
     if hcfg is None and not (run_dir / STORE_FILE).is_file():  # collect, cancel: nothing to do
         raise InputError(
@@ -722,8 +737,6 @@ def run_batch(
         )
     with open_run(run_dir, log, None if hcfg is None else dump_config(hcfg)) as store:
         log.info("batch %s start", command)
-        if hcfg is not None:
-            check_prompt_identity(hcfg, store, rows)
         b = BatchRun(run_dir, bcfg, store, summary)
 
         async def go() -> None:
@@ -751,6 +764,8 @@ def run_batch(
                 await b.aclose()
 
         try:
+            if hcfg is not None:
+                check_prompt_identity(hcfg, store, rows)
             try:
                 asyncio.run(go())
             except TransientError as e:
@@ -759,6 +774,7 @@ def run_batch(
                 raise TeacherError(f"{e}; gave up after retries: rerun later") from None
         except DistillError as e:  # the log tells the whole story, fatal errors included
             log.error("batch %s failed: %s (exit %d)", command, e, e.exit_code)
+            summary.status = "failed"
             raise
         b.tally(b.wanted)
         summary.elapsed_s = round(time.monotonic() - started, 3)

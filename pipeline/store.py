@@ -725,8 +725,10 @@ def log_handler(run_dir: Path) -> logging.FileHandler:
     return handler
 
 
-def log_early_failure(run_dir: Path, stage: str, error: DistillError) -> None:
-    """`<stage> failed: ERROR (exit N)` appended to RUN/harvest.log, for an error raised before
+def log_early_failure(
+    run_dir: Path, stage: str, error: DistillError, what: str | None = None
+) -> None:
+    """`<what, else stage> failed: ERROR (exit N)` appended to RUN/harvest.log, for an error raised before
     `open_run` opened the log (a damaged store, an edited prompt): from cron, a log that ends in
     its last run's summary reads as a hang. Only where the log is already the stage's (its marker
     or harvest.log there): no file is added to a folder the stage does not own. Not for a lock
@@ -738,7 +740,7 @@ def log_early_failure(run_dir: Path, stage: str, error: DistillError) -> None:
     with contextlib.suppress(OSError):
         handler = log_handler(run_dir)
         try:
-            text = f"{stage} failed: {error} (exit {error.exit_code})"
+            text = f"{what or stage} failed: {error} (exit {error.exit_code})"
             handler.handle(
                 logging.makeLogRecord({"levelno": logging.ERROR, "levelname": "ERROR", "msg": text})
             )

@@ -187,6 +187,27 @@ def test_failed_batch_exits_1_then_a_rerun_resubmits(bserver: BatchServer, tmp_p
     assert "failed" in (run / "harvest.log").read_text()
 
 
+def test_a_batch_stopped_before_it_starts_ends_its_log_with_why(
+    bserver: BatchServer, tmp_path: Path
+) -> None:
+    """From cron, a log that ends in the last run's summary reads as a hang: an edited prompt
+    (found with the store open) and a prompt file that is not JSON (found before) each end
+    harvest.log with the failure and its exit code."""
+    rows = arithmetic_rows(2)
+    p = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = write_config(tmp_path / "c.yaml", bserver, p)
+    run = tmp_path / "run"
+    assert run_cli("batch", "run", str(run), "--config", str(cfg), "--wait").returncode == 0
+    write_jsonl(p, [rows[0], {**rows[1], "prompt": "What is 9 + 9?"}])
+    assert_one_line_error(run_cli("batch", "submit", str(run), "--config", str(cfg)), "'q1'")
+    last = (run / "harvest.log").read_text().splitlines()[-1]
+    assert "batch submit failed" in last and "'q1'" in last and "(exit 2)" in last
+    p.write_text('{"id": "q0", "prompt": \n')
+    assert_one_line_error(run_cli("batch", "submit", str(run), "--config", str(cfg)), f"{p}:1")
+    last = (run / "harvest.log").read_text().splitlines()[-1]
+    assert "batch submit failed" in last and f"{p}:1" in last and "(exit 2)" in last
+
+
 def test_rejected_requests_are_recorded_as_failures(bserver: BatchServer, tmp_path: Path) -> None:
     bserver.reject = lambda body: "Invalid prompt" if "What is 2 + 4?" in json.dumps(body) else None
     p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(4))
