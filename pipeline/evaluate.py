@@ -216,15 +216,14 @@ def load_prompts(cfg: EvalConfig) -> list[Prompt]:
     import datasets
 
     datasets.disable_progress_bars()
-    path = Path(cfg.data)
-    rows = read_dataset(path, cfg.split)[cfg.split]
+    rows = read_dataset(cfg.data, cfg.split)[cfg.split]
     has = set(rows.column_names)
     by_id: dict[str, Prompt] = {}
     for i, row in enumerate(rows):
         msgs = [{k: v for k, v in m.items() if v is not None} for m in row["messages"]]
         if not msgs or msgs[-1].get("role") != "assistant":
             raise InputError(
-                f"{path} [{cfg.split}] row {i}: `messages` must end with the teacher's assistant turn"
+                f"{cfg.data} [{cfg.split}] row {i}: `messages` must end with the teacher's assistant turn"
             )
         pid = str(row["prompt_id"]) if "prompt_id" in has else str(i)
         if pid not in by_id:
@@ -405,9 +404,7 @@ def generation_stops(students: Students) -> set[int]:
     config quirk rather than for what its weights do.
     """
     out: set[int] = set()
-    for folder in (students.base, students.finetuned, students.against):
-        if folder is None:
-            continue
+    for folder in [f for f in (students.base, students.finetuned, students.against) if f]:
         try:
             ids = json.loads((folder / "generation_config.json").read_text(encoding="utf-8")).get(
                 "eos_token_id"
@@ -695,6 +692,7 @@ def score(
     patterns = ver.patterns
     per: list[dict[str, Any]] = []
     for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        nll_sum, nll_tokens = nll[i] if nll is not None else (0.0, 0)
         pred = extract_answer(a.text, patterns)
         teacher = [teacher_text(t)[0] for t in p.teacher]
         known = [t for t in (extract_answer(t, patterns) for t in teacher) if t is not None]
@@ -713,12 +711,9 @@ def score(
             "teacher_match": _mean([float(m) for m in matches]),
             "rouge_l": sum(rouge_l(a.text, t) for t in teacher) / len(teacher),
             "format_ok": bool(re.search(cfg.format_regex, a.text)) if cfg.format_regex else None,
-            "nll": None,
-            "nll_tokens": 0,
+            "nll": nll_sum / nll_tokens if nll_tokens > 0 else None,
+            "nll_tokens": nll_tokens,
         }
-        if nll is not None and nll[i][1] > 0:
-            rec["nll"] = nll[i][0] / nll[i][1]
-            rec["nll_tokens"] = nll[i][1]
         per.append(rec)
 
     def share(key: str) -> float | None:
@@ -877,6 +872,7 @@ How well does the student's answer match the reference in correctness and conten
 def run_judge(cfg: EvalConfig, prompts: list[Prompt], per: dict[str, list[dict[str, Any]]]) -> None:
     """Score every student answer 1-10 with an LLM through the teacher client; store it as 0-1."""
     import asyncio
+    import contextlib
 
     from pipeline.errors import PromptRejected
     from pipeline.ratelimit import retrying
@@ -910,8 +906,7 @@ def run_judge(cfg: EvalConfig, prompts: list[Prompt], per: dict[str, list[dict[s
         rec["judge"] = min(10, max(1, int(m.group()))) / 10 if m else None
 
     async def main() -> None:
-        teacher = Teacher(tcfg)
-        try:
+        async with contextlib.aclosing(Teacher(tcfg)) as teacher:
             await asyncio.gather(
                 *(
                     grade(teacher, p, recs[i])
@@ -919,8 +914,6 @@ def run_judge(cfg: EvalConfig, prompts: list[Prompt], per: dict[str, list[dict[s
                     for i, p in enumerate(prompts)
                 )
             )
-        finally:
-            await teacher.aclose()
 
     asyncio.run(main())
 
@@ -1197,7 +1190,7 @@ def evaluate(cfg: EvalConfig) -> Path:
     started = time.monotonic()
     check_config(cfg)
     ver = verification(cfg)
-    claim(Path(cfg.out), "eval")
+    claim(cfg.out, "eval")
     prompts = load_prompts(cfg)
     students = resolve_students(cfg)
     leak = check_held_out(cfg, prompts, students)
@@ -1236,9 +1229,8 @@ def evaluate(cfg: EvalConfig) -> Path:
         "differences": differences(per, cfg),
         "examples": examples,
     }
-    out = Path(cfg.out)
-    write_report(report, cfg, students, out)
-    return out
+    write_report(report, cfg, students, cfg.out)
+    return cfg.out
 
 
 def write_report(report: dict[str, Any], cfg: EvalConfig, students: Students, out: Path) -> None:
