@@ -243,37 +243,34 @@ def plot_step_curves(
     training one and the held-out one, each (key, label), and dashed `terms` of the training
     one; False when there is nothing to plot. A fine-tune's loss and eval loss (with KD's two
     terms), on-policy distillation's reverse KL (pipeline/onpolicy.py)."""
-    curves = [
-        [(h["step"], h[key]) for h in history if h.get(key) is not None and "step" in h]
-        for key, _ in (train, held)
-    ]
+
+    def points(key: str) -> list[tuple[Any, Any]]:
+        return [(h["step"], h[key]) for h in history if h.get(key) is not None and "step" in h]
+
+    curves = [points(key) for key, _ in (train, held)]
     if not any(curves):
         return False
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    # (points, label, style): the training curve, the held-out one, the dashed terms
+    lines: list[tuple[list[Any], str, dict[str, Any]]] = [
+        (
+            curves[0],
+            train[1],
+            {"color": FINETUNED_COLOR, "marker": "." if len(curves[0]) < 30 else None},
+        ),
+        (curves[1], held[1], {"color": TEACHER_COLOR, "marker": "o"}),
+        *(
+            (points(key), label, {"color": FINETUNED_COLOR, "linestyle": style, "alpha": 0.8})
+            for (key, label), style in zip(terms, ("--", ":", "-."), strict=False)
+        ),
+    ]
     # The last values go in the legend: annotations at the last step would overlap.
-    for points, (_, label), color, marker in zip(
-        curves, (train, held), (FINETUNED_COLOR, TEACHER_COLOR), (".", "o"), strict=True
-    ):
-        if points:
-            ax.plot(
-                *zip(*points, strict=True),
-                color=color,
-                marker=marker if marker == "o" or len(points) < 30 else None,
-                label=f"{label} (last {points[-1][1]:.3f})",
-            )
-    for (key, label), style in zip(terms, ("--", ":", "-."), strict=False):
-        points = [(h["step"], h[key]) for h in history if h.get(key) is not None and "step" in h]
-        if points:
-            ax.plot(
-                *zip(*points, strict=True),
-                color=FINETUNED_COLOR,
-                linestyle=style,
-                alpha=0.8,
-                label=f"{label} (last {points[-1][1]:.3f})",
-            )
+    for xy, label, style in lines:
+        if xy:
+            ax.plot(*zip(*xy, strict=True), **style, label=f"{label} (last {xy[-1][1]:.3f})")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.set_xlabel("optimizer step")
