@@ -64,8 +64,7 @@ def find_gguf_converter(given: str | None) -> Path | None:
         if p.is_file():
             return p
     for name in ("convert_hf_to_gguf.py", "convert-hf-to-gguf.py", "convert_hf_to_gguf"):
-        found = shutil.which(name)
-        if found:
+        if found := shutil.which(name):
             return Path(found)
     return None
 
