@@ -1001,7 +1001,6 @@ def _cell(text: str | None, limit: int = 400) -> str:
 
 
 def write_markdown(report: dict[str, Any], path: Path, loss_plot: bool) -> None:
-    m = report["metrics"]
     cfg = report["config"]
     decoding = (
         "greedy" if cfg["greedy"] else f"temperature {cfg['temperature']}, top_p {cfg['top_p']}"
@@ -1015,7 +1014,7 @@ def write_markdown(report: dict[str, Any], path: Path, loss_plot: bool) -> None:
         "# distill eval report",
         "",
         f"- dataset: `{cfg['data']}` split `{cfg['split']}`: {report['prompts']} prompts, {report['prompts_with_reference']} with a reference, "
-        f"{m['teacher']['samples']} teacher answers",
+        f"{report['metrics']['teacher']['samples']} teacher answers",
         f"- eval set: {report['eval_set']}",
         f"- held out from training: {report['held_out_check']}",
         f"- base student: `{report['students']['base']}`",
@@ -1239,11 +1238,8 @@ def write_report(report: dict[str, Any], cfg: EvalConfig, students: Students, ou
 
     out.mkdir(parents=True, exist_ok=True)
     history = students.run.out / "log_history.json" if students.run.out else None
-    loss_plot = (
-        history is not None
-        and history.is_file()
-        and plot_loss_curves(history, out / "loss_curves.png")
-    )
+    # plot_loss_curves says False for a file that is missing or unreadable, as for one with no loss
+    loss_plot = history is not None and plot_loss_curves(history, out / "loss_curves.png")
     if not loss_plot:  # never leave an earlier run's curves next to this report
         (out / "loss_curves.png").unlink(missing_ok=True)
     plot_metrics(report, out / "metrics.png")
