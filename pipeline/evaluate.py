@@ -363,7 +363,7 @@ def load_student(which: str, students: Students, device: str, load_in_4bit: bool
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    # (weights, adapter on them or None) of the student in this column
+    # (its folder, whether that is an adapter on `base`) of the student in this column
     if which == "finetuned":
         path, adapter = students.finetuned, students.adapter
     elif students.against is not None:
@@ -482,9 +482,8 @@ def generate(  # type: ignore[no-untyped-def]
                 new = out[row, width:].tolist()
                 end = next((k for k, t in enumerate(new) if t in stops), None)
                 kept = new if end is None else new[:end]
-                text = tok.decode(kept, skip_special_tokens=True)
                 # Score the answer, not a <think> trace before it; keep the trace for its own stats.
-                final, trace = split_think(text)
+                final, trace = split_think(tok.decode(kept, skip_special_tokens=True))
                 hit = end is None and len(new) >= cfg.max_new_tokens
                 answers[i] = Answer(final.strip(), len(kept), hit, trace)
             bar.update(task, advance=len(idx))
