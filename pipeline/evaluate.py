@@ -688,13 +688,12 @@ def score(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(summary metrics, one record per prompt) for one student. Every comparison reads final
     answers on both sides: the student's and the teacher's traces are cut off first."""
-    patterns = ver.patterns
     per: list[dict[str, Any]] = []
     for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
         nll_sum, nll_tokens = nll[i] if nll is not None else (0.0, 0)
-        pred = extract_answer(a.text, patterns)
+        pred = extract_answer(a.text, ver.patterns)
         teacher = [teacher_text(t)[0] for t in p.teacher]
-        known = [t for t in (extract_answer(t, patterns) for t in teacher) if t is not None]
+        known = [t for t in (extract_answer(t, ver.patterns) for t in teacher) if t is not None]
         matches = [
             pred is not None and answers_match(pred, t, rel_tol=ver.rel_tol, abs_tol=ver.abs_tol)
             for t in known
