@@ -267,7 +267,7 @@ class Students:
 
 def resolve_students(cfg: EvalConfig) -> Students:
     """Tell a fine-tune run (or its adapter folder) from a merged model folder; find the base."""
-    ft = Path(cfg.finetuned)
+    ft = cfg.finetuned
     if not ft.exists():
         raise InputError(
             f"{ft}: fine-tuned student not found (key `finetuned`); pass the OUT folder of `distill finetune`"
@@ -296,7 +296,7 @@ def _against(cfg: EvalConfig, students: Students) -> Students:
     """`students` with the `against` student in the base's place, when one is set."""
     if cfg.against is None:
         return students
-    a = Path(cfg.against)
+    a = cfg.against
     if (a / "config.json").is_file():  # a merged model: compared as it is, its record checked
         run = _read_run("against", a, str(students.base), merged=True)
         return dataclasses.replace(students, against=a, against_run=run)
