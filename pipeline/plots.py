@@ -205,7 +205,7 @@ def _name(path: str) -> str:
 def plot_loss_curves(log_history: Path, path: Path) -> bool:
     """Train and eval loss vs optimizer step from a Trainer's log_history; False if it has none.
     A `--loss kd` run also logs both terms of its mix: drawn on their own, so a term that does
-    nothing shows."""
+    nothing shows. A file that is missing or unreadable is False too (eval relies on it)."""
     try:
         history = json.loads(log_history.read_text(encoding="utf-8"))
     except (OSError, ValueError):
