@@ -47,6 +47,7 @@ from pipeline.artifacts import (
     read_build_report,
     read_dataset,
     read_finetune_run,
+    read_json,
     trained_prompt_ids,
 )
 from pipeline.chat import render, renders_reasoning, stop_ids, tokenize_split, training_template
@@ -405,12 +406,7 @@ def generation_stops(students: Students) -> set[int]:
     """
     out: set[int] = set()
     for folder in [f for f in (students.base, students.finetuned, students.against) if f]:
-        try:
-            ids = json.loads((folder / "generation_config.json").read_text(encoding="utf-8")).get(
-                "eos_token_id"
-            )
-        except (OSError, ValueError):
-            continue
+        ids = read_json(folder / "generation_config.json").get("eos_token_id")
         out.update(i for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int))
     return out
 
