@@ -112,7 +112,6 @@ def merge(cfg: MergeConfig) -> Path:
     if isinstance(saved_dtype, str):
         saved_dtype = getattr(torch, saved_dtype, torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().to(saved_dtype)
-    to.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(to), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(str(to))
     if (adapter / "generation_config.json").exists():
