@@ -507,9 +507,9 @@ def split_prompts(
 
 
 def eval_rank(ids: Iterator[str], cfg: BuildConfig, forced: Callable[[], bool]) -> set[str]:
-    """The eval_size distinct `ids` with the lowest prompt_hash (fewer if that would leave nothing
-    to train on and no prompt is `forced` to eval): a heap of eval_size ids, so a rank over a
-    million prompts holds only the ones it keeps."""
+    """The eval_size distinct `ids` with the lowest prompt_hash (a ConfigError if that would leave
+    nothing to train on and no prompt is `forced` to eval): a heap of eval_size ids, so a rank over
+    a million prompts holds only the ones it keeps."""
     counted = 0
 
     def counting() -> Iterator[str]:
@@ -525,9 +525,7 @@ def eval_rank(ids: Iterator[str], cfg: BuildConfig, forced: Callable[[], bool]) 
             f"--eval-size {n} is not below the {counted} prompts to split (after filters): "
             f"nothing would be left to train on; pass --eval-size {max(0, counted - 1)} or less"
         )
-    if not forced():
-        n = min(n, max(0, counted - 1))  # always leave something to train on
-    return set(low[:n])
+    return set(low)
 
 
 # -- training messages -------------------------------------------------------------------------------
