@@ -382,11 +382,9 @@ def _row_filters(
         return "unfinished", f"finish_reason {s.finish_reason}"
     if on.empty and not r.answer:
         return "empty", "blank answer"
-    hit = next((p for p in refusals if p.search(r.answer)), None) if on.refusal else None
-    if hit is not None:
+    if on.refusal and (hit := next((p for p in refusals if p.search(r.answer)), None)):
         return "refusal", f"matches {hit.pattern!r}"
-    too = _length_reason(cfg, r) if on.length else None
-    if too is not None:
+    if on.length and (too := _length_reason(cfg, r)):
         return "length", too
     if on.verify and r.verified is False:
         return "verify", r.verdict
@@ -746,8 +744,7 @@ def _card_curation(rep: BuildReport, cfg: BuildConfig) -> list[str]:
         "|---|---|---|",
         f"| rows in | {rep.rows_in} | stored answers + failed requests |",
     ]
-    fmt = cfg.model_dump()
-    fmt["custom_filter"] = f"`{cfg.custom_filter}`"
+    fmt = {**cfg.model_dump(), "custom_filter": f"`{cfg.custom_filter}`"}
     for name in FILTERS:
         on = (
             name == "failed"
@@ -756,8 +753,7 @@ def _card_curation(rep: BuildReport, cfg: BuildConfig) -> list[str]:
             or getattr(cfg.filters, name, False)
         )
         why = EXPLAIN[name].format(**fmt) if on else "off"
-        detail = rep.reasons.get(name)
-        if detail:
+        if detail := rep.reasons.get(name):
             why += " (" + ", ".join(f"{k}: {v}" for k, v in detail.items()) + ")"
         lines.append(f"| {name} | {rep.removed[name]} | {why} |")
     v = rep.verified
@@ -1144,12 +1140,10 @@ def prompt_groups(
         for _, group in groupby(store.iter_responses(), key=lambda s: str(s.prompt_id)):
             rows = [Row(s) for s in group]
             # Only the current text of each prompt id counts: answers to a replaced text are set aside.
-            live = []
             for r in rows:
-                if current.get(r.prompt_id, "") in ("", content_hash(r.store.messages)):
-                    live.append(r)
-                else:
+                if current.get(r.prompt_id, "") not in ("", content_hash(r.store.messages)):
                     r.removed_by, r.reason = "replaced_prompt", "the prompt's text was replaced"
+            live = [r for r in rows if r.removed_by is None]
             _lengths(live, tok)
             fixed = fixed_splits(live, cfg)
             apply_filters(cfg, live, custom)
