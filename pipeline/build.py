@@ -345,9 +345,7 @@ def _custom_reason(fn: Callable[[dict[str, Any]], Any], spec: str, r: Row) -> st
         ) from None
     if got is True:
         return None
-    if got is False:
-        return "rejected"
-    if isinstance(got, str):
+    if got is False or isinstance(got, str):
         return got or "rejected"
     raise ConfigError(
         f"custom_filter {spec!r} returned {got!r} for row {r.store.key}; "
@@ -908,8 +906,7 @@ class KDTargets:
                 "stored": False,
                 "why": f"format {self.cfg.format} has no binary column: use hf or parquet",
             }
-        totals = self.totals
-        total = totals["train"] + totals["eval"]
+        total = self.totals["train"] + self.totals["eval"]
         n, stored = _answer_tokens(total), self.stored
         return {
             "tokenizer": str(self.cfg.tokenizer),
@@ -919,7 +916,7 @@ class KDTargets:
             "coverage": round(total["target"] / n, 4) if n else 0.0,
             "coverage_by_split": {
                 k: round(c["target"] / _answer_tokens(c), 4) if _answer_tokens(c) else None
-                for k, c in totals.items()
+                for k, c in self.totals.items()
             },
             "no_target": {k: total[k] for k in KD_WHY if total[k]},
             "alts_dropped": total["alts_dropped"],
