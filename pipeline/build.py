@@ -394,18 +394,13 @@ def apply_filters(
 ) -> None:
     """Mark each row with the first filter that removes it (rows come ordered by prompt id)."""
     refusals = [re.compile(p, re.IGNORECASE) for p in cfg.refusal_patterns]
+    settings = dict(
+        mode=cfg.verify, rel_tol=cfg.rel_tol, abs_tol=cfg.abs_tol, patterns=cfg.answer_patterns
+    )
     kept_texts: dict[str, list[tuple[str, frozenset[Any]]]] = {}
     for r in rows:
         if r.store.reference is not None:  # a mode that cannot apply names the prompt
-            v = check_prompt(
-                r.prompt_id,
-                r.answer,
-                r.store.reference,
-                mode=cfg.verify,
-                rel_tol=cfg.rel_tol,
-                abs_tol=cfg.abs_tol,
-                patterns=cfg.answer_patterns,
-            )
+            v = check_prompt(r.prompt_id, r.answer, r.store.reference, **settings)
             r.verified, r.verdict = bool(r.answer) and v.verified is True, v.reason
         removed = _row_filters(cfg, r, refusals)
         if removed is None and custom is not None:
