@@ -796,6 +796,10 @@ LOAD = {
     "parquet": 'datasets.load_dataset("parquet", data_files={"train": "train.parquet", "eval": "eval.parquet"})',
     "jsonl": 'datasets.load_dataset("json", data_files={"train": "train.jsonl", "eval": "eval.jsonl"})',
 }
+SHAPED = {  # the formats SHAPES writes, described in a line each
+    "sharegpt": 'ShareGPT JSONL (`train.jsonl`, `eval.jsonl`): `{"conversations": [{"from": "system|human|gpt", "value": ...}]}`; `dataset_info.json` describes them for LLaMA-Factory.',
+    "openai": 'OpenAI chat fine-tuning JSONL (`train.jsonl`, `eval.jsonl`): `{"messages": [{"role", "content"}]}`.',
+}
 REASONING = {
     "inline": "; reasoning inline as `<think>\\n...\\n</think>\\n\\n` before the answer (rows without reasoning have no think block)",
     "separate": "; reasoning in the assistant message's `reasoning_content` (null elsewhere)",
@@ -805,16 +809,8 @@ REASONING = {
 
 def _card_format(cfg: BuildConfig) -> list[str]:
     lines = ["", "## Format", ""]
-    if cfg.format == "sharegpt":
-        return [
-            *lines,
-            'ShareGPT JSONL (`train.jsonl`, `eval.jsonl`): `{"conversations": [{"from": "system|human|gpt", "value": ...}]}`; `dataset_info.json` describes them for LLaMA-Factory.',
-        ]
-    if cfg.format == "openai":
-        return [
-            *lines,
-            'OpenAI chat fine-tuning JSONL (`train.jsonl`, `eval.jsonl`): `{"messages": [{"role", "content"}]}`.',
-        ]
+    if cfg.format in SHAPED:
+        return [*lines, SHAPED[cfg.format]]
     system = "" if cfg.drop_system else "system, "
     doc = Response.docs()  # the stored fields a row carries over, described where they are defined
     return [
