@@ -66,10 +66,8 @@ class DatasetWriter:
     def __exit__(self, *exc: object) -> None:
         if exc[0] is None:
             self.close()
-        elif self.kind == "jsonl":
-            self.file.close()
-        else:
-            self.writer.close()
+        else:  # a failure: the file is closed, not finalized
+            (self.file if self.kind == "jsonl" else self.writer).close()
 
 
 def _arrow_state(folder: Path, features: Any) -> None:
