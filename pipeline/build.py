@@ -392,12 +392,12 @@ def _row_filters(
 def apply_filters(
     cfg: BuildConfig, rows: list[Row], custom: Callable[[dict[str, Any]], Any] | None
 ) -> None:
-    """Mark each row with the first filter that removes it (rows come ordered by prompt id)."""
+    """Mark each of one prompt's rows with the first filter that removes it."""
     refusals = [re.compile(p, re.IGNORECASE) for p in cfg.refusal_patterns]
     settings = dict(
         mode=cfg.verify, rel_tol=cfg.rel_tol, abs_tol=cfg.abs_tol, patterns=cfg.answer_patterns
     )
-    kept_texts: dict[str, list[tuple[str, frozenset[Any]]]] = {}
+    earlier: list[tuple[str, frozenset[Any]]] = []  # the prompt's answers kept so far
     for r in rows:
         if r.store.reference is not None:  # a mode that cannot apply names the prompt
             v = check_prompt(r.prompt_id, r.answer, r.store.reference, **settings)
@@ -409,10 +409,9 @@ def apply_filters(
         if removed is not None:
             r.removed_by, r.reason = removed
             continue
-        # Deduplicate against the answers of this prompt kept so far (the earlier sample wins).
+        # Deduplicate against the answers kept so far (the earlier sample wins).
         text = _dedupe_text(r)
         grams = _shingles(text, cfg.near_duplicate_ngram)
-        earlier = kept_texts.setdefault(r.prompt_id, [])
         if cfg.filters.duplicate and any(text == t for t, _ in earlier):
             r.removed_by, r.reason = "duplicate", "same answer as an earlier sample"
         elif cfg.filters.near_duplicate and any(
@@ -425,34 +424,29 @@ def apply_filters(
 
 
 def select(cfg: BuildConfig, rows: list[Row]) -> None:
-    """Keep one teacher per prompt (prefer_teachers), then the first or best k passing answers of
-    each prompt; mark the rest not_selected."""
-    by_prompt: dict[str, list[Row]] = {}
-    for r in rows:
-        if r.removed_by is None:
-            by_prompt.setdefault(r.prompt_id, []).append(r)
+    """Of one prompt's passing answers, keep one teacher's (prefer_teachers), then the first or
+    best k; mark the rest not_selected."""
+    group = [r for r in rows if r.removed_by is None]
     rank = {True: 0, None: 1, False: 2}
-    if cfg.prefer_teachers:
+    if cfg.prefer_teachers and group:
         order = {name: i for i, name in enumerate(cfg.prefer_teachers)}
 
         def teacher_rank(r: Row) -> tuple[int, int, str]:
             name = str(r.store.teacher)
             return (rank[r.verified], order.get(name, len(order)), name)
 
-        for pid, group in by_prompt.items():
-            chosen = str(min(group, key=teacher_rank).store.teacher)
-            for r in group:
-                if r.store.teacher != chosen:
-                    r.removed_by, r.reason = "not_selected", f"another teacher preferred ({chosen})"
-            by_prompt[pid] = [r for r in group if r.removed_by is None]
+        chosen = str(min(group, key=teacher_rank).store.teacher)
+        for r in group:
+            if r.store.teacher != chosen:
+                r.removed_by, r.reason = "not_selected", f"another teacher preferred ({chosen})"
+        group = [r for r in group if r.removed_by is None]
     if cfg.select == "all":
         return
     why = f"beyond the {cfg.select} {cfg.per_prompt} per prompt"
-    for group in by_prompt.values():
-        if cfg.select == "best":  # verified first, then the shortest target; ties keep store order
-            group = sorted(group, key=lambda r: (rank[r.verified], r.answer_len + r.reasoning_len))
-        for r in group[cfg.per_prompt :]:
-            r.removed_by, r.reason = "not_selected", why
+    if cfg.select == "best":  # verified first, then the shortest target; ties keep store order
+        group = sorted(group, key=lambda r: (rank[r.verified], r.answer_len + r.reasoning_len))
+    for r in group[cfg.per_prompt :]:
+        r.removed_by, r.reason = "not_selected", why
 
 
 EVAL_NAMES = {"eval", "test", "validation", "valid", "dev"}
@@ -1132,7 +1126,7 @@ def prompt_groups(
                 if current.get(r.prompt_id, "") not in ("", content_hash(r.store.messages)):
                     r.removed_by, r.reason = "replaced_prompt", "the prompt's text was replaced"
             live = [r for r in rows if r.removed_by is None]
-            _lengths(live, tok)
+            _lengths(live, tok)  # the filters and the selection below see one prompt's rows
             fixed = fixed_splits(live, cfg)
             apply_filters(cfg, live, custom)
             select(cfg, live)
