@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from pipeline.artifacts import DatasetWriter
 from pipeline.chat import encode, prepare_messages, renders_reasoning, training_template
@@ -149,7 +149,7 @@ class BuildConfig(StageConfig):
         default_factory=list,
         description="Regexes tried first to find the answer in the final answer (group 1, else the whole match; the last match wins); then the last \\boxed{}, 'The answer is ...', else the whole final answer (the <think> trace never counts).",
     )
-    verify: str = Field(
+    verify: Annotated[str, AfterValidator(check_mode)] = Field(
         "auto",
         description="How a final answer is checked against the prompt's reference (the switch is filters.verify): auto (math when the reference reads as math, else text), math, text, regex (answer_patterns only), or your own 'module:function' / 'path/to/file.py:function' returning True, False or None. `distill eval` uses the same setting.",
     )
@@ -218,11 +218,6 @@ class BuildConfig(StageConfig):
                         f"unknown filter {name!r} in filters; filters are: {', '.join(SWITCHES)}"
                     )
         return data
-
-    @field_validator("verify")
-    @classmethod
-    def _verify_mode(cls, mode: str) -> str:
-        return check_mode(mode)
 
     @model_validator(mode="after")
     def _regex_needs_patterns(self) -> BuildConfig:
