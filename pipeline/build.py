@@ -772,9 +772,8 @@ def _card_split(rep: BuildReport) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for name in ("answer", "reasoning", "teacher_completion_tokens"):
-        st = rep.lengths[name]
         cells = " | ".join(
-            str(st.get(k, "-")) for k in ("n", "min", "mean", "median", "p90", "max")
+            str(rep.lengths[name].get(k, "-")) for k in ("n", "min", "mean", "median", "p90", "max")
         )
         lines.append(f"| {name.replace('_', ' ')} | {cells} |")
     return lines
