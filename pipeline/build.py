@@ -545,25 +545,6 @@ def output_row(r: Row, cfg: BuildConfig) -> dict[str, Any]:
 # -- writers -----------------------------------------------------------------------------------------
 
 
-def _features(reasoning: str):  # type: ignore[no-untyped-def]
-    import datasets
-
-    msg = {"role": datasets.Value("string"), "content": datasets.Value("string")}
-    if reasoning == "separate":
-        msg["reasoning_content"] = datasets.Value("string")
-    return datasets.Features(
-        {
-            "messages": datasets.List(msg),
-            "prompt_id": datasets.Value("string"),
-            "sample_index": datasets.Value("int64"),
-            "teacher": datasets.Value("string"),
-            "verified": datasets.Value("bool"),
-            "reference": datasets.Value("string"),
-            "key": datasets.Value("string"),
-        }
-    )
-
-
 def _sharegpt(row: dict[str, Any]) -> dict[str, Any]:
     names = {"system": "system", "user": "human", "assistant": "gpt", "tool": "observation"}
     return {
@@ -609,7 +590,20 @@ def open_writers(cfg: BuildConfig, out: Path, kd_columns: bool) -> dict[str, Dat
     import datasets
 
     datasets.disable_progress_bars()
-    feats = _features(cfg.reasoning)
+    msg = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    if cfg.reasoning == "separate":
+        msg["reasoning_content"] = datasets.Value("string")
+    feats = datasets.Features(
+        {
+            "messages": datasets.List(msg),
+            "prompt_id": datasets.Value("string"),
+            "sample_index": datasets.Value("int64"),
+            "teacher": datasets.Value("string"),
+            "verified": datasets.Value("bool"),
+            "reference": datasets.Value("string"),
+            "key": datasets.Value("string"),
+        }
+    )
     if kd_columns:
         feats["kd_targets"] = datasets.Value("binary")
         feats["kd_check"] = datasets.Value("string")
