@@ -1114,7 +1114,7 @@ def prompt_groups(
                 if current.get(r.prompt_id, "") not in ("", content_hash(r.store.messages)):
                     r.removed_by, r.reason = "replaced_prompt", "the prompt's text was replaced"
             live = [r for r in rows if r.removed_by is None]
-            _lengths(live, tok)  # the filters and the selection below see one prompt's rows
+            _lengths(live, tok)  # one prompt's rows: apply_filters and select rely on it
             fixed = fixed_splits(live, cfg)
             apply_filters(cfg, live, custom)
             select(cfg, live)
