@@ -471,19 +471,15 @@ def prompt_hash(seed: int, prompt_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_prompts(
-    prompt_ids: list[str], cfg: BuildConfig, fixed: dict[str, bool] | None = None
-) -> set[str]:
-    """The eval prompt ids: those fixed by split_field, then, of the rest, those whose
-    prompt_hash is below eval_fraction: a pure function of (seed, prompt id, eval_fraction), so
-    adding, removing or filtering prompts never moves another one. eval_size instead takes the n
-    lowest hashes (a rank: exact, but it moves when the prompts change)."""
-    fixed = fixed or {}
-    forced = {p for p in prompt_ids if fixed.get(p)}
-    ids = sorted({p for p in prompt_ids if p not in fixed})
+def split_prompts(prompt_ids: list[str], cfg: BuildConfig) -> set[str]:
+    """The eval prompt ids (of prompts without a split_field split): those whose prompt_hash is
+    below eval_fraction: a pure function of (seed, prompt id, eval_fraction), so adding, removing
+    or filtering prompts never moves another one. eval_size instead takes the n lowest hashes (a
+    rank: exact, but it moves when the prompts change)."""
+    ids = sorted(set(prompt_ids))
     if cfg.eval_size is None:
-        return forced | {p for p in ids if prompt_hash(cfg.seed, p) < cfg.eval_fraction}
-    return forced | eval_rank(iter(ids), cfg, lambda: bool(forced))
+        return {p for p in ids if prompt_hash(cfg.seed, p) < cfg.eval_fraction}
+    return eval_rank(iter(ids), cfg, lambda: False)
 
 
 def eval_rank(ids: Iterator[str], cfg: BuildConfig, forced: Callable[[], bool]) -> set[str]:
