@@ -31,7 +31,7 @@ class DatasetWriter:
     """
 
     def __init__(self, path: Path, kind: str, features: Any = None, batch: int = 1000):
-        self.path, self.kind, self.rows = path, kind, 0
+        self.path, self.kind = path, kind
         if kind == "jsonl":
             self.file = path.open("w", encoding="utf-8")
             return
@@ -45,7 +45,6 @@ class DatasetWriter:
         self.writer = cls(features=features, path=str(target), writer_batch_size=batch)
 
     def write(self, row: dict[str, Any]) -> None:
-        self.rows += 1
         if self.kind == "jsonl":
             self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
         else:
@@ -66,10 +65,8 @@ class DatasetWriter:
     def __exit__(self, *exc: object) -> None:
         if exc[0] is None:
             self.close()
-        elif self.kind == "jsonl":
-            self.file.close()
-        else:
-            self.writer.close()
+        else:  # a failure: the file is closed, not finalized
+            (self.file if self.kind == "jsonl" else self.writer).close()
 
 
 def _arrow_state(folder: Path, features: Any) -> None:

@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from pipeline.artifacts import DatasetWriter
 from pipeline.chat import encode, prepare_messages, renders_reasoning, training_template
@@ -149,7 +149,7 @@ class BuildConfig(StageConfig):
         default_factory=list,
         description="Regexes tried first to find the answer in the final answer (group 1, else the whole match; the last match wins); then the last \\boxed{}, 'The answer is ...', else the whole final answer (the <think> trace never counts).",
     )
-    verify: str = Field(
+    verify: Annotated[str, AfterValidator(check_mode)] = Field(
         "auto",
         description="How a final answer is checked against the prompt's reference (the switch is filters.verify): auto (math when the reference reads as math, else text), math, text, regex (answer_patterns only), or your own 'module:function' / 'path/to/file.py:function' returning True, False or None. `distill eval` uses the same setting.",
     )
@@ -218,11 +218,6 @@ class BuildConfig(StageConfig):
                         f"unknown filter {name!r} in filters; filters are: {', '.join(SWITCHES)}"
                     )
         return data
-
-    @field_validator("verify")
-    @classmethod
-    def _verify_mode(cls, mode: str) -> str:
-        return check_mode(mode)
 
     @model_validator(mode="after")
     def _regex_needs_patterns(self) -> BuildConfig:
@@ -345,9 +340,7 @@ def _custom_reason(fn: Callable[[dict[str, Any]], Any], spec: str, r: Row) -> st
         ) from None
     if got is True:
         return None
-    if got is False:
-        return "rejected"
-    if isinstance(got, str):
+    if got is False or isinstance(got, str):
         return got or "rejected"
     raise ConfigError(
         f"custom_filter {spec!r} returned {got!r} for row {r.store.key}; "
@@ -382,11 +375,9 @@ def _row_filters(
         return "unfinished", f"finish_reason {s.finish_reason}"
     if on.empty and not r.answer:
         return "empty", "blank answer"
-    hit = next((p for p in refusals if p.search(r.answer)), None) if on.refusal else None
-    if hit is not None:
+    if on.refusal and (hit := next((p for p in refusals if p.search(r.answer)), None)):
         return "refusal", f"matches {hit.pattern!r}"
-    too = _length_reason(cfg, r) if on.length else None
-    if too is not None:
+    if on.length and (too := _length_reason(cfg, r)):
         return "length", too
     if on.verify and r.verified is False:
         return "verify", r.verdict
@@ -396,20 +387,15 @@ def _row_filters(
 def apply_filters(
     cfg: BuildConfig, rows: list[Row], custom: Callable[[dict[str, Any]], Any] | None
 ) -> None:
-    """Mark each row with the first filter that removes it (rows come ordered by prompt id)."""
+    """Mark each of one prompt's rows with the first filter that removes it."""
     refusals = [re.compile(p, re.IGNORECASE) for p in cfg.refusal_patterns]
-    kept_texts: dict[str, list[tuple[str, frozenset[Any]]]] = {}
+    settings = dict(
+        mode=cfg.verify, rel_tol=cfg.rel_tol, abs_tol=cfg.abs_tol, patterns=cfg.answer_patterns
+    )
+    earlier: list[tuple[str, frozenset[Any]]] = []  # the prompt's answers kept so far
     for r in rows:
         if r.store.reference is not None:  # a mode that cannot apply names the prompt
-            v = check_prompt(
-                r.prompt_id,
-                r.answer,
-                r.store.reference,
-                mode=cfg.verify,
-                rel_tol=cfg.rel_tol,
-                abs_tol=cfg.abs_tol,
-                patterns=cfg.answer_patterns,
-            )
+            v = check_prompt(r.prompt_id, r.answer, r.store.reference, **settings)
             r.verified, r.verdict = bool(r.answer) and v.verified is True, v.reason
         removed = _row_filters(cfg, r, refusals)
         if removed is None and custom is not None:
@@ -418,10 +404,9 @@ def apply_filters(
         if removed is not None:
             r.removed_by, r.reason = removed
             continue
-        # Deduplicate against the answers of this prompt kept so far (the earlier sample wins).
+        # Deduplicate against the answers kept so far (the earlier sample wins).
         text = _dedupe_text(r)
         grams = _shingles(text, cfg.near_duplicate_ngram)
-        earlier = kept_texts.setdefault(r.prompt_id, [])
         if cfg.filters.duplicate and any(text == t for t, _ in earlier):
             r.removed_by, r.reason = "duplicate", "same answer as an earlier sample"
         elif cfg.filters.near_duplicate and any(
@@ -434,34 +419,29 @@ def apply_filters(
 
 
 def select(cfg: BuildConfig, rows: list[Row]) -> None:
-    """Keep one teacher per prompt (prefer_teachers), then the first or best k passing answers of
-    each prompt; mark the rest not_selected."""
-    by_prompt: dict[str, list[Row]] = {}
-    for r in rows:
-        if r.removed_by is None:
-            by_prompt.setdefault(r.prompt_id, []).append(r)
+    """Of one prompt's passing answers, keep one teacher's (prefer_teachers), then the first or
+    best k; mark the rest not_selected."""
+    group = [r for r in rows if r.removed_by is None]
     rank = {True: 0, None: 1, False: 2}
-    if cfg.prefer_teachers:
+    if cfg.prefer_teachers and group:
         order = {name: i for i, name in enumerate(cfg.prefer_teachers)}
 
         def teacher_rank(r: Row) -> tuple[int, int, str]:
             name = str(r.store.teacher)
             return (rank[r.verified], order.get(name, len(order)), name)
 
-        for pid, group in by_prompt.items():
-            chosen = str(min(group, key=teacher_rank).store.teacher)
-            for r in group:
-                if r.store.teacher != chosen:
-                    r.removed_by, r.reason = "not_selected", f"another teacher preferred ({chosen})"
-            by_prompt[pid] = [r for r in group if r.removed_by is None]
+        chosen = str(min(group, key=teacher_rank).store.teacher)
+        for r in group:
+            if r.store.teacher != chosen:
+                r.removed_by, r.reason = "not_selected", f"another teacher preferred ({chosen})"
+        group = [r for r in group if r.removed_by is None]
     if cfg.select == "all":
         return
     why = f"beyond the {cfg.select} {cfg.per_prompt} per prompt"
-    for group in by_prompt.values():
-        if cfg.select == "best":  # verified first, then the shortest target; ties keep store order
-            group = sorted(group, key=lambda r: (rank[r.verified], r.answer_len + r.reasoning_len))
-        for r in group[cfg.per_prompt :]:
-            r.removed_by, r.reason = "not_selected", why
+    if cfg.select == "best":  # verified first, then the shortest target; ties keep store order
+        group = sorted(group, key=lambda r: (rank[r.verified], r.answer_len + r.reasoning_len))
+    for r in group[cfg.per_prompt :]:
+        r.removed_by, r.reason = "not_selected", why
 
 
 EVAL_NAMES = {"eval", "test", "validation", "valid", "dev"}
@@ -491,25 +471,21 @@ def prompt_hash(seed: int, prompt_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_prompts(
-    prompt_ids: list[str], cfg: BuildConfig, fixed: dict[str, bool] | None = None
-) -> set[str]:
-    """The eval prompt ids: those fixed by split_field, then, of the rest, those whose
-    prompt_hash is below eval_fraction: a pure function of (seed, prompt id, eval_fraction), so
-    adding, removing or filtering prompts never moves another one. eval_size instead takes the n
-    lowest hashes (a rank: exact, but it moves when the prompts change)."""
-    fixed = fixed or {}
-    forced = {p for p in prompt_ids if fixed.get(p)}
-    ids = sorted({p for p in prompt_ids if p not in fixed})
+def split_prompts(prompt_ids: list[str], cfg: BuildConfig) -> set[str]:
+    """The eval prompt ids (of prompts without a split_field split): those whose prompt_hash is
+    below eval_fraction: a pure function of (seed, prompt id, eval_fraction), so adding, removing
+    or filtering prompts never moves another one. eval_size instead takes the n lowest hashes (a
+    rank: exact, but it moves when the prompts change)."""
+    ids = sorted(set(prompt_ids))
     if cfg.eval_size is None:
-        return forced | {p for p in ids if prompt_hash(cfg.seed, p) < cfg.eval_fraction}
-    return forced | eval_rank(iter(ids), cfg, lambda: bool(forced))
+        return {p for p in ids if prompt_hash(cfg.seed, p) < cfg.eval_fraction}
+    return eval_rank(iter(ids), cfg, lambda: False)
 
 
 def eval_rank(ids: Iterator[str], cfg: BuildConfig, forced: Callable[[], bool]) -> set[str]:
-    """The eval_size distinct `ids` with the lowest prompt_hash (fewer if that would leave nothing
-    to train on and no prompt is `forced` to eval): a heap of eval_size ids, so a rank over a
-    million prompts holds only the ones it keeps."""
+    """The eval_size distinct `ids` with the lowest prompt_hash (a ConfigError if that would leave
+    nothing to train on and no prompt is `forced` to eval): a heap of eval_size ids, so a rank over
+    a million prompts holds only the ones it keeps."""
     counted = 0
 
     def counting() -> Iterator[str]:
@@ -525,9 +501,7 @@ def eval_rank(ids: Iterator[str], cfg: BuildConfig, forced: Callable[[], bool]) 
             f"--eval-size {n} is not below the {counted} prompts to split (after filters): "
             f"nothing would be left to train on; pass --eval-size {max(0, counted - 1)} or less"
         )
-    if not forced():
-        n = min(n, max(0, counted - 1))  # always leave something to train on
-    return set(low[:n])
+    return set(low)
 
 
 # -- training messages -------------------------------------------------------------------------------
@@ -565,25 +539,6 @@ def output_row(r: Row, cfg: BuildConfig) -> dict[str, Any]:
 
 
 # -- writers -----------------------------------------------------------------------------------------
-
-
-def _features(reasoning: str):  # type: ignore[no-untyped-def]
-    import datasets
-
-    msg = {"role": datasets.Value("string"), "content": datasets.Value("string")}
-    if reasoning == "separate":
-        msg["reasoning_content"] = datasets.Value("string")
-    return datasets.Features(
-        {
-            "messages": datasets.List(msg),
-            "prompt_id": datasets.Value("string"),
-            "sample_index": datasets.Value("int64"),
-            "teacher": datasets.Value("string"),
-            "verified": datasets.Value("bool"),
-            "reference": datasets.Value("string"),
-            "key": datasets.Value("string"),
-        }
-    )
 
 
 def _sharegpt(row: dict[str, Any]) -> dict[str, Any]:
@@ -631,7 +586,20 @@ def open_writers(cfg: BuildConfig, out: Path, kd_columns: bool) -> dict[str, Dat
     import datasets
 
     datasets.disable_progress_bars()
-    feats = _features(cfg.reasoning)
+    msg = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    if cfg.reasoning == "separate":
+        msg["reasoning_content"] = datasets.Value("string")
+    feats = datasets.Features(
+        {
+            "messages": datasets.List(msg),
+            "prompt_id": datasets.Value("string"),
+            "sample_index": datasets.Value("int64"),
+            "teacher": datasets.Value("string"),
+            "verified": datasets.Value("bool"),
+            "reference": datasets.Value("string"),
+            "key": datasets.Value("string"),
+        }
+    )
     if kd_columns:
         feats["kd_targets"] = datasets.Value("binary")
         feats["kd_check"] = datasets.Value("string")
@@ -748,8 +716,7 @@ def _card_curation(rep: BuildReport, cfg: BuildConfig) -> list[str]:
         "|---|---|---|",
         f"| rows in | {rep.rows_in} | stored answers + failed requests |",
     ]
-    fmt = cfg.model_dump()
-    fmt["custom_filter"] = f"`{cfg.custom_filter}`"
+    fmt = {**cfg.model_dump(), "custom_filter": f"`{cfg.custom_filter}`"}
     for name in FILTERS:
         on = (
             name == "failed"
@@ -758,8 +725,7 @@ def _card_curation(rep: BuildReport, cfg: BuildConfig) -> list[str]:
             or getattr(cfg.filters, name, False)
         )
         why = EXPLAIN[name].format(**fmt) if on else "off"
-        detail = rep.reasons.get(name)
-        if detail:
+        if detail := rep.reasons.get(name):
             why += " (" + ", ".join(f"{k}: {v}" for k, v in detail.items()) + ")"
         lines.append(f"| {name} | {rep.removed[name]} | {why} |")
     v = rep.verified
@@ -796,9 +762,8 @@ def _card_split(rep: BuildReport) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for name in ("answer", "reasoning", "teacher_completion_tokens"):
-        st = rep.lengths[name]
         cells = " | ".join(
-            str(st.get(k, "-")) for k in ("n", "min", "mean", "median", "p90", "max")
+            str(rep.lengths[name].get(k, "-")) for k in ("n", "min", "mean", "median", "p90", "max")
         )
         lines.append(f"| {name.replace('_', ' ')} | {cells} |")
     return lines
@@ -809,6 +774,10 @@ LOAD = {
     "parquet": 'datasets.load_dataset("parquet", data_files={"train": "train.parquet", "eval": "eval.parquet"})',
     "jsonl": 'datasets.load_dataset("json", data_files={"train": "train.jsonl", "eval": "eval.jsonl"})',
 }
+SHAPED = {  # the formats SHAPES writes, described in a line each
+    "sharegpt": 'ShareGPT JSONL (`train.jsonl`, `eval.jsonl`): `{"conversations": [{"from": "system|human|gpt", "value": ...}]}`; `dataset_info.json` describes them for LLaMA-Factory.',
+    "openai": 'OpenAI chat fine-tuning JSONL (`train.jsonl`, `eval.jsonl`): `{"messages": [{"role", "content"}]}`.',
+}
 REASONING = {
     "inline": "; reasoning inline as `<think>\\n...\\n</think>\\n\\n` before the answer (rows without reasoning have no think block)",
     "separate": "; reasoning in the assistant message's `reasoning_content` (null elsewhere)",
@@ -818,16 +787,8 @@ REASONING = {
 
 def _card_format(cfg: BuildConfig) -> list[str]:
     lines = ["", "## Format", ""]
-    if cfg.format == "sharegpt":
-        return [
-            *lines,
-            'ShareGPT JSONL (`train.jsonl`, `eval.jsonl`): `{"conversations": [{"from": "system|human|gpt", "value": ...}]}`; `dataset_info.json` describes them for LLaMA-Factory.',
-        ]
-    if cfg.format == "openai":
-        return [
-            *lines,
-            'OpenAI chat fine-tuning JSONL (`train.jsonl`, `eval.jsonl`): `{"messages": [{"role", "content"}]}`.',
-        ]
+    if cfg.format in SHAPED:
+        return [*lines, SHAPED[cfg.format]]
     system = "" if cfg.drop_system else "system, "
     doc = Response.docs()  # the stored fields a row carries over, described where they are defined
     return [
@@ -914,8 +875,7 @@ class KDTargets:
                 "stored": False,
                 "why": f"format {self.cfg.format} has no binary column: use hf or parquet",
             }
-        totals = self.totals
-        total = totals["train"] + totals["eval"]
+        total = self.totals["train"] + self.totals["eval"]
         n, stored = _answer_tokens(total), self.stored
         return {
             "tokenizer": str(self.cfg.tokenizer),
@@ -925,7 +885,7 @@ class KDTargets:
             "coverage": round(total["target"] / n, 4) if n else 0.0,
             "coverage_by_split": {
                 k: round(c["target"] / _answer_tokens(c), 4) if _answer_tokens(c) else None
-                for k, c in totals.items()
+                for k, c in self.totals.items()
             },
             "no_target": {k: total[k] for k in KD_WHY if total[k]},
             "alts_dropped": total["alts_dropped"],
@@ -1146,13 +1106,11 @@ def prompt_groups(
         for _, group in groupby(store.iter_responses(), key=lambda s: str(s.prompt_id)):
             rows = [Row(s) for s in group]
             # Only the current text of each prompt id counts: answers to a replaced text are set aside.
-            live = []
             for r in rows:
-                if current.get(r.prompt_id, "") in ("", content_hash(r.store.messages)):
-                    live.append(r)
-                else:
+                if current.get(r.prompt_id, "") not in ("", content_hash(r.store.messages)):
                     r.removed_by, r.reason = "replaced_prompt", "the prompt's text was replaced"
-            _lengths(live, tok)
+            live = [r for r in rows if r.removed_by is None]
+            _lengths(live, tok)  # one prompt's rows: apply_filters and select rely on it
             fixed = fixed_splits(live, cfg)
             apply_filters(cfg, live, custom)
             select(cfg, live)

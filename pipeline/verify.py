@@ -153,10 +153,9 @@ def _unwrap(s: str) -> str:
     s = s.replace("{,}", ",").replace("\\,", "").replace("\\!", "").replace("\\ ", " ")
     s = _TIMES_TEN.sub(r"e\1", re.sub(r"\\(?:left|right|displaystyle)\b", "", s))
     for _ in range(5):  # nested wrappers, innermost first
-        new = _WRAPPERS.sub(r"\1", s)
-        if new == s:
+        s, unwrapped = _WRAPPERS.subn(r"\1", s)
+        if not unwrapped:
             break
-        s = new
     while True:
         s = _strip_punct(s)
         for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
