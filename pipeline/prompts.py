@@ -95,8 +95,6 @@ def _rows_parquet(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"{path}[row {i}]", row
                 i += 1
     except Exception as e:  # pyarrow raises several types for a bad file
-        if isinstance(e, InputError):
-            raise
         raise InputError(f"{path}: not a readable Parquet file ({e}); check the file") from None
 
 
@@ -129,7 +127,6 @@ def _read(path: Path) -> Iterator[tuple[str, Any]]:
     if path.is_dir():
         yield from _rows_hf(path)
         return
-    suffix = path.suffix.lower()
     readers = {
         ".jsonl": _rows_jsonl,
         ".ndjson": _rows_jsonl,
@@ -139,7 +136,7 @@ def _read(path: Path) -> Iterator[tuple[str, Any]]:
         ".txt": _rows_txt,
     }
     try:
-        reader = readers.get(suffix) or _sniff(path)
+        reader = readers.get(path.suffix.lower()) or _sniff(path)
         yield from reader(path)
     except UnicodeDecodeError:
         raise InputError(f"{path}: not UTF-8 text; convert it or use .parquet") from None
@@ -195,7 +192,6 @@ def _render(template: str, values: dict[str, Any], src: str) -> str:
 def _check_messages(msgs: Any, src: str) -> list[dict[str, Any]]:
     if not isinstance(msgs, list) or not msgs:
         raise InputError(f"{src}: 'messages' must be a non-empty list of {{role, content}} objects")
-    out = []
     for i, m in enumerate(msgs):
         if (
             not isinstance(m, dict)
@@ -205,8 +201,7 @@ def _check_messages(msgs: Any, src: str) -> list[dict[str, Any]]:
             raise InputError(
                 f"{src}: messages[{i}] must be an object with a role ({'/'.join(sorted(ROLES))}) and a content string"
             )
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
 def to_row(
