@@ -170,13 +170,6 @@ def _sniff(path: Path) -> Callable[[Path], Iterator[tuple[str, Any]]]:
     )
 
 
-def _fields(raw: dict[str, Any]) -> dict[str, Any]:
-    """The names a user template may use: the row's keys, and its meta's keys."""
-    out = dict(raw.get("meta") or {}) if isinstance(raw.get("meta"), dict) else {}
-    out.update(raw)
-    return out
-
-
 def _render(template: str, values: dict[str, Any], src: str) -> str:
     try:
         return string.Formatter().vformat(template, (), values)
@@ -212,23 +205,16 @@ def to_row(
         raise InputError(
             f"{src}: expected an object with 'prompt' or 'messages', got {type(raw).__name__}"
         )
-    meta = dict(raw["meta"]) if isinstance(raw.get("meta"), dict) else {}
-    if raw.get("meta") is not None and not isinstance(raw.get("meta"), dict):
-        meta = {"meta": raw["meta"]}
+    given = raw.get("meta")
+    meta = dict(given) if isinstance(given, dict) else {} if given is None else {"meta": given}
     meta.update({k: v for k, v in raw.items() if k not in KNOWN_KEYS})
     if raw.get("messages") is not None:
         messages = _check_messages(raw["messages"], src)
         own_content: Any = messages
     elif raw.get("prompt") is not None or user_template:
-        prompt = raw.get("prompt")
-        if prompt is not None and not isinstance(prompt, str):
-            prompt = str(prompt)
-        if user_template:
-            values = _fields(raw)
-            values.setdefault("prompt", prompt or "")
-            text = _render(user_template, values, src)
-        else:
-            text = prompt or ""
+        text = "" if raw.get("prompt") is None else str(raw["prompt"])
+        if user_template:  # the names it may use: the row's keys, its meta's, and prompt
+            text = _render(user_template, {"prompt": text, **meta, **raw}, src)
         if not text.strip():
             raise InputError(f"{src}: empty prompt; remove the row or fill it in")
         messages = [{"role": "user", "content": text}]
