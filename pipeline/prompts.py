@@ -88,12 +88,10 @@ def _rows_csv(path: Path) -> Iterator[tuple[str, Any]]:
 def _rows_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
-    i = 0
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):  # not the whole table
-            for row in batch.to_pylist():
-                yield f"{path}[row {i}]", row
-                i += 1
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)  # not the whole table
+        for i, row in enumerate(itertools.chain.from_iterable(b.to_pylist() for b in batches)):
+            yield f"{path}[row {i}]", row
     except Exception as e:  # pyarrow raises several types for a bad file
         raise InputError(f"{path}: not a readable Parquet file ({e}); check the file") from None
 
@@ -124,9 +122,6 @@ def _read(path: Path) -> Iterator[tuple[str, Any]]:
     but for a .json array)."""
     if not path.exists():
         raise InputError(f"{path}: prompt file not found; check the --prompts path")
-    if path.is_dir():
-        yield from _rows_hf(path)
-        return
     readers = {
         ".jsonl": _rows_jsonl,
         ".ndjson": _rows_jsonl,
@@ -136,7 +131,7 @@ def _read(path: Path) -> Iterator[tuple[str, Any]]:
         ".txt": _rows_txt,
     }
     try:
-        reader = readers.get(path.suffix.lower()) or _sniff(path)
+        reader = _rows_hf if path.is_dir() else readers.get(path.suffix.lower()) or _sniff(path)
         yield from reader(path)
     except UnicodeDecodeError:
         raise InputError(f"{path}: not UTF-8 text; convert it or use .parquet") from None
@@ -391,8 +386,7 @@ class PromptReader:
 
     @staticmethod
     def _owner(seen: sqlite3.Connection, pid: str) -> tuple[str, str] | None:
-        found = seen.execute("SELECT source, digest FROM texts WHERE id = ?", (pid,)).fetchone()
-        return None if found is None else (found[0], found[1])
+        return seen.execute("SELECT source, digest FROM texts WHERE id = ?", (pid,)).fetchone()
 
     def again(self) -> Iterator[PromptRow]:
         """The rows kept by the last full iteration, read again (no checks: they passed)."""
