@@ -291,12 +291,8 @@ def routes_to(cfg: HarvestConfig, teachers: list[TeacherConfig], row: PromptRow)
         # A hash of the prompt id, not a random draw: a prompt goes to the same teacher on every
         # run, and prompts added to a growing file never move the old ones.
         u = int(content_hash(row.id, length=15), 16) / 16**15
-        acc = 0.0
-        for label, share in zip(labels, cfg.shares()):
-            acc += share
-            if u < acc:
-                return {label}
-        return {labels[-1]}
+        bounds = itertools.accumulate(cfg.shares())
+        return {next((label for label, b in zip(labels, bounds) if u < b), labels[-1])}
     value = row.meta.get(cfg.route_field or "")
     if not isinstance(value, str) or value not in labels:
         raise InputError(
@@ -308,9 +304,7 @@ def routes_to(cfg: HarvestConfig, teachers: list[TeacherConfig], row: PromptRow)
 
 def store_key(t: TeacherConfig, row: PromptRow, params: dict[str, Any], sample: int) -> str:
     """The store key of one sample of a prompt at a teacher (online and batch alike)."""
-    return request_key(
-        t.base_url, t.model or "", row.messages, params, sample, row.messages_json or None
-    )
+    return request_key(t.base_url, t.model or "", row.messages, params, sample, row.messages_json)
 
 
 @dataclass
@@ -344,14 +338,9 @@ def plan(
         ]
         key = request_keys(t.base_url, t.model or "", params)
         wanted = [
-            [key(row.messages, i, row.messages_json or None) for i in range(cfg.samples)]
-            for row in routed
+            [key(row.messages, i, row.messages_json) for i in range(cfg.samples)] for row in routed
         ]
-        found = (
-            done
-            if isinstance(done, set)
-            else done.done_among(list(itertools.chain.from_iterable(wanted)))
-        )
+        found = done if isinstance(done, set) else done.done_among(list(itertools.chain(*wanted)))
         for row, keys in zip(routed, wanted):
             missing = [i for i, k in enumerate(keys) if k not in found]
             waiting = [i for i in missing if keys[i] in in_batch]
@@ -827,8 +816,7 @@ def checked_rows(cfg: HarvestConfig) -> tuple[list[PromptRow], int, list[str]]:
 def changed_prompts(store: Store, rows: list[PromptRow]) -> list[tuple[str, str, str]]:
     """(id, content hash, source) of the rows whose id was harvested with other text."""
     known = store.prompt_hashes([r.id for r in rows])
-    now = [(r.id, r.digest or content_hash(r.messages), r.source) for r in rows]
-    return [(pid, h, src) for pid, h, src in now if known.get(pid, h) != h]
+    return [(r.id, r.digest, r.source) for r in rows if known.get(r.id, r.digest) != r.digest]
 
 
 def settle_changed_prompts(
