@@ -728,7 +728,7 @@ def _run_batch(
     rows: list[PromptRow] = []
     if hcfg is not None:
         batch_teachers(hcfg, bcfg)
-        rows, *_ = checked_rows(hcfg)  # input errors surface before the store is touched
+        rows = checked_rows(hcfg)  # input errors surface before the store is touched
     started = time.monotonic()
     if hcfg is None and not (run_dir / STORE_FILE).is_file():  # collect, cancel: nothing to do
         raise InputError(

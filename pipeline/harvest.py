@@ -433,10 +433,6 @@ class Harvest:
 
     # -- one request --------------------------------------------------------------------------------
 
-    def worst_cost(self, t: TeacherConfig, job: Job, n: int) -> float:
-        out = job.max_tokens or self.cfg.max_tokens or 1024
-        return cost(t, estimate_tokens(job.row.messages), out * n)
-
     async def send(self, teacher: Teacher, job: Job, n: int) -> tuple[Completion, int]:
         """One logical request through the limiter and the retry policy. Returns (completion, attempts)."""
         seed = sample_seed(self.cfg, job.row, job.samples[0])
@@ -595,7 +591,8 @@ class Harvest:
         `fatal`) and gives None."""
         t = teacher.cfg
         n = len(job.samples)
-        worst = self.worst_cost(t, job, n)
+        out = (job.max_tokens or self.cfg.max_tokens or 1024) * n
+        worst = cost(t, estimate_tokens(job.row.messages), out)
         cap = self.cfg.max_cost
         if cap is not None and self.summary.cost_usd + self.reserved_cost + worst > cap:
             self.stop(f"max_cost ${cap:g} would be passed")
@@ -782,13 +779,10 @@ def run_loop(coro: Any) -> Any:
 def prompt_reader(cfg: HarvestConfig) -> PromptReader:
     """The reader of the run's prompts, after the checks that need no prompt: a teacher without a
     model, a system prompt or template file that cannot be read."""
-    for t in cfg.all_teachers():
-        if not t.model:
-            raise ConfigError(
-                "no teacher model: pass --model NAME or set model: in the harvest config"
-            )
+    if not all(t.model for t in cfg.all_teachers()):
+        raise ConfigError("no teacher model: pass --model NAME or set model: in the harvest config")
     return PromptReader(
-        list(cfg.prompts),
+        cfg.prompts,
         system_prompt=read_text_arg(cfg.system_prompt, cfg.system_prompt_file, "system prompt"),
         user_template=read_text_arg(cfg.user_template, cfg.user_template_file, "user template"),
         limit=cfg.limit,
@@ -800,17 +794,17 @@ def warn_conflicts(conflicts: list[str]) -> None:
         print(f"warning: prompt conflict {i}/{len(conflicts)}: {text}", file=sys.stderr)
 
 
-def checked_rows(cfg: HarvestConfig) -> tuple[list[PromptRow], int, list[str]]:
-    """The prompt rows in a list (the Batch API's harvest), how many duplicates were dropped and
-    the conflicts among them (warned on stderr), with every input error raised before the store
-    is touched: a teacher without a model, a bad file, a row naming no teacher."""
+def checked_rows(cfg: HarvestConfig) -> list[PromptRow]:
+    """The prompt rows in a list (the Batch API's harvest), the conflicts among them warned on
+    stderr, with every input error raised before the store is touched: a teacher without a
+    model, a bad file, a row naming no teacher."""
     reader = prompt_reader(cfg)
     rows = list(reader)
     teachers = cfg.all_teachers()
     for row in rows:
         routes_to(cfg, teachers, row)
     warn_conflicts(reader.conflicts)
-    return rows, reader.dropped, reader.conflicts
+    return rows
 
 
 def changed_prompts(store: Store, rows: list[PromptRow]) -> list[tuple[str, str, str]]:
@@ -900,7 +894,6 @@ def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
     summary = Summary(run_dir=str(cfg.out), dry_run=cfg.dry_run)
     summary.teachers = [t.label for t in cfg.all_teachers()]
     surveyed = False
-    changed: list[tuple[str, str, str]] = []
     path = Path(cfg.out) / STORE_FILE
     if path.is_file() and path.stat().st_size > 0:
         try:
