@@ -609,17 +609,15 @@ class BatchRun:
 
     # -- the tally ----------------------------------------------------------------------------------
 
-    def tally(self, wanted: set[str] | None) -> None:
+    def tally(self) -> None:
         s = self.summary
-        self.count(wanted)
+        self.count(self.wanted)
         s.cost_usd = round(s.cost_usd, 6)
         # Done means this command's job is done: submit, that nothing is left unsubmitted;
         # cancel, that cancelling was asked; collect and run, that every answer is in.
         if s.failed_batches:
             s.status, s.exit_code = "failed", EXIT_FAILED
-        elif s.command == "cancel":
-            pass
-        elif s.left or (s.open_batches and s.command != "submit"):
+        elif s.command != "cancel" and (s.left or (s.open_batches and s.command != "submit")):
             s.status, s.exit_code = "partial", EXIT_PARTIAL
 
     def count(self, wanted: set[str] | None) -> None:
@@ -769,7 +767,7 @@ def _run_batch(
             log.error("batch %s failed: %s (exit %d)", command, e, e.exit_code)
             summary.status = "failed"
             raise
-        b.tally(b.wanted)
+        b.tally()
         summary.elapsed_s = round(time.monotonic() - started, 3)
         log.info("%s (exit %d)", summary.line(), summary.exit_code)
     return summary
@@ -787,10 +785,8 @@ def status(run_dir: Path) -> BatchSummary:
         async def ask() -> None:
             try:
                 for b in store.batches():
-                    info = {
-                        k: b[k] for k in ("id", "teacher", "state", "batch_id", "request_count")
-                    }
-                    info["remote_status"] = b["remote_status"]
+                    keys = ("id", "teacher", "state", "batch_id", "request_count", "remote_status")
+                    info = {k: b[k] for k in keys}
                     if b["state"] == "submitted":
                         t = TeacherConfig.model_validate_json(b["teacher_config"])
                         remote = await run.api(t).get(b["batch_id"])

@@ -969,8 +969,7 @@ def run_harvest(
     summary.cost_usd = round(summary.cost_usd, 6)
     summary.stopped = h.stopping
     if summary.total - summary.already_done - summary.completed > 0:
-        summary.status = "partial"
-        summary.exit_code = EXIT_PARTIAL
+        summary.status, summary.exit_code = "partial", EXIT_PARTIAL
         if h.signals:  # not a cap, not a failure: the user stopped it
             summary.status, summary.exit_code = "interrupted", EXIT_INTERRUPTED
     log.info("%s (exit %d)", summary.line(), summary.exit_code)
