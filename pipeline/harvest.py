@@ -212,9 +212,7 @@ class HarvestConfig(TeacherConfig):
             "logprobs": True if self.logprobs else None,
             "top_logprobs": self.top_logprobs if self.logprobs else None,
         }
-        p = {k: v for k, v in p.items() if v is not None}
-        p.update(self.generation_extra)
-        return p
+        return {k: v for k, v in p.items() if v is not None} | self.generation_extra
 
 
 @dataclass
