@@ -899,10 +899,9 @@ def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
                 if cfg.dry_run or seen.is_current():  # else: migrated first, surveyed after
                     changed, work = survey(cfg, reader, seen, summary)
                     surveyed = True
-        except StoreError:
+        except StoreError:  # a damaged store: opening it to write says what to do
             if cfg.dry_run:
                 raise
-            surveyed = False  # a damaged store: opening it to write says what to do
     if not surveyed:
         changed, work = survey(cfg, reader, None, summary)
     warn_conflicts(reader.conflicts)
