@@ -637,14 +637,8 @@ class BatchRun:
 
 
 def _line(r: dict[str, Any]) -> str:
-    body = r["request"]["body"]
-    return (
-        json.dumps(
-            {"custom_id": r["key"], "method": "POST", "url": ENDPOINT, "body": body},
-            ensure_ascii=False,
-        )
-        + "\n"
-    )
+    line = {"custom_id": r["key"], "method": "POST", "url": ENDPOINT, "body": r["request"]["body"]}
+    return json.dumps(line, ensure_ascii=False) + "\n"
 
 
 def _epoch(iso: str) -> float:
