@@ -313,7 +313,6 @@ class BatchRun:
     """The store of a run, its batches, and a client per teacher endpoint."""
 
     def __init__(self, run_dir: Path, bcfg: BatchConfig, store: Store, summary: BatchSummary):
-        self.run_dir = run_dir
         self.files = run_dir / "batches"
         self.bcfg = bcfg
         self.store = store
@@ -353,9 +352,8 @@ class BatchRun:
                 wanted.add(key)
                 if key in done or key in out or key in self.refused:
                     continue
-                body = chat_body(t, row.messages, params, seed=sample_seed(hcfg, row, sample))
                 request = {  # one request per key (custom_id = key), shaped as online
-                    "body": body,
+                    "body": chat_body(t, row.messages, params, seed=sample_seed(hcfg, row, sample)),
                     "params": params,
                     "source": row.source,
                     "messages": row.messages,
@@ -401,7 +399,8 @@ class BatchRun:
             for chunk in self.chunks(requests):
                 local_id = self.prepare(teachers[label], chunk)
                 _crash_point("prepared")
-                await self.advance(self._row(local_id), recovering=False)
+                batch = next(b for b in self.store.batches() if b["id"] == local_id)
+                await self.advance(batch, recovering=False)
 
     def prepare(self, t: TeacherConfig, requests: list[dict]) -> str:
         local_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
@@ -424,9 +423,6 @@ class BatchRun:
         )
         log.info("batch %s: prepared %d requests for %s", local_id, len(requests), t.label)
         return local_id
-
-    def _row(self, local_id: str) -> dict[str, Any]:
-        return next(b for b in self.store.batches() if b["id"] == local_id)
 
     async def resume(self, *, create: bool = True) -> None:
         """Finish submissions a crash interrupted (or, for cancel, forget those never created)."""
@@ -456,10 +452,8 @@ class BatchRun:
             path.unlink(missing_ok=True)
             _crash_point("file_recorded")
         if b["state"] == "uploaded":
-            remote = None
             since = _epoch(b["created_at"]) - 3600  # allow for clock skew
-            if recovering:
-                remote = await api.find_batch(local_id, since)
+            remote = await api.find_batch(local_id, since) if recovering else None
             if remote is None:
                 if not create:
                     self.store.update_batch(local_id, state="abandoned")
@@ -581,7 +575,6 @@ class BatchRun:
             meta=r["meta"] or {},
         )
         spent = completion.cost_usd(t)
-        attempts = self.store.batch_attempts(key)
         added = self.store.add_response(
             to_response(
                 t,
@@ -593,7 +586,7 @@ class BatchRun:
                 completion.choices[0],
                 split=1,
                 cost=spent,
-                attempts=attempts,
+                attempts=self.store.batch_attempts(key),
                 source="batch",
             )
         )
@@ -616,17 +609,15 @@ class BatchRun:
 
     # -- the tally ----------------------------------------------------------------------------------
 
-    def tally(self, wanted: set[str] | None) -> None:
+    def tally(self) -> None:
         s = self.summary
-        self.count(wanted)
+        self.count(self.wanted)
         s.cost_usd = round(s.cost_usd, 6)
         # Done means this command's job is done: submit, that nothing is left unsubmitted;
         # cancel, that cancelling was asked; collect and run, that every answer is in.
         if s.failed_batches:
             s.status, s.exit_code = "failed", EXIT_FAILED
-        elif s.command == "cancel":
-            pass
-        elif s.left or (s.open_batches and s.command != "submit"):
+        elif s.command != "cancel" and (s.left or (s.open_batches and s.command != "submit")):
             s.status, s.exit_code = "partial", EXIT_PARTIAL
 
     def count(self, wanted: set[str] | None) -> None:
@@ -646,14 +637,8 @@ class BatchRun:
 
 
 def _line(r: dict[str, Any]) -> str:
-    body = r["request"]["body"]
-    return (
-        json.dumps(
-            {"custom_id": r["key"], "method": "POST", "url": ENDPOINT, "body": body},
-            ensure_ascii=False,
-        )
-        + "\n"
-    )
+    line = {"custom_id": r["key"], "method": "POST", "url": ENDPOINT, "body": r["request"]["body"]}
+    return json.dumps(line, ensure_ascii=False) + "\n"
 
 
 def _epoch(iso: str) -> float:
@@ -682,16 +667,16 @@ def harvest_config(run_dir: Path, config_path: Path | None, flags: dict[str, Any
     flags override either. `out` is always RUN."""
     given = {k: v for k, v in flags.items() if v is not None and v != ()}
     given["out"] = run_dir
-    if config_path is None and (run_dir / "config.yaml").is_file():
-        where = str(run_dir / "config.yaml")
-        data = read_yaml(run_dir / "config.yaml")
+    saved = run_dir / "config.yaml"
+    if config_path is None and saved.is_file():
+        data = read_yaml(saved)
         if data.get("teachers"):  # the dump holds every field; these two belong to each teacher
             data.pop("model", None)
             data.pop("base_url", None)
         try:
             return HarvestConfig.model_validate({**data, **given})
         except ValidationError as e:
-            raise ConfigError(format_validation_error(e, where)) from None
+            raise ConfigError(format_validation_error(e, str(saved))) from None
     if config_path is None and not given.get("prompts"):
         raise ConfigError(
             f"{run_dir}: no config.yaml from an earlier submit; pass --config FILE (its harvest: "
@@ -728,7 +713,7 @@ def _run_batch(
     rows: list[PromptRow] = []
     if hcfg is not None:
         batch_teachers(hcfg, bcfg)
-        rows, *_ = checked_rows(hcfg)  # input errors surface before the store is touched
+        rows = checked_rows(hcfg)  # input errors surface before the store is touched
     started = time.monotonic()
     if hcfg is None and not (run_dir / STORE_FILE).is_file():  # collect, cancel: nothing to do
         raise InputError(
@@ -776,7 +761,7 @@ def _run_batch(
             log.error("batch %s failed: %s (exit %d)", command, e, e.exit_code)
             summary.status = "failed"
             raise
-        b.tally(b.wanted)
+        b.tally()
         summary.elapsed_s = round(time.monotonic() - started, 3)
         log.info("%s (exit %d)", summary.line(), summary.exit_code)
     return summary
@@ -794,10 +779,8 @@ def status(run_dir: Path) -> BatchSummary:
         async def ask() -> None:
             try:
                 for b in store.batches():
-                    info = {
-                        k: b[k] for k in ("id", "teacher", "state", "batch_id", "request_count")
-                    }
-                    info["remote_status"] = b["remote_status"]
+                    keys = ("id", "teacher", "state", "batch_id", "request_count", "remote_status")
+                    info = {k: b[k] for k in keys}
                     if b["state"] == "submitted":
                         t = TeacherConfig.model_validate_json(b["teacher_config"])
                         remote = await run.api(t).get(b["batch_id"])

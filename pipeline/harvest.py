@@ -212,9 +212,7 @@ class HarvestConfig(TeacherConfig):
             "logprobs": True if self.logprobs else None,
             "top_logprobs": self.top_logprobs if self.logprobs else None,
         }
-        p = {k: v for k, v in p.items() if v is not None}
-        p.update(self.generation_extra)
-        return p
+        return {k: v for k, v in p.items() if v is not None} | self.generation_extra
 
 
 @dataclass
@@ -291,12 +289,8 @@ def routes_to(cfg: HarvestConfig, teachers: list[TeacherConfig], row: PromptRow)
         # A hash of the prompt id, not a random draw: a prompt goes to the same teacher on every
         # run, and prompts added to a growing file never move the old ones.
         u = int(content_hash(row.id, length=15), 16) / 16**15
-        acc = 0.0
-        for label, share in zip(labels, cfg.shares()):
-            acc += share
-            if u < acc:
-                return {label}
-        return {labels[-1]}
+        bounds = itertools.accumulate(cfg.shares())
+        return {next((label for label, b in zip(labels, bounds) if u < b), labels[-1])}
     value = row.meta.get(cfg.route_field or "")
     if not isinstance(value, str) or value not in labels:
         raise InputError(
@@ -308,9 +302,7 @@ def routes_to(cfg: HarvestConfig, teachers: list[TeacherConfig], row: PromptRow)
 
 def store_key(t: TeacherConfig, row: PromptRow, params: dict[str, Any], sample: int) -> str:
     """The store key of one sample of a prompt at a teacher (online and batch alike)."""
-    return request_key(
-        t.base_url, t.model or "", row.messages, params, sample, row.messages_json or None
-    )
+    return request_key(t.base_url, t.model or "", row.messages, params, sample, row.messages_json)
 
 
 @dataclass
@@ -344,14 +336,9 @@ def plan(
         ]
         key = request_keys(t.base_url, t.model or "", params)
         wanted = [
-            [key(row.messages, i, row.messages_json or None) for i in range(cfg.samples)]
-            for row in routed
+            [key(row.messages, i, row.messages_json) for i in range(cfg.samples)] for row in routed
         ]
-        found = (
-            done
-            if isinstance(done, set)
-            else done.done_among(list(itertools.chain.from_iterable(wanted)))
-        )
+        found = done if isinstance(done, set) else done.done_among(list(itertools.chain(*wanted)))
         for row, keys in zip(routed, wanted):
             missing = [i for i, k in enumerate(keys) if k not in found]
             waiting = [i for i in missing if keys[i] in in_batch]
@@ -443,10 +430,6 @@ class Harvest:
         return found
 
     # -- one request --------------------------------------------------------------------------------
-
-    def worst_cost(self, t: TeacherConfig, job: Job, n: int) -> float:
-        out = job.max_tokens or self.cfg.max_tokens or 1024
-        return cost(t, estimate_tokens(job.row.messages), out * n)
 
     async def send(self, teacher: Teacher, job: Job, n: int) -> tuple[Completion, int]:
         """One logical request through the limiter and the retry policy. Returns (completion, attempts)."""
@@ -606,7 +589,8 @@ class Harvest:
         `fatal`) and gives None."""
         t = teacher.cfg
         n = len(job.samples)
-        worst = self.worst_cost(t, job, n)
+        out = (job.max_tokens or self.cfg.max_tokens or 1024) * n
+        worst = cost(t, estimate_tokens(job.row.messages), out)
         cap = self.cfg.max_cost
         if cap is not None and self.summary.cost_usd + self.reserved_cost + worst > cap:
             self.stop(f"max_cost ${cap:g} would be passed")
@@ -793,13 +777,10 @@ def run_loop(coro: Any) -> Any:
 def prompt_reader(cfg: HarvestConfig) -> PromptReader:
     """The reader of the run's prompts, after the checks that need no prompt: a teacher without a
     model, a system prompt or template file that cannot be read."""
-    for t in cfg.all_teachers():
-        if not t.model:
-            raise ConfigError(
-                "no teacher model: pass --model NAME or set model: in the harvest config"
-            )
+    if not all(t.model for t in cfg.all_teachers()):
+        raise ConfigError("no teacher model: pass --model NAME or set model: in the harvest config")
     return PromptReader(
-        list(cfg.prompts),
+        cfg.prompts,
         system_prompt=read_text_arg(cfg.system_prompt, cfg.system_prompt_file, "system prompt"),
         user_template=read_text_arg(cfg.user_template, cfg.user_template_file, "user template"),
         limit=cfg.limit,
@@ -811,24 +792,23 @@ def warn_conflicts(conflicts: list[str]) -> None:
         print(f"warning: prompt conflict {i}/{len(conflicts)}: {text}", file=sys.stderr)
 
 
-def checked_rows(cfg: HarvestConfig) -> tuple[list[PromptRow], int, list[str]]:
-    """The prompt rows in a list (the Batch API's harvest), how many duplicates were dropped and
-    the conflicts among them (warned on stderr), with every input error raised before the store
-    is touched: a teacher without a model, a bad file, a row naming no teacher."""
+def checked_rows(cfg: HarvestConfig) -> list[PromptRow]:
+    """The prompt rows in a list (the Batch API's harvest), the conflicts among them warned on
+    stderr, with every input error raised before the store is touched: a teacher without a
+    model, a bad file, a row naming no teacher."""
     reader = prompt_reader(cfg)
     rows = list(reader)
     teachers = cfg.all_teachers()
     for row in rows:
         routes_to(cfg, teachers, row)
     warn_conflicts(reader.conflicts)
-    return rows, reader.dropped, reader.conflicts
+    return rows
 
 
 def changed_prompts(store: Store, rows: list[PromptRow]) -> list[tuple[str, str, str]]:
     """(id, content hash, source) of the rows whose id was harvested with other text."""
     known = store.prompt_hashes([r.id for r in rows])
-    now = [(r.id, r.digest or content_hash(r.messages), r.source) for r in rows]
-    return [(pid, h, src) for pid, h, src in now if known.get(pid, h) != h]
+    return [(r.id, r.digest, r.source) for r in rows if known.get(r.id, r.digest) != r.digest]
 
 
 def settle_changed_prompts(
@@ -912,7 +892,6 @@ def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
     summary = Summary(run_dir=str(cfg.out), dry_run=cfg.dry_run)
     summary.teachers = [t.label for t in cfg.all_teachers()]
     surveyed = False
-    changed: list[tuple[str, str, str]] = []
     path = Path(cfg.out) / STORE_FILE
     if path.is_file() and path.stat().st_size > 0:
         try:
@@ -920,10 +899,9 @@ def harvest(cfg: HarvestConfig, *, pretty: bool | None = None) -> Summary:
                 if cfg.dry_run or seen.is_current():  # else: migrated first, surveyed after
                     changed, work = survey(cfg, reader, seen, summary)
                     surveyed = True
-        except StoreError:
+        except StoreError:  # a damaged store: opening it to write says what to do
             if cfg.dry_run:
                 raise
-            surveyed = False  # a damaged store: opening it to write says what to do
     if not surveyed:
         changed, work = survey(cfg, reader, None, summary)
     warn_conflicts(reader.conflicts)
@@ -988,8 +966,7 @@ def run_harvest(
     summary.cost_usd = round(summary.cost_usd, 6)
     summary.stopped = h.stopping
     if summary.total - summary.already_done - summary.completed > 0:
-        summary.status = "partial"
-        summary.exit_code = EXIT_PARTIAL
+        summary.status, summary.exit_code = "partial", EXIT_PARTIAL
         if h.signals:  # not a cap, not a failure: the user stopped it
             summary.status, summary.exit_code = "interrupted", EXIT_INTERRUPTED
     log.info("%s (exit %d)", summary.line(), summary.exit_code)

@@ -88,15 +88,11 @@ def _rows_csv(path: Path) -> Iterator[tuple[str, Any]]:
 def _rows_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
-    i = 0
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):  # not the whole table
-            for row in batch.to_pylist():
-                yield f"{path}[row {i}]", row
-                i += 1
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)  # not the whole table
+        for i, row in enumerate(itertools.chain.from_iterable(b.to_pylist() for b in batches)):
+            yield f"{path}[row {i}]", row
     except Exception as e:  # pyarrow raises several types for a bad file
-        if isinstance(e, InputError):
-            raise
         raise InputError(f"{path}: not a readable Parquet file ({e}); check the file") from None
 
 
@@ -126,10 +122,6 @@ def _read(path: Path) -> Iterator[tuple[str, Any]]:
     but for a .json array)."""
     if not path.exists():
         raise InputError(f"{path}: prompt file not found; check the --prompts path")
-    if path.is_dir():
-        yield from _rows_hf(path)
-        return
-    suffix = path.suffix.lower()
     readers = {
         ".jsonl": _rows_jsonl,
         ".ndjson": _rows_jsonl,
@@ -139,7 +131,7 @@ def _read(path: Path) -> Iterator[tuple[str, Any]]:
         ".txt": _rows_txt,
     }
     try:
-        reader = readers.get(suffix) or _sniff(path)
+        reader = _rows_hf if path.is_dir() else readers.get(path.suffix.lower()) or _sniff(path)
         yield from reader(path)
     except UnicodeDecodeError:
         raise InputError(f"{path}: not UTF-8 text; convert it or use .parquet") from None
@@ -173,13 +165,6 @@ def _sniff(path: Path) -> Callable[[Path], Iterator[tuple[str, Any]]]:
     )
 
 
-def _fields(raw: dict[str, Any]) -> dict[str, Any]:
-    """The names a user template may use: the row's keys, and its meta's keys."""
-    out = dict(raw.get("meta") or {}) if isinstance(raw.get("meta"), dict) else {}
-    out.update(raw)
-    return out
-
-
 def _render(template: str, values: dict[str, Any], src: str) -> str:
     try:
         return string.Formatter().vformat(template, (), values)
@@ -195,7 +180,6 @@ def _render(template: str, values: dict[str, Any], src: str) -> str:
 def _check_messages(msgs: Any, src: str) -> list[dict[str, Any]]:
     if not isinstance(msgs, list) or not msgs:
         raise InputError(f"{src}: 'messages' must be a non-empty list of {{role, content}} objects")
-    out = []
     for i, m in enumerate(msgs):
         if (
             not isinstance(m, dict)
@@ -205,8 +189,7 @@ def _check_messages(msgs: Any, src: str) -> list[dict[str, Any]]:
             raise InputError(
                 f"{src}: messages[{i}] must be an object with a role ({'/'.join(sorted(ROLES))}) and a content string"
             )
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
 def to_row(
@@ -217,23 +200,16 @@ def to_row(
         raise InputError(
             f"{src}: expected an object with 'prompt' or 'messages', got {type(raw).__name__}"
         )
-    meta = dict(raw["meta"]) if isinstance(raw.get("meta"), dict) else {}
-    if raw.get("meta") is not None and not isinstance(raw.get("meta"), dict):
-        meta = {"meta": raw["meta"]}
+    given = raw.get("meta")
+    meta = dict(given) if isinstance(given, dict) else {} if given is None else {"meta": given}
     meta.update({k: v for k, v in raw.items() if k not in KNOWN_KEYS})
     if raw.get("messages") is not None:
         messages = _check_messages(raw["messages"], src)
         own_content: Any = messages
     elif raw.get("prompt") is not None or user_template:
-        prompt = raw.get("prompt")
-        if prompt is not None and not isinstance(prompt, str):
-            prompt = str(prompt)
-        if user_template:
-            values = _fields(raw)
-            values.setdefault("prompt", prompt or "")
-            text = _render(user_template, values, src)
-        else:
-            text = prompt or ""
+        text = "" if raw.get("prompt") is None else str(raw["prompt"])
+        if user_template:  # the names it may use: the row's keys, its meta's, and prompt
+            text = _render(user_template, {"prompt": text, **meta, **raw}, src)
         if not text.strip():
             raise InputError(f"{src}: empty prompt; remove the row or fill it in")
         messages = [{"role": "user", "content": text}]
@@ -410,8 +386,7 @@ class PromptReader:
 
     @staticmethod
     def _owner(seen: sqlite3.Connection, pid: str) -> tuple[str, str] | None:
-        found = seen.execute("SELECT source, digest FROM texts WHERE id = ?", (pid,)).fetchone()
-        return None if found is None else (found[0], found[1])
+        return seen.execute("SELECT source, digest FROM texts WHERE id = ?", (pid,)).fetchone()
 
     def again(self) -> Iterator[PromptRow]:
         """The rows kept by the last full iteration, read again (no checks: they passed)."""
