@@ -221,11 +221,9 @@ def model_shape(config, target_modules: str | list[str] = "all-linear") -> Model
         if not isinstance(module, torch.nn.Linear) or module is out_emb:
             continue
         linear_params += module.weight.numel()
-        if target_modules == "all-linear":
-            hit = True
-        else:
-            hit = any(name == t or name.endswith("." + t) for t in lora_targets(target_modules))
-        if hit:
+        if target_modules == "all-linear" or any(
+            name == t or name.endswith("." + t) for t in lora_targets(target_modules)
+        ):
             shapes.append((module.in_features, module.out_features))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return ModelShape(
@@ -375,12 +373,8 @@ def plan_training(
     def largest_batch(gc: bool) -> int:
         """Largest power of two <= target (and the cap) whose estimate fits; 0 if none."""
         cap = min(target_batch, MAX_AUTO_BATCH)
-        best, bs = 0, 1
-        while bs <= cap:
-            if est(use_4bit, bs, gc).total <= budget:
-                best = bs
-            bs *= 2
-        return best
+        powers = [2**n for n in range(cap.bit_length())]  # 1, 2, 4, ... up to cap
+        return max((bs for bs in powers if est(use_4bit, bs, gc).total <= budget), default=0)
 
     gc = gradient_checkpointing
     if gc is None:
