@@ -546,12 +546,10 @@ def prepare_data(cfg: FinetuneConfig, setup: Setup) -> Tokenized:
         ds["train"], tokenizer, template, how, native, cfg.train_on
     )
     eot_id = check_masks(train_rows, tokenizer, train_pids, str(cfg.student))
-    eval_rows: list[dict] = []
-    eval_pids: list[str] = []
-    if "eval" in ds and len(ds["eval"]) > 0:
-        eval_rows, eval_pids = tokenize_split(
-            ds["eval"], tokenizer, template, how, native, cfg.train_on
-        )
+    eval_rows, eval_pids = tokenize_split(
+        ds.get("eval", []), tokenizer, template, how, native, cfg.train_on
+    )
+    if eval_rows:  # the eval split may be missing or empty
         check_masks(eval_rows, tokenizer, eval_pids, str(cfg.student))
     kd_table = None
     if cfg.loss == "kd":  # may splice in the teacher's segmentation: count trained tokens after
