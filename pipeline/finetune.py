@@ -160,8 +160,7 @@ def resolve_student(student: str, trust_remote_code: bool) -> Any:
     """Load the student's config (no weights) from a folder or the hub; errors say what to do."""
     p = Path(student).expanduser()
     # "org/name" is a hub id unless "org" is a local folder (then it is a path that is missing).
-    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", student) is not None
-    hub_id = hub_id and not p.parent.is_dir()
+    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", student) and not p.parent.is_dir()
     if not p.exists() and not hub_id:
         raise InputError(
             f"student path {student} does not exist; pass a model folder or a hub id (org/name)"
