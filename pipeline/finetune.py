@@ -318,11 +318,9 @@ class DistillTrainer(SFTTrainer):
         those tokens, so both sum to per-token means over the optimizer step. Both terms are
         logged (kd_loss, ce_loss: per-token means of the micro-batch).
         """
-        mode = "train" if model.training else "eval"
         kd_index = inputs.pop("kd_index")
         labels = inputs["labels"]
-        forward = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**forward, use_cache=False)
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
         logits = outputs.logits
         gold = labels[:, 1:]
         ce_sum = F.cross_entropy(
@@ -338,7 +336,7 @@ class DistillTrainer(SFTTrainer):
         loss = self.kd_alpha * kd_term * (local / total) + (1 - self.kd_alpha) * ce_sum / total
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as TRL: DDP averages the gradients
-        m = self._metrics[mode]
+        m = self._metrics["train" if model.training else "eval"]
         m["ce_loss"].append(float(ce_sum.detach()) / max(int(local), 1))
         if stats["kd_tokens"]:
             m["kd_loss"].append(stats["kd_loss"])
@@ -772,8 +770,7 @@ def write_report(
     history = state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
     plot_loss_curves(out / "log_history.json", out / "loss.png")
-    train_losses = [e["loss"] for e in history if "loss" in e]
-    final_loss = train_losses[-1] if train_losses else result.training_loss
+    final_loss = next((e["loss"] for e in reversed(history) if "loss" in e), result.training_loss)
     tokens_seen = int(state.num_input_tokens_seen)
     peak, peak_kind = peak_memory()
     report = {
