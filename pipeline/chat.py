@@ -43,9 +43,7 @@ def training_template(tokenizer) -> tuple[str, str]:
         patched = None
     if patched is not None:
         return patched, "markers"
-    if has_generation_markers(template):
-        return template, "markers"
-    return template, "rendering"
+    return template, "markers" if has_generation_markers(template) else "rendering"
 
 
 def renders_reasoning(tokenizer, template: str) -> bool:
@@ -180,18 +178,11 @@ def tokenize_row(
     return {"input_ids": ids, "labels": labels}
 
 
-def end_of_turn_ids(tokenizer) -> set[int]:
-    """Tokens that can end a turn: the added (special) vocabulary and EOS."""
-    ids = set(tokenizer.get_added_vocab().values())
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
 def check_masks(rows: list[dict], tokenizer, prompt_ids: list[str], student: str) -> int:
     """Stop before training if a row trains on nothing or its trained span does not end on an
     end-of-turn token (the student would never learn to stop). Returns the end-of-turn token id."""
-    eot = end_of_turn_ids(tokenizer)
+    # Tokens that can end a turn: the added (special) vocabulary and EOS (None is never a token).
+    eot = set(tokenizer.get_added_vocab().values()) | {tokenizer.eos_token_id}
     seen: dict[int, int] = {}
     for row, pid in zip(rows, prompt_ids):
         trained = [t for t in row["labels"] if t != -100]

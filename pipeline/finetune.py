@@ -160,8 +160,7 @@ def resolve_student(student: str, trust_remote_code: bool) -> Any:
     """Load the student's config (no weights) from a folder or the hub; errors say what to do."""
     p = Path(student).expanduser()
     # "org/name" is a hub id unless "org" is a local folder (then it is a path that is missing).
-    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", student) is not None
-    hub_id = hub_id and not p.parent.is_dir()
+    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", student) and not p.parent.is_dir()
     if not p.exists() and not hub_id:
         raise InputError(
             f"student path {student} does not exist; pass a model folder or a hub id (org/name)"
@@ -319,11 +318,9 @@ class DistillTrainer(SFTTrainer):
         those tokens, so both sum to per-token means over the optimizer step. Both terms are
         logged (kd_loss, ce_loss: per-token means of the micro-batch).
         """
-        mode = "train" if model.training else "eval"
         kd_index = inputs.pop("kd_index")
         labels = inputs["labels"]
-        forward = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**forward, use_cache=False)
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
         logits = outputs.logits
         gold = labels[:, 1:]
         ce_sum = F.cross_entropy(
@@ -339,7 +336,7 @@ class DistillTrainer(SFTTrainer):
         loss = self.kd_alpha * kd_term * (local / total) + (1 - self.kd_alpha) * ce_sum / total
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as TRL: DDP averages the gradients
-        m = self._metrics[mode]
+        m = self._metrics["train" if model.training else "eval"]
         m["ce_loss"].append(float(ce_sum.detach()) / max(int(local), 1))
         if stats["kd_tokens"]:
             m["kd_loss"].append(stats["kd_loss"])
@@ -546,12 +543,10 @@ def prepare_data(cfg: FinetuneConfig, setup: Setup) -> Tokenized:
         ds["train"], tokenizer, template, how, native, cfg.train_on
     )
     eot_id = check_masks(train_rows, tokenizer, train_pids, str(cfg.student))
-    eval_rows: list[dict] = []
-    eval_pids: list[str] = []
-    if "eval" in ds and len(ds["eval"]) > 0:
-        eval_rows, eval_pids = tokenize_split(
-            ds["eval"], tokenizer, template, how, native, cfg.train_on
-        )
+    eval_rows, eval_pids = tokenize_split(
+        ds.get("eval", []), tokenizer, template, how, native, cfg.train_on
+    )
+    if eval_rows:  # the eval split may be missing or empty
         check_masks(eval_rows, tokenizer, eval_pids, str(cfg.student))
     kd_table = None
     if cfg.loss == "kd":  # may splice in the teacher's segmentation: count trained tokens after
@@ -775,8 +770,7 @@ def write_report(
     history = state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
     plot_loss_curves(out / "log_history.json", out / "loss.png")
-    train_losses = [e["loss"] for e in history if "loss" in e]
-    final_loss = train_losses[-1] if train_losses else result.training_loss
+    final_loss = next((e["loss"] for e in reversed(history) if "loss" in e), result.training_loss)
     tokens_seen = int(state.num_input_tokens_seen)
     peak, peak_kind = peak_memory()
     report = {

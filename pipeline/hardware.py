@@ -23,6 +23,7 @@ activations + one chunk of LM-head outputs + a fixed CUDA overhead) and errs on 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -149,17 +150,13 @@ def detect_hardware() -> Hardware:
 
 
 def _cpu_memory_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    with contextlib.suppress(ValueError, OSError, AttributeError):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 8 * GiB
+    return 8 * GiB
 
 
 @dataclass(frozen=True)
@@ -221,11 +218,9 @@ def model_shape(config, target_modules: str | list[str] = "all-linear") -> Model
         if not isinstance(module, torch.nn.Linear) or module is out_emb:
             continue
         linear_params += module.weight.numel()
-        if target_modules == "all-linear":
-            hit = True
-        else:
-            hit = any(name == t or name.endswith("." + t) for t in lora_targets(target_modules))
-        if hit:
+        if target_modules == "all-linear" or any(
+            name == t or name.endswith("." + t) for t in lora_targets(target_modules)
+        ):
             shapes.append((module.in_features, module.out_features))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return ModelShape(
@@ -375,12 +370,8 @@ def plan_training(
     def largest_batch(gc: bool) -> int:
         """Largest power of two <= target (and the cap) whose estimate fits; 0 if none."""
         cap = min(target_batch, MAX_AUTO_BATCH)
-        best, bs = 0, 1
-        while bs <= cap:
-            if est(use_4bit, bs, gc).total <= budget:
-                best = bs
-            bs *= 2
-        return best
+        powers = [2**n for n in range(cap.bit_length())]  # 1, 2, 4, ... up to cap
+        return max((bs for bs in powers if est(use_4bit, bs, gc).total <= budget), default=0)
 
     gc = gradient_checkpointing
     if gc is None:

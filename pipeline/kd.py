@@ -254,7 +254,7 @@ def _candidates(
     for tid, lp in cand:
         if tid is None:
             counts["alts_dropped"] += 1
-        elif tid not in seen and lp is not None and lp > float("-inf"):
+        elif tid not in seen and lp > float("-inf"):
             seen[tid] = lp
     return seen
 
@@ -534,7 +534,7 @@ def attach_targets(rows: list[dict], examples: Any, pids: list[str], rebuild: st
         row["kd_index"] = index.tolist()
         labels = np.asarray(row["labels"])
         table.answer_tokens += int((labels != -100).sum())
-        table.target_tokens += int((labels[pos] != -100).sum()) if len(pos) else 0
+        table.target_tokens += int((labels[pos] != -100).sum())
     return table
 
 
