@@ -338,39 +338,34 @@ class Budget:
         self.pending -= worst
 
 
-async def check_tokenizer(teacher: Teacher, tokenizer: Any, protocol: str, budget: Budget) -> None:
-    """Score CHECK_TEXT as the student's token ids; the teacher must decode each id to the same
-    text as the student does, else the two tokenizers differ and the scores would be nonsense."""
+async def same_tokenizer(cfg: OnpolicyConfig, tokenizer: Any, protocol: str) -> None:
+    """Score CHECK_TEXT as the student's token ids (one request of a few tokens, on a client of
+    its own, not in the spend); the teacher must decode each id to the same text as the student
+    does, else the two tokenizers differ and the scores would be nonsense."""
     ids = list(tokenizer(CHECK_TEXT, add_special_tokens=False)["input_ids"])
+    teacher = Teacher(cfg)
     try:
-        scores, _ = await score(teacher, ids, protocol, 0, budget)
+        scores, _ = await score(teacher, ids, protocol, 0, Budget(spent=0.0, cap=None))
     except TeacherError as e:
         if "re-tokenized" in str(e) or "refused a scoring request" in str(e):
             raise ConfigError(
-                f"the teacher at {teacher.cfg.base_url} does not take the student's token ids "
+                f"the teacher at {cfg.base_url} does not take the student's token ids "
                 f"({str(e)[:120]}): teacher and student must share a tokenizer"
             ) from None
         raise
+    finally:
+        await teacher.aclose()
     ours = [tokenizer.decode([i]) for i in ids]
     for pos, (mine, theirs) in enumerate(zip(ours, scores.tokens)):
         if pos == 0 and not theirs:
             continue  # prompt_logprobs has no row (and no text) for the first token
         if mine != theirs:
             raise ConfigError(
-                f"the teacher {teacher.cfg.model!r} at {teacher.cfg.base_url} does not share the "
+                f"the teacher {cfg.model!r} at {cfg.base_url} does not share the "
                 f"student's tokenizer (token {pos} of a probe text: student {mine!r}, teacher "
                 f"{theirs!r}); on-policy distillation needs the same tokenizer family: pick a "
                 "student of the teacher's family, or harvest and use `distill finetune` instead"
             )
-
-
-async def same_tokenizer(cfg: OnpolicyConfig, tokenizer: Any, protocol: str) -> None:
-    """check_tokenizer on a client of its own (one request of a few tokens, not in the spend)."""
-    teacher = Teacher(cfg)
-    try:
-        await check_tokenizer(teacher, tokenizer, protocol, Budget(spent=0.0, cap=None))
-    finally:
-        await teacher.aclose()
 
 
 # -- the student ---------------------------------------------------------------------------------
