@@ -244,9 +244,8 @@ def load_rows(cfg: OnpolicyConfig) -> list[PromptRow]:
             if msgs and pid not in seen:
                 seen.add(pid)
                 rows.append(PromptRow(id=pid, messages=msgs, source=f"{cfg.data}[train][{i}]"))
-        return rows[: cfg.limit] if cfg.limit else rows
-    rows, _ = load_prompts(list(cfg.prompts), limit=cfg.limit)
-    return rows
+        return rows[: cfg.limit]
+    return load_prompts(cfg.prompts, limit=cfg.limit)[0]
 
 
 def teacher_messages(messages: list[dict[str, Any]], context: str | None) -> list[dict[str, Any]]:
@@ -775,13 +774,10 @@ def write_outputs(run: Run, started: float) -> None:
 
 def onpolicy(cfg: OnpolicyConfig) -> Summary:
     """Run on-policy distillation (see the module docstring); returns what it did."""
-    cfg = cfg.model_copy(
-        update={
-            "teacher_system_prompt": read_text_arg(
-                cfg.teacher_system_prompt, cfg.teacher_system_prompt_file, "teacher system prompt"
-            )
-        }
+    context = read_text_arg(
+        cfg.teacher_system_prompt, cfg.teacher_system_prompt_file, "teacher system prompt"
     )
+    cfg = cfg.model_copy(update={"teacher_system_prompt": context})
     if not cfg.student:
         raise ConfigError("no student: pass --student MODEL_DIR or set student: in onpolicy:")
     if not cfg.model:
@@ -803,9 +799,8 @@ def onpolicy(cfg: OnpolicyConfig) -> Summary:
     started = time.time()
     summary = Summary(out=cfg.out, steps=cfg.steps)
     with open_run(cfg.out, log, dump_config(cfg), stage="onpolicy") as store:
-        spent, tokens = store.rollout_totals()
-        summary.spend, summary.teacher_tokens = spent, tokens
-        budget = Budget(spent=spent, cap=cfg.max_cost)
+        summary.spend, summary.teacher_tokens = store.rollout_totals()
+        budget = Budget(spent=summary.spend, cap=cfg.max_cost)
         ckpt, done, history = last_checkpoint(cfg.out)
         student = load_student(cfg, ckpt)
         loop = asyncio.new_event_loop()
