@@ -645,7 +645,7 @@ class Run:
         cfg = self.cfg
         rollouts = self.rollouts("eval", step, rows)
         rkl = kd = 0.0
-        n = 0
+        n = sum(len(r["completion_ids"]) for r in rollouts)
         self.student.model.eval()
         with torch.no_grad():
             for r in rollouts:
@@ -653,10 +653,9 @@ class Run:
                     s_lp, logits = student_logprobs(self.student, r)
                     t_lp, top = teacher_view(r, cfg.teacher_temperature)
                     rkl += float((s_lp.cpu() - torch.from_numpy(t_lp)).sum())
-                    c = len(r["completion_ids"])
                     if cfg.kd_alpha > 0 and top is not None:
+                        c = len(r["completion_ids"])
                         kd += float(forward_kl(logits, len(r["prompt_ids"]), top)) * c
-                    n += c
         out = {"eval_reverse_kl": rkl / max(n, 1)}
         if cfg.kd_alpha > 0:
             out["eval_kd_loss"] = kd / max(n, 1)
@@ -835,8 +834,7 @@ def train(
         entry: dict[str, Any] = {"step": step, **run.train_step(rollouts)}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             entry.update(run.held_out(step, held_rows))
-        entry["teacher_tokens"] = s.teacher_tokens
-        entry["spend_usd"] = round(run.budget.spent, 6)
+        entry.update(teacher_tokens=s.teacher_tokens, spend_usd=round(run.budget.spent, 6))
         s.history.append(entry)
         s.steps_done, s.spend = step, run.budget.spent
         log.info(json.dumps(entry))
@@ -845,8 +843,7 @@ def train(
         now = time.monotonic()
         if now - last_print >= cfg.progress_every or step == cfg.steps:
             last_print = now
-            per_step = (now - t0) / (step - done)
-            eta = per_step * (cfg.steps - step)
+            eta = (now - t0) / (step - done) * (cfg.steps - step)
             held = entry.get("eval_reverse_kl")
             kd = entry.get("kd_loss")
             print(
