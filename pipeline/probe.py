@@ -90,11 +90,10 @@ class _Prober:
 
     def may_send(self, what: str, worst_tokens: tuple[int, int]) -> bool:
         r = self.result
-        worst = cost(self.t, *worst_tokens)
         if r.requests >= self.max_requests:
             r.notes.append(f"{what}: skipped, max_requests {self.max_requests} reached")
             return False
-        if self.max_cost is not None and r.cost_usd + worst > self.max_cost:
+        if self.max_cost is not None and r.cost_usd + cost(self.t, *worst_tokens) > self.max_cost:
             r.notes.append(f"{what}: skipped, max_cost ${self.max_cost:g} would be passed")
             return False
         return True
