@@ -75,11 +75,8 @@ class DoctorReport:
             else:
                 line = f"  {table}: {n} of {claimed} rows recovered"
             if lost:
-                line += (
-                    f"; lost {len(lost)}: "
-                    + ", ".join(lost[:5])
-                    + (" ..." if len(lost) > 5 else "")
-                )
+                more = " ..." if len(lost) > 5 else ""
+                line += f"; lost {len(lost)}: {', '.join(lost[:5])}{more}"
             out.append(line)
         if self.replaced_damaged is not None:
             out.append(
