@@ -299,17 +299,15 @@ async def score(
     body = score_body(teacher.cfg, ids, protocol, top_k)
     worst = cost(teacher.cfg, len(ids), 1)
     budget.reserve(worst)
-    attempts = 0
     try:
         async for attempt in retrying(teacher.cfg.max_retries):
             with attempt:
-                attempts += 1
                 await teacher.limiter.acquire(len(ids) + 1)
                 try:
                     data = await post_score(teacher, body)
                 finally:
                     await teacher.limiter.release()
-                return parse_scores(data, protocol, ids), attempts
+                return parse_scores(data, protocol, ids), attempt.retry_state.attempt_number
     except PromptRejected as e:
         raise TeacherError(
             f"{e}; the teacher refused a scoring request (token ids out of its vocabulary, or "
@@ -560,8 +558,7 @@ class Run:
                     }
                 )
         if todo:
-            results = self.loop.run_until_complete(self.score_all(todo))
-            for r in results:
+            for r in self.loop.run_until_complete(self.score_all(todo)):
                 if isinstance(r, BaseException):
                     raise r
             out += todo
