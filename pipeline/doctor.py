@@ -356,7 +356,6 @@ def recover(src_path: Path, dst_path: Path, report: DoctorReport) -> None:
 def doctor(run_dir: Path, *, replace: bool = False) -> DoctorReport:
     """Check RUN/store.sqlite; when damaged, recover into RUN/store.recovered.sqlite (and swap it in
     with `replace`). Holds the run's lock, so no harvest writes while it works."""
-    run_dir = Path(run_dir)
     path = run_dir / STORE_FILE
     if not path.is_file() or path.stat().st_size == 0:
         raise InputError(  # a wrong path: bad input (exit 2), as in every other command
