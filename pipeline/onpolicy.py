@@ -801,7 +801,7 @@ def onpolicy(cfg: OnpolicyConfig) -> Summary:
         run = Run(cfg, store, teacher, student, protocol, budget, loop, summary)
         summary.history, summary.steps_done = history, done
         try:
-            train(run, train_rows, held_rows, done, started)
+            train(run, train_rows, held_rows, done)
         except CostCap as e:
             summary.stopped = str(e)
         finally:
@@ -814,9 +814,7 @@ def onpolicy(cfg: OnpolicyConfig) -> Summary:
     return summary
 
 
-def train(
-    run: Run, train_rows: list[PromptRow], held_rows: list[PromptRow], done: int, started: float
-) -> None:
+def train(run: Run, train_rows: list[PromptRow], held_rows: list[PromptRow], done: int) -> None:
     """Steps done+1 .. cfg.steps: rollouts, update, held-out reverse KL, checkpoint, progress."""
     cfg, s = run.cfg, run.summary
     order = list(range(len(train_rows)))
