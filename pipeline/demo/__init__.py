@@ -134,11 +134,10 @@ def harvest_missing(hcfg: HarvestConfig, student: Path) -> None:
             f"2/6 teacher: all {plan.total} answers already in {hcfg.out}; server not started, nothing sent"
         )
         return
-    port = urlparse(hcfg.base_url).port
     _say(f"2/6 teacher: transformers serve on {hcfg.base_url}; harvesting {missing} answers")
-    log = claim(Path(hcfg.out), "harvest") / "teacher_server.log"  # the log goes in the run dir
+    log = claim(hcfg.out, "harvest") / "teacher_server.log"  # the log goes in the run dir
     record(log.parent, "harvest", [log.name])
-    with serve_teacher(student, port=port, log_path=log) as url:
+    with serve_teacher(student, port=urlparse(hcfg.base_url).port, log_path=log) as url:
         assert url.rstrip("/") == hcfg.base_url.rstrip("/"), (url, hcfg.base_url)
         summary = harvest(hcfg)
     print(summary.line(), flush=True)
