@@ -31,7 +31,6 @@ from pipeline.errors import InputError, StoreError
 from pipeline.store import STORE_FILE, RunLock, backfill_prompts, check_schema, create_store_file
 
 RECOVERED = "store.recovered.sqlite"
-_SCHEMA_TYPES = ("table", "index", "view", "trigger")
 # What a value of each declared column type can be stored as (SQLite keeps an integral REAL as
 # an integer on disk).
 _STORED_AS: dict[str, type | tuple[type, ...]] = {
@@ -282,7 +281,7 @@ def _is_schema_row(values: tuple[Any, ...]) -> bool:
     """A row of sqlite_schema (shaped like batch_requests: skip it, the schema is rebuilt)."""
     return (
         len(values) == 5
-        and values[0] in _SCHEMA_TYPES
+        and values[0] in ("table", "index", "view", "trigger")
         and (values[4] is None or str(values[4]).startswith("CREATE "))
     )
 
