@@ -216,16 +216,9 @@ def probe(
     """Probe one endpoint (see the module docstring). `teacher` supplies prices and extra_body
     (from a harvest config); `base_url`, `model` and `api_key_env` override its fields. Harvest
     probes with `max_requests=1` and the one `top_logprobs` it will ask (`top_k_tries=(k,)`)."""
-    base = teacher.model_dump() if teacher is not None else {}
-    t = TeacherConfig(
-        **{
-            **base,
-            "base_url": base_url,
-            "model": model,
-            "api_key_env": api_key_env,
-            "timeout": timeout,
-        }
-    )
+    fields = teacher.model_dump() if teacher is not None else {}
+    fields.update(base_url=base_url, model=model, api_key_env=api_key_env, timeout=timeout)
+    t = TeacherConfig(**fields)
     return asyncio.run(_probe(t, max_cost, max_requests, max_tokens, top_k_tries))
 
 
