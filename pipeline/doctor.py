@@ -314,8 +314,7 @@ def recover(src_path: Path, dst_path: Path, report: DoctorReport) -> None:
     """Copy every decodable row of every page of `src_path` into a new store file."""
     dst_path.unlink(missing_ok=True)
     create_store_file(dst_path)
-    dst = sqlite3.connect(dst_path, isolation_level=None)
-    try:
+    with contextlib.closing(sqlite3.connect(dst_path, isolation_level=None)) as dst:
         tables = _tables(dst)
         with tempfile.TemporaryDirectory(dir=dst_path.parent, prefix=".doctor-") as scratch:
             pages = _Pages(_snapshot(src_path, Path(scratch)))
@@ -348,8 +347,6 @@ def recover(src_path: Path, dst_path: Path, report: DoctorReport) -> None:
             report.claimed[t.name] = None if listed is None else len(listed)
             if listed is not None:
                 report.lost[t.name] = sorted("/".join(map(str, k)) for k in listed - got[t.name])
-    finally:
-        dst.close()
 
 
 def doctor(run_dir: Path, *, replace: bool = False) -> DoctorReport:
