@@ -184,23 +184,6 @@ class _Prober:
             self.result.batch_api = resp.status_code == 200
 
 
-async def _probe(
-    t: TeacherConfig,
-    max_cost: float | None,
-    max_requests: int,
-    max_tokens: int,
-    top_k_tries: tuple[int, ...],
-) -> ProbeResult:
-    async with http_client(t) as client:
-        p = _Prober(t, client, max_cost, max_requests)
-        await p.chat(max_tokens, top_k_tries)
-        await p.scoring()
-        await p.batches()
-    if p.latencies:
-        p.result.latency_s = round(statistics.median(p.latencies), 4)
-    return p.result
-
-
 def probe(
     base_url: str,
     model: str,
@@ -219,7 +202,18 @@ def probe(
     fields = teacher.model_dump() if teacher is not None else {}
     fields.update(base_url=base_url, model=model, api_key_env=api_key_env, timeout=timeout)
     t = TeacherConfig(**fields)
-    return asyncio.run(_probe(t, max_cost, max_requests, max_tokens, top_k_tries))
+
+    async def run() -> ProbeResult:
+        async with http_client(t) as client:
+            p = _Prober(t, client, max_cost, max_requests)
+            await p.chat(max_tokens, top_k_tries)
+            await p.scoring()
+            await p.batches()
+        if p.latencies:
+            p.result.latency_s = round(statistics.median(p.latencies), 4)
+        return p.result
+
+    return asyncio.run(run())
 
 
 def write_probe(run_dir: Path, result: ProbeResult) -> Path:
