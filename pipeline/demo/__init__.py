@@ -78,8 +78,7 @@ def demo(config_path: Path = DEFAULT_CONFIG, *, fresh: bool = False) -> dict:
     lap("harvest")
 
     _say("3/6 build: filter, verify, split by prompt id")
-    report = build(bcfg)
-    print(report.line(), flush=True)
+    print(build(bcfg).line(), flush=True)
     lap("build")
 
     ft_out = Path(fcfg.out or "data/demo/finetune")
@@ -93,7 +92,7 @@ def demo(config_path: Path = DEFAULT_CONFIG, *, fresh: bool = False) -> dict:
         finetune(fcfg.model_copy(update={"resume": resume}))
     lap("finetune")
 
-    ev_out = Path(ecfg.out)
+    ev_out = ecfg.out
     stale = not (ev_out / "report.json").exists() or (
         (ev_out / "report.json").stat().st_mtime < (ft_out / "train_report.json").stat().st_mtime
     )
