@@ -58,10 +58,8 @@ class DoctorReport:
         if self.healthy:
             return [f"{self.store}: ok (integrity_check passed); nothing to do"]
         first = " ".join(self.problems[0].replace("*** in database main ***", "").split())
-        out = [
-            f"{self.store}: damaged: {first[:160]}"
-            + (f" (+{len(self.problems) - 1} more)" if len(self.problems) > 1 else "")
-        ]
+        more = f" (+{len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+        out = [f"{self.store}: damaged: {first[:160]}{more}"]
         if self.recovered:
             out.append("recovered page by page (every table leaf page read, orphaned ones too):")
         for table, n in self.recovered.items():
