@@ -31,7 +31,6 @@ from pipeline.errors import InputError, StoreError
 from pipeline.store import STORE_FILE, RunLock, backfill_prompts, check_schema, create_store_file
 
 RECOVERED = "store.recovered.sqlite"
-_SCHEMA_TYPES = ("table", "index", "view", "trigger")
 # What a value of each declared column type can be stored as (SQLite keeps an integral REAL as
 # an integer on disk).
 _STORED_AS: dict[str, type | tuple[type, ...]] = {
@@ -59,10 +58,8 @@ class DoctorReport:
         if self.healthy:
             return [f"{self.store}: ok (integrity_check passed); nothing to do"]
         first = " ".join(self.problems[0].replace("*** in database main ***", "").split())
-        out = [
-            f"{self.store}: damaged: {first[:160]}"
-            + (f" (+{len(self.problems) - 1} more)" if len(self.problems) > 1 else "")
-        ]
+        more = f" (+{len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+        out = [f"{self.store}: damaged: {first[:160]}{more}"]
         if self.recovered:
             out.append("recovered page by page (every table leaf page read, orphaned ones too):")
         for table, n in self.recovered.items():
@@ -75,11 +72,8 @@ class DoctorReport:
             else:
                 line = f"  {table}: {n} of {claimed} rows recovered"
             if lost:
-                line += (
-                    f"; lost {len(lost)}: "
-                    + ", ".join(lost[:5])
-                    + (" ..." if len(lost) > 5 else "")
-                )
+                more = " ..." if len(lost) > 5 else ""
+                line += f"; lost {len(lost)}: {', '.join(lost[:5])}{more}"
             out.append(line)
         if self.replaced_damaged is not None:
             out.append(
@@ -285,7 +279,7 @@ def _is_schema_row(values: tuple[Any, ...]) -> bool:
     """A row of sqlite_schema (shaped like batch_requests: skip it, the schema is rebuilt)."""
     return (
         len(values) == 5
-        and values[0] in _SCHEMA_TYPES
+        and values[0] in ("table", "index", "view", "trigger")
         and (values[4] is None or str(values[4]).startswith("CREATE "))
     )
 
@@ -318,8 +312,7 @@ def recover(src_path: Path, dst_path: Path, report: DoctorReport) -> None:
     """Copy every decodable row of every page of `src_path` into a new store file."""
     dst_path.unlink(missing_ok=True)
     create_store_file(dst_path)
-    dst = sqlite3.connect(dst_path, isolation_level=None)
-    try:
+    with contextlib.closing(sqlite3.connect(dst_path, isolation_level=None)) as dst:
         tables = _tables(dst)
         with tempfile.TemporaryDirectory(dir=dst_path.parent, prefix=".doctor-") as scratch:
             pages = _Pages(_snapshot(src_path, Path(scratch)))
@@ -352,14 +345,11 @@ def recover(src_path: Path, dst_path: Path, report: DoctorReport) -> None:
             report.claimed[t.name] = None if listed is None else len(listed)
             if listed is not None:
                 report.lost[t.name] = sorted("/".join(map(str, k)) for k in listed - got[t.name])
-    finally:
-        dst.close()
 
 
 def doctor(run_dir: Path, *, replace: bool = False) -> DoctorReport:
     """Check RUN/store.sqlite; when damaged, recover into RUN/store.recovered.sqlite (and swap it in
     with `replace`). Holds the run's lock, so no harvest writes while it works."""
-    run_dir = Path(run_dir)
     path = run_dir / STORE_FILE
     if not path.is_file() or path.stat().st_size == 0:
         raise InputError(  # a wrong path: bad input (exit 2), as in every other command

@@ -244,9 +244,8 @@ def load_rows(cfg: OnpolicyConfig) -> list[PromptRow]:
             if msgs and pid not in seen:
                 seen.add(pid)
                 rows.append(PromptRow(id=pid, messages=msgs, source=f"{cfg.data}[train][{i}]"))
-        return rows[: cfg.limit] if cfg.limit else rows
-    rows, _ = load_prompts(list(cfg.prompts), limit=cfg.limit)
-    return rows
+        return rows[: cfg.limit]
+    return load_prompts(cfg.prompts, limit=cfg.limit)[0]
 
 
 def teacher_messages(messages: list[dict[str, Any]], context: str | None) -> list[dict[str, Any]]:
@@ -300,24 +299,22 @@ async def score(
     body = score_body(teacher.cfg, ids, protocol, top_k)
     worst = cost(teacher.cfg, len(ids), 1)
     budget.reserve(worst)
-    attempts = 0
     try:
         async for attempt in retrying(teacher.cfg.max_retries):
             with attempt:
-                attempts += 1
                 await teacher.limiter.acquire(len(ids) + 1)
                 try:
                     data = await post_score(teacher, body)
                 finally:
                     await teacher.limiter.release()
-                return parse_scores(data, protocol, ids), attempts
+                return parse_scores(data, protocol, ids), attempt.retry_state.attempt_number
     except PromptRejected as e:
         raise TeacherError(
             f"{e}; the teacher refused a scoring request (token ids out of its vocabulary, or "
             "longer than its context?): check that teacher and student share a tokenizer"
         ) from None
     finally:
-        budget.release(worst)
+        budget.pending -= worst
     raise AssertionError("unreachable")
 
 
@@ -334,43 +331,35 @@ class Budget:
             raise CostCap(f"max_cost ${self.cap:g} reached (spent ${self.spent:.4f})")
         self.pending += worst
 
-    def release(self, worst: float) -> None:
-        self.pending -= worst
 
-
-async def check_tokenizer(teacher: Teacher, tokenizer: Any, protocol: str, budget: Budget) -> None:
-    """Score CHECK_TEXT as the student's token ids; the teacher must decode each id to the same
-    text as the student does, else the two tokenizers differ and the scores would be nonsense."""
+async def same_tokenizer(cfg: OnpolicyConfig, tokenizer: Any, protocol: str) -> None:
+    """Score CHECK_TEXT as the student's token ids (one request of a few tokens, on a client of
+    its own, not in the spend); the teacher must decode each id to the same text as the student
+    does, else the two tokenizers differ and the scores would be nonsense."""
     ids = list(tokenizer(CHECK_TEXT, add_special_tokens=False)["input_ids"])
+    teacher = Teacher(cfg)
     try:
-        scores, _ = await score(teacher, ids, protocol, 0, budget)
+        scores, _ = await score(teacher, ids, protocol, 0, Budget(spent=0.0, cap=None))
     except TeacherError as e:
         if "re-tokenized" in str(e) or "refused a scoring request" in str(e):
             raise ConfigError(
-                f"the teacher at {teacher.cfg.base_url} does not take the student's token ids "
+                f"the teacher at {cfg.base_url} does not take the student's token ids "
                 f"({str(e)[:120]}): teacher and student must share a tokenizer"
             ) from None
         raise
+    finally:
+        await teacher.aclose()
     ours = [tokenizer.decode([i]) for i in ids]
     for pos, (mine, theirs) in enumerate(zip(ours, scores.tokens)):
         if pos == 0 and not theirs:
             continue  # prompt_logprobs has no row (and no text) for the first token
         if mine != theirs:
             raise ConfigError(
-                f"the teacher {teacher.cfg.model!r} at {teacher.cfg.base_url} does not share the "
+                f"the teacher {cfg.model!r} at {cfg.base_url} does not share the "
                 f"student's tokenizer (token {pos} of a probe text: student {mine!r}, teacher "
                 f"{theirs!r}); on-policy distillation needs the same tokenizer family: pick a "
                 "student of the teacher's family, or harvest and use `distill finetune` instead"
             )
-
-
-async def same_tokenizer(cfg: OnpolicyConfig, tokenizer: Any, protocol: str) -> None:
-    """check_tokenizer on a client of its own (one request of a few tokens, not in the spend)."""
-    teacher = Teacher(cfg)
-    try:
-        await check_tokenizer(teacher, tokenizer, protocol, Budget(spent=0.0, cap=None))
-    finally:
-        await teacher.aclose()
 
 
 # -- the student ---------------------------------------------------------------------------------
@@ -569,8 +558,7 @@ class Run:
                     }
                 )
         if todo:
-            results = self.loop.run_until_complete(self.score_all(todo))
-            for r in results:
+            for r in self.loop.run_until_complete(self.score_all(todo)):
                 if isinstance(r, BaseException):
                     raise r
             out += todo
@@ -654,7 +642,7 @@ class Run:
         cfg = self.cfg
         rollouts = self.rollouts("eval", step, rows)
         rkl = kd = 0.0
-        n = 0
+        n = sum(len(r["completion_ids"]) for r in rollouts)
         self.student.model.eval()
         with torch.no_grad():
             for r in rollouts:
@@ -662,10 +650,9 @@ class Run:
                     s_lp, logits = student_logprobs(self.student, r)
                     t_lp, top = teacher_view(r, cfg.teacher_temperature)
                     rkl += float((s_lp.cpu() - torch.from_numpy(t_lp)).sum())
-                    c = len(r["completion_ids"])
                     if cfg.kd_alpha > 0 and top is not None:
+                        c = len(r["completion_ids"])
                         kd += float(forward_kl(logits, len(r["prompt_ids"]), top)) * c
-                    n += c
         out = {"eval_reverse_kl": rkl / max(n, 1)}
         if cfg.kd_alpha > 0:
             out["eval_kd_loss"] = kd / max(n, 1)
@@ -780,13 +767,10 @@ def write_outputs(run: Run, started: float) -> None:
 
 def onpolicy(cfg: OnpolicyConfig) -> Summary:
     """Run on-policy distillation (see the module docstring); returns what it did."""
-    cfg = cfg.model_copy(
-        update={
-            "teacher_system_prompt": read_text_arg(
-                cfg.teacher_system_prompt, cfg.teacher_system_prompt_file, "teacher system prompt"
-            )
-        }
+    context = read_text_arg(
+        cfg.teacher_system_prompt, cfg.teacher_system_prompt_file, "teacher system prompt"
     )
+    cfg = cfg.model_copy(update={"teacher_system_prompt": context})
     if not cfg.student:
         raise ConfigError("no student: pass --student MODEL_DIR or set student: in onpolicy:")
     if not cfg.model:
@@ -808,9 +792,8 @@ def onpolicy(cfg: OnpolicyConfig) -> Summary:
     started = time.time()
     summary = Summary(out=cfg.out, steps=cfg.steps)
     with open_run(cfg.out, log, dump_config(cfg), stage="onpolicy") as store:
-        spent, tokens = store.rollout_totals()
-        summary.spend, summary.teacher_tokens = spent, tokens
-        budget = Budget(spent=spent, cap=cfg.max_cost)
+        summary.spend, summary.teacher_tokens = store.rollout_totals()
+        budget = Budget(spent=summary.spend, cap=cfg.max_cost)
         ckpt, done, history = last_checkpoint(cfg.out)
         student = load_student(cfg, ckpt)
         loop = asyncio.new_event_loop()
@@ -818,7 +801,7 @@ def onpolicy(cfg: OnpolicyConfig) -> Summary:
         run = Run(cfg, store, teacher, student, protocol, budget, loop, summary)
         summary.history, summary.steps_done = history, done
         try:
-            train(run, train_rows, held_rows, done, started)
+            train(run, train_rows, held_rows, done)
         except CostCap as e:
             summary.stopped = str(e)
         finally:
@@ -831,9 +814,7 @@ def onpolicy(cfg: OnpolicyConfig) -> Summary:
     return summary
 
 
-def train(
-    run: Run, train_rows: list[PromptRow], held_rows: list[PromptRow], done: int, started: float
-) -> None:
+def train(run: Run, train_rows: list[PromptRow], held_rows: list[PromptRow], done: int) -> None:
     """Steps done+1 .. cfg.steps: rollouts, update, held-out reverse KL, checkpoint, progress."""
     cfg, s = run.cfg, run.summary
     order = list(range(len(train_rows)))
@@ -848,8 +829,7 @@ def train(
         entry: dict[str, Any] = {"step": step, **run.train_step(rollouts)}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             entry.update(run.held_out(step, held_rows))
-        entry["teacher_tokens"] = s.teacher_tokens
-        entry["spend_usd"] = round(run.budget.spent, 6)
+        entry.update(teacher_tokens=s.teacher_tokens, spend_usd=round(run.budget.spent, 6))
         s.history.append(entry)
         s.steps_done, s.spend = step, run.budget.spent
         log.info(json.dumps(entry))
@@ -858,8 +838,7 @@ def train(
         now = time.monotonic()
         if now - last_print >= cfg.progress_every or step == cfg.steps:
             last_print = now
-            per_step = (now - t0) / (step - done)
-            eta = per_step * (cfg.steps - step)
+            eta = (now - t0) / (step - done) * (cfg.steps - step)
             held = entry.get("eval_reverse_kl")
             kd = entry.get("kd_loss")
             print(

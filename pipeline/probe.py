@@ -90,11 +90,10 @@ class _Prober:
 
     def may_send(self, what: str, worst_tokens: tuple[int, int]) -> bool:
         r = self.result
-        worst = cost(self.t, *worst_tokens)
         if r.requests >= self.max_requests:
             r.notes.append(f"{what}: skipped, max_requests {self.max_requests} reached")
             return False
-        if self.max_cost is not None and r.cost_usd + worst > self.max_cost:
+        if self.max_cost is not None and r.cost_usd + cost(self.t, *worst_tokens) > self.max_cost:
             r.notes.append(f"{what}: skipped, max_cost ${self.max_cost:g} would be passed")
             return False
         return True
@@ -185,23 +184,6 @@ class _Prober:
             self.result.batch_api = resp.status_code == 200
 
 
-async def _probe(
-    t: TeacherConfig,
-    max_cost: float | None,
-    max_requests: int,
-    max_tokens: int,
-    top_k_tries: tuple[int, ...],
-) -> ProbeResult:
-    async with http_client(t) as client:
-        p = _Prober(t, client, max_cost, max_requests)
-        await p.chat(max_tokens, top_k_tries)
-        await p.scoring()
-        await p.batches()
-    if p.latencies:
-        p.result.latency_s = round(statistics.median(p.latencies), 4)
-    return p.result
-
-
 def probe(
     base_url: str,
     model: str,
@@ -217,17 +199,21 @@ def probe(
     """Probe one endpoint (see the module docstring). `teacher` supplies prices and extra_body
     (from a harvest config); `base_url`, `model` and `api_key_env` override its fields. Harvest
     probes with `max_requests=1` and the one `top_logprobs` it will ask (`top_k_tries=(k,)`)."""
-    base = teacher.model_dump() if teacher is not None else {}
-    t = TeacherConfig(
-        **{
-            **base,
-            "base_url": base_url,
-            "model": model,
-            "api_key_env": api_key_env,
-            "timeout": timeout,
-        }
-    )
-    return asyncio.run(_probe(t, max_cost, max_requests, max_tokens, top_k_tries))
+    fields = teacher.model_dump() if teacher is not None else {}
+    fields.update(base_url=base_url, model=model, api_key_env=api_key_env, timeout=timeout)
+    t = TeacherConfig(**fields)
+
+    async def run() -> ProbeResult:
+        async with http_client(t) as client:
+            p = _Prober(t, client, max_cost, max_requests)
+            await p.chat(max_tokens, top_k_tries)
+            await p.scoring()
+            await p.batches()
+        if p.latencies:
+            p.result.latency_s = round(statistics.median(p.latencies), 4)
+        return p.result
+
+    return asyncio.run(run())
 
 
 def write_probe(run_dir: Path, result: ProbeResult) -> Path:

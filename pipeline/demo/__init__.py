@@ -78,8 +78,7 @@ def demo(config_path: Path = DEFAULT_CONFIG, *, fresh: bool = False) -> dict:
     lap("harvest")
 
     _say("3/6 build: filter, verify, split by prompt id")
-    report = build(bcfg)
-    print(report.line(), flush=True)
+    print(build(bcfg).line(), flush=True)
     lap("build")
 
     ft_out = Path(fcfg.out or "data/demo/finetune")
@@ -93,7 +92,7 @@ def demo(config_path: Path = DEFAULT_CONFIG, *, fresh: bool = False) -> dict:
         finetune(fcfg.model_copy(update={"resume": resume}))
     lap("finetune")
 
-    ev_out = Path(ecfg.out)
+    ev_out = ecfg.out
     stale = not (ev_out / "report.json").exists() or (
         (ev_out / "report.json").stat().st_mtime < (ft_out / "train_report.json").stat().st_mtime
     )
@@ -134,11 +133,10 @@ def harvest_missing(hcfg: HarvestConfig, student: Path) -> None:
             f"2/6 teacher: all {plan.total} answers already in {hcfg.out}; server not started, nothing sent"
         )
         return
-    port = urlparse(hcfg.base_url).port
     _say(f"2/6 teacher: transformers serve on {hcfg.base_url}; harvesting {missing} answers")
-    log = claim(Path(hcfg.out), "harvest") / "teacher_server.log"  # the log goes in the run dir
+    log = claim(hcfg.out, "harvest") / "teacher_server.log"  # the log goes in the run dir
     record(log.parent, "harvest", [log.name])
-    with serve_teacher(student, port=port, log_path=log) as url:
+    with serve_teacher(student, port=urlparse(hcfg.base_url).port, log_path=log) as url:
         assert url.rstrip("/") == hcfg.base_url.rstrip("/"), (url, hcfg.base_url)
         summary = harvest(hcfg)
     print(summary.line(), flush=True)

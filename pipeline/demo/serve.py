@@ -144,7 +144,6 @@ def serve_teacher(
     engine "vllm": vLLM's CPU build from its own virtualenv (`ensure_vllm`; starts in 2-3 minutes;
     honours `n`, returns logprobs up to 20 and scores texts with `prompt_logprobs`).
     """
-    model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise InputError(
             f"{model_dir} is not a model folder (no config.json): for the demo's model run "

@@ -44,7 +44,6 @@ def _gguf_folder() -> Path:
 
 def ensure_smollm2(cache_dir: Path = DEFAULT_DIR) -> Path:
     """Return a folder holding SmolLM2-135M-Instruct as safetensors + tokenizer, converting once."""
-    cache_dir = Path(cache_dir)
     if (cache_dir / "model.safetensors").is_file() and (cache_dir / "config.json").is_file():
         return cache_dir
     folder = _gguf_folder()
