@@ -83,36 +83,28 @@ def parse_duration(value: str | None) -> float | None:
     """OpenAI reset headers: '1s', '6m0s', '20ms', '1h2m3.5s', or a plain number of seconds."""
     if not value:
         return None
-    value = value.strip()
-    try:
+    with contextlib.suppress(ValueError):  # float() strips the spaces a header may carry
         return max(0.0, float(value))
-    except ValueError:
-        pass
     parts = _DURATION.findall(value)
-    if not parts:
-        return None
     scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    return sum(float(n) * scale[u] for n, u in parts)
+    return sum(float(n) * scale[u] for n, u in parts) if parts else None
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait from `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
     ms = headers.get("retry-after-ms")
     if ms:
-        try:
+        with contextlib.suppress(ValueError):
             return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
     ra = headers.get("retry-after")
     if not ra:
         return None
-    try:
+    with contextlib.suppress(ValueError):
         return max(0.0, float(ra))
-    except ValueError:
-        try:
-            return max(0.0, parsedate_to_datetime(ra).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
+    try:
+        return max(0.0, parsedate_to_datetime(ra).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 # (send sequence number, requests on the wire when it went, itself included) of the request this
