@@ -65,6 +65,12 @@ class Bucket:
         self.level = self.capacity
         self.stamp = time.monotonic()
 
+    @classmethod
+    def per_minute(cls, budget: float) -> Bucket:
+        """A bucket for a per-minute budget, with half a second of burst: enough to catch up after
+        a stall, small enough not to trip a server whose own bucket is one second deep."""
+        return cls(budget / 60.0, budget / 120.0)
+
     def refill(self, now: float) -> None:
         self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
@@ -131,15 +137,11 @@ class Limiter:
         self.max_concurrency = max(1, concurrency)
         self.adaptive = adaptive
         self.in_flight = 0
-        self.requests: Bucket | None = None
-        self.tokens: Bucket | None = None
+        self.requests = Bucket.per_minute(rpm) if rpm else None
+        self.tokens = Bucket.per_minute(tpm) if tpm else None
         self.rpm_given = rpm is not None
         self.rate_known = rpm is not None  # a request budget given in config or sent in headers
         self.tpm_given = tpm is not None
-        if rpm:
-            self.set_rpm(rpm)
-        if tpm:
-            self.set_tpm(tpm)
         # Unknown budget: start with one request in flight and add one per success (doubling
         # each round trip) until the limit, a throttle, or headers tell us the budget. Without
         # this, the first wave of `concurrency` requests overruns a small server bucket.
@@ -164,18 +166,6 @@ class Limiter:
         self.unsent: set[int] = set()  # ... of those not yet sent
         self._all_sent = asyncio.Event()
         self._cond = asyncio.Condition()
-
-    # -- configuration ---------------------------------------------------------------------------
-
-    def set_rpm(self, rpm: float) -> None:
-        per_s = rpm / 60.0
-        # Half a second of burst: enough to catch up after a stall, small enough not to trip a
-        # server whose own bucket is one second deep.
-        self.requests = Bucket(per_s, max(1.0, per_s * 0.5))
-
-    def set_tpm(self, tpm: float) -> None:
-        per_s = tpm / 60.0
-        self.tokens = Bucket(per_s, max(1.0, per_s * 0.5))
 
     # -- the gate ----------------------------------------------------------------------------------
 
@@ -273,14 +263,14 @@ class Limiter:
                     bucket is None or abs(bucket.rate * 60 - per_min) > 1e-6 or self.rate_inferred
                 ):
                     if kind == "requests":
-                        self.set_rpm(per_min)
+                        self.requests = Bucket.per_minute(per_min)
                         self.rate_known = True
                         self.rate_inferred = False
                         # the bucket paces from here: no need to creep up on concurrency
                         self.slow_start = False
                         self.limit = max(self.limit, float(self.max_concurrency))
                     else:
-                        self.set_tpm(per_min)
+                        self.tokens = Bucket.per_minute(per_min)
         now = time.monotonic()
         for kind in ("requests", "tokens"):
             remaining = headers.get(f"x-ratelimit-remaining-{kind}")
