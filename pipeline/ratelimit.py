@@ -250,39 +250,31 @@ class Limiter:
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:
         """Learn limits and steer the pace from x-ratelimit-* headers (any response)."""
-        for kind in ("requests", "tokens"):
-            given = self.rpm_given if kind == "requests" else self.tpm_given
-            raw = headers.get(f"x-ratelimit-limit-{kind}")
-            if raw and not given:
-                try:
-                    per_min = float(raw)
-                except ValueError:
-                    per_min = 0.0
-                bucket = self.requests if kind == "requests" else self.tokens
-                if per_min > 0 and (
-                    bucket is None or abs(bucket.rate * 60 - per_min) > 1e-6 or self.rate_inferred
-                ):
-                    if kind == "requests":
-                        self.requests = Bucket.per_minute(per_min)
-                        self.rate_known = True
-                        self.rate_inferred = False
-                        # the bucket paces from here: no need to creep up on concurrency
-                        self.slow_start = False
-                        self.limit = max(self.limit, float(self.max_concurrency))
-                    else:
-                        self.tokens = Bucket.per_minute(per_min)
-        now = time.monotonic()
-        for kind in ("requests", "tokens"):
-            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
-            if remaining is None:
-                continue
+        for kind, given in (("requests", self.rpm_given), ("tokens", self.tpm_given)):
+            try:  # a limit given in config is never overridden
+                per_min = 0.0 if given else float(headers.get(f"x-ratelimit-limit-{kind}") or 0)
+            except ValueError:
+                per_min = 0.0
+            bucket = self.requests if kind == "requests" else self.tokens
+            if per_min > 0 and (
+                bucket is None or abs(bucket.rate * 60 - per_min) > 1e-6 or self.rate_inferred
+            ):
+                if kind == "requests":
+                    self.requests = Bucket.per_minute(per_min)
+                    self.rate_known = True
+                    self.rate_inferred = False
+                    # the bucket paces from here: no need to creep up on concurrency
+                    self.slow_start = False
+                    self.limit = max(self.limit, float(self.max_concurrency))
+                else:
+                    self.tokens = Bucket.per_minute(per_min)
             try:
-                left = float(remaining)
+                left = float(headers.get(f"x-ratelimit-remaining-{kind}", 1))
             except ValueError:
                 continue
             if left <= 0:
                 reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}")) or 1.0
-                self.paused_until = max(self.paused_until, now + min(reset, 600.0))
+                self.paused_until = max(self.paused_until, time.monotonic() + min(reset, 600.0))
 
     def on_success(self, latency: float) -> None:
         now = time.monotonic()
