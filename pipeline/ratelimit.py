@@ -328,20 +328,19 @@ class Limiter:
                 pause = retry_after if retry_after is not None else 0.5
                 self.paused_until = max(self.paused_until, now + min(pause, 600.0))
             return
-        if status == 429:
-            self.throttled += 1
-            if self.requests is None:
-                # No budget known: pace at the rate that was getting through, then probe up.
-                self.requests = Bucket(max(0.5, 0.9 * self.recent_rate(now)), 1.0)
-                self.rate_inferred = True
+        self.throttled += 1  # (a budget refusal is always a 429)
+        if self.requests is None:
+            # No budget known: pace at the rate that was getting through, then probe up.
+            self.requests = Bucket(max(0.5, 0.9 * self.recent_rate(now)), 1.0)
+            self.rate_inferred = True
+            self.last_cut = now
+        elif self.rate_inferred:
+            # The estimate itself was too high; cut it once per burst of 429s.
+            if now - self.last_cut > 0.5:
+                self.requests.rate = max(0.5, self.requests.rate * 0.85)
                 self.last_cut = now
-            elif self.rate_inferred:
-                # The estimate itself was too high; cut it once per burst of 429s.
-                if now - self.last_cut > 0.5:
-                    self.requests.rate = max(0.5, self.requests.rate * 0.85)
-                    self.last_cut = now
-            else:
-                self.factor = max(0.2, self.factor * 0.85)
+        else:
+            self.factor = max(0.2, self.factor * 0.85)
         pause = retry_after if retry_after is not None else 1.0
         self.paused_until = max(self.paused_until, now + min(pause, 600.0))
         self._decrease(now)
