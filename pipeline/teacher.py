@@ -269,11 +269,7 @@ def usage_cost(t: TeacherConfig, data: Any) -> float:
 def parse_completion(data: Any, latency_s: float | None) -> Completion:
     """A chat-completion body (online, or one line of a Batch API output file) -> Completion.
     A body without usable choices raises TransientError: asking again may well work."""
-    if (
-        not isinstance(data, dict)
-        or not isinstance(data.get("choices"), list)
-        or not data["choices"]
-    ):
+    if not (isinstance(data, dict) and isinstance(data.get("choices"), list) and data["choices"]):
         if isinstance(data, dict) and data.get("error"):
             raise TransientError(
                 f"HTTP 200 with an error body: {str(data['error'])[:200]}", status=200
