@@ -49,10 +49,6 @@ T = TypeVar("T")
 POOL_SIZE = 4  # connections per httpx pool (see Teacher.__init__)
 
 
-def default_base_url() -> str:
-    return os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-
-
 class TeacherConfig(StageConfig):
     """Who answers, and how hard we may push it."""
 
@@ -60,7 +56,7 @@ class TeacherConfig(StageConfig):
         None, description="Label recorded in every row as `teacher` (default: the model name)."
     )
     base_url: str = Field(
-        default_factory=default_base_url,
+        default_factory=lambda: os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
         validate_default=True,
         description="OpenAI-compatible API root, e.g. https://api.deepseek.com/v1 or http://127.0.0.1:8000/v1 "
         "(default: $OPENAI_BASE_URL, else OpenAI).",
