@@ -525,16 +525,16 @@ def http_client(
 
 
 class Teacher:
-    """HTTP client for one teacher; shares one connection pool and one limiter across requests."""
+    """HTTP client for one teacher; shares its connection pools and one limiter across requests."""
 
-    def __init__(self, cfg: TeacherConfig, limiter: Limiter | None = None):
+    def __init__(self, cfg: TeacherConfig):
         if not cfg.model:
             raise ConfigError(
                 "no teacher model: pass --model NAME or set model: in the harvest config"
             )
         self.cfg = cfg
         self.url = f"{cfg.base_url}/chat/completions"
-        self.limiter = limiter or Limiter(
+        self.limiter = Limiter(
             rpm=cfg.rpm, tpm=cfg.tpm, concurrency=cfg.concurrency, adaptive=cfg.adaptive_concurrency
         )
         # Several small connection pools instead of one big one: httpx's pool does work in
