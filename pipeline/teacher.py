@@ -21,6 +21,7 @@ content (then split off the answer by pipeline/reasoning.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -377,7 +378,7 @@ async def read_stream(resp: httpx.Response) -> dict[str, Any]:
 
 
 def _server_message(resp: httpx.Response) -> str:
-    try:
+    with contextlib.suppress(ValueError):  # not JSON
         data = resp.json()
         err = data.get("error") if isinstance(data, dict) else None
         if isinstance(err, dict) and err.get("message"):
@@ -386,8 +387,6 @@ def _server_message(resp: httpx.Response) -> str:
             return err[:300]
         if isinstance(data, dict) and data.get("detail"):
             return str(data["detail"])[:300]
-    except ValueError:
-        pass
     return resp.text[:200].replace("\n", " ") or resp.reason_phrase
 
 
