@@ -345,8 +345,7 @@ def assemble_stream(chunks: list[Any]) -> dict[str, Any]:
             entries = (d.get("logprobs") or {}).get("content")
             if isinstance(entries, list):
                 c["lp"] = (c["lp"] or []) + entries
-    for i in sorted(choices):
-        c = choices[i]
+    for i, c in sorted(choices.items()):
         message = {"role": "assistant", "content": ""}
         message.update({k: "".join(v) for k, v in c["parts"].items()})
         body["choices"].append(
