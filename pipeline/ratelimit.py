@@ -71,13 +71,10 @@ class Bucket:
         a stall, small enough not to trip a server whose own bucket is one second deep."""
         return cls(budget / 60.0, budget / 120.0)
 
-    def refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-        self.stamp = now
-
     def wait_time(self, amount: float, now: float, factor: float = 1.0) -> float:
         """Seconds until `amount` (capped at capacity) is available at `factor` of the rate."""
-        self.refill(now)
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)  # refill
+        self.stamp = now
         need = min(amount, self.capacity) - self.level
         return 0.0 if need <= 0 else need / (self.rate * factor)
 
