@@ -624,10 +624,7 @@ def reference(readme: Path | None) -> None:
         click.echo(full_reference(), nl=False)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops every command as Ctrl-C does: 130
+    # SIGTERM stops every command as Ctrl-C does (the handler raises KeyboardInterrupt): 130
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     cli(prog_name="distill")
