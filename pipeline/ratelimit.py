@@ -290,8 +290,7 @@ class Limiter:
             # Gradient: a queue building at the server shows as recent latency above the long-run
             # average; then hold. Latency alone never cuts: a queueing server's throughput does
             # not fall with load, and timeouts cut on their own.
-            long = self.latency_long or latency
-            latency_holds = self.latency_ema <= GROWTH_TOLERANCE * long + 0.01
+            latency_holds = self.latency_ema <= GROWTH_TOLERANCE * self.latency_long + 0.01
             # One step per round trip; near the level that was refused, one per NEAR_CEILING: each
             # probe there costs a refusal and throughput (against a server refusing past 8 in
             # flight, one per 4 round trips: 57 refusals in 2,000 requests; one per 16: 22).
