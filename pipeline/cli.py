@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from pipeline.errors import EXIT_INTERRUPTED, EXIT_USAGE, DistillError
+from pipeline.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, DistillError
 from pipeline.redact import redact
 
 T = TypeVar("T")
@@ -579,7 +579,6 @@ def doctor(run_dir: Path, replace: bool) -> None:
     swapped in yet (rerun with --replace), 1 recovery failed, 2 no store at that path.
     """
     from pipeline.doctor import doctor as run_doctor
-    from pipeline.errors import EXIT_OK, EXIT_PARTIAL
 
     report = run_stage(run_doctor, run_dir, replace=replace)
     for line in report.lines():
@@ -625,10 +624,7 @@ def reference(readme: Path | None) -> None:
         click.echo(full_reference(), nl=False)
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops every command as Ctrl-C does: 130
+    # SIGTERM stops every command as Ctrl-C does (the handler raises KeyboardInterrupt): 130
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     cli(prog_name="distill")

@@ -65,13 +65,16 @@ class Bucket:
         self.level = self.capacity
         self.stamp = time.monotonic()
 
-    def refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-        self.stamp = now
+    @classmethod
+    def per_minute(cls, budget: float) -> Bucket:
+        """A bucket for a per-minute budget, with half a second of burst: enough to catch up after
+        a stall, small enough not to trip a server whose own bucket is one second deep."""
+        return cls(budget / 60.0, budget / 120.0)
 
     def wait_time(self, amount: float, now: float, factor: float = 1.0) -> float:
         """Seconds until `amount` (capped at capacity) is available at `factor` of the rate."""
-        self.refill(now)
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)  # refill
+        self.stamp = now
         need = min(amount, self.capacity) - self.level
         return 0.0 if need <= 0 else need / (self.rate * factor)
 
@@ -83,36 +86,28 @@ def parse_duration(value: str | None) -> float | None:
     """OpenAI reset headers: '1s', '6m0s', '20ms', '1h2m3.5s', or a plain number of seconds."""
     if not value:
         return None
-    value = value.strip()
-    try:
+    with contextlib.suppress(ValueError):  # float() strips the spaces a header may carry
         return max(0.0, float(value))
-    except ValueError:
-        pass
     parts = _DURATION.findall(value)
-    if not parts:
-        return None
     scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    return sum(float(n) * scale[u] for n, u in parts)
+    return sum(float(n) * scale[u] for n, u in parts) if parts else None
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait from `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
     ms = headers.get("retry-after-ms")
     if ms:
-        try:
+        with contextlib.suppress(ValueError):
             return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
     ra = headers.get("retry-after")
     if not ra:
         return None
-    try:
+    with contextlib.suppress(ValueError):
         return max(0.0, float(ra))
-    except ValueError:
-        try:
-            return max(0.0, parsedate_to_datetime(ra).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
+    try:
+        return max(0.0, parsedate_to_datetime(ra).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
 
 
 # (send sequence number, requests on the wire when it went, itself included) of the request this
@@ -139,15 +134,11 @@ class Limiter:
         self.max_concurrency = max(1, concurrency)
         self.adaptive = adaptive
         self.in_flight = 0
-        self.requests: Bucket | None = None
-        self.tokens: Bucket | None = None
+        self.requests = Bucket.per_minute(rpm) if rpm else None
+        self.tokens = Bucket.per_minute(tpm) if tpm else None
         self.rpm_given = rpm is not None
         self.rate_known = rpm is not None  # a request budget given in config or sent in headers
         self.tpm_given = tpm is not None
-        if rpm:
-            self.set_rpm(rpm)
-        if tpm:
-            self.set_tpm(tpm)
         # Unknown budget: start with one request in flight and add one per success (doubling
         # each round trip) until the limit, a throttle, or headers tell us the budget. Without
         # this, the first wave of `concurrency` requests overruns a small server bucket.
@@ -172,18 +163,6 @@ class Limiter:
         self.unsent: set[int] = set()  # ... of those not yet sent
         self._all_sent = asyncio.Event()
         self._cond = asyncio.Condition()
-
-    # -- configuration ---------------------------------------------------------------------------
-
-    def set_rpm(self, rpm: float) -> None:
-        per_s = rpm / 60.0
-        # Half a second of burst: enough to catch up after a stall, small enough not to trip a
-        # server whose own bucket is one second deep.
-        self.requests = Bucket(per_s, max(1.0, per_s * 0.5))
-
-    def set_tpm(self, tpm: float) -> None:
-        per_s = tpm / 60.0
-        self.tokens = Bucket(per_s, max(1.0, per_s * 0.5))
 
     # -- the gate ----------------------------------------------------------------------------------
 
@@ -268,39 +247,31 @@ class Limiter:
 
     def observe_headers(self, headers: Mapping[str, str]) -> None:
         """Learn limits and steer the pace from x-ratelimit-* headers (any response)."""
-        for kind in ("requests", "tokens"):
-            given = self.rpm_given if kind == "requests" else self.tpm_given
-            raw = headers.get(f"x-ratelimit-limit-{kind}")
-            if raw and not given:
-                try:
-                    per_min = float(raw)
-                except ValueError:
-                    per_min = 0.0
-                bucket = self.requests if kind == "requests" else self.tokens
-                if per_min > 0 and (
-                    bucket is None or abs(bucket.rate * 60 - per_min) > 1e-6 or self.rate_inferred
-                ):
-                    if kind == "requests":
-                        self.set_rpm(per_min)
-                        self.rate_known = True
-                        self.rate_inferred = False
-                        # the bucket paces from here: no need to creep up on concurrency
-                        self.slow_start = False
-                        self.limit = max(self.limit, float(self.max_concurrency))
-                    else:
-                        self.set_tpm(per_min)
-        now = time.monotonic()
-        for kind in ("requests", "tokens"):
-            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
-            if remaining is None:
-                continue
+        for kind, given in (("requests", self.rpm_given), ("tokens", self.tpm_given)):
+            try:  # a limit given in config is never overridden
+                per_min = 0.0 if given else float(headers.get(f"x-ratelimit-limit-{kind}") or 0)
+            except ValueError:
+                per_min = 0.0
+            bucket = self.requests if kind == "requests" else self.tokens
+            if per_min > 0 and (
+                bucket is None or abs(bucket.rate * 60 - per_min) > 1e-6 or self.rate_inferred
+            ):
+                if kind == "requests":
+                    self.requests = Bucket.per_minute(per_min)
+                    self.rate_known = True
+                    self.rate_inferred = False
+                    # the bucket paces from here: no need to creep up on concurrency
+                    self.slow_start = False
+                    self.limit = max(self.limit, float(self.max_concurrency))
+                else:
+                    self.tokens = Bucket.per_minute(per_min)
             try:
-                left = float(remaining)
+                left = float(headers.get(f"x-ratelimit-remaining-{kind}", 1))
             except ValueError:
                 continue
             if left <= 0:
                 reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}")) or 1.0
-                self.paused_until = max(self.paused_until, now + min(reset, 600.0))
+                self.paused_until = max(self.paused_until, time.monotonic() + min(reset, 600.0))
 
     def on_success(self, latency: float) -> None:
         now = time.monotonic()
@@ -319,8 +290,7 @@ class Limiter:
             # Gradient: a queue building at the server shows as recent latency above the long-run
             # average; then hold. Latency alone never cuts: a queueing server's throughput does
             # not fall with load, and timeouts cut on their own.
-            long = self.latency_long or latency
-            latency_holds = self.latency_ema <= GROWTH_TOLERANCE * long + 0.01
+            latency_holds = self.latency_ema <= GROWTH_TOLERANCE * self.latency_long + 0.01
             # One step per round trip; near the level that was refused, one per NEAR_CEILING: each
             # probe there costs a refusal and throughput (against a server refusing past 8 in
             # flight, one per 4 round trips: 57 refusals in 2,000 requests; one per 16: 22).
@@ -354,20 +324,19 @@ class Limiter:
                 pause = retry_after if retry_after is not None else 0.5
                 self.paused_until = max(self.paused_until, now + min(pause, 600.0))
             return
-        if status == 429:
-            self.throttled += 1
-            if self.requests is None:
-                # No budget known: pace at the rate that was getting through, then probe up.
-                self.requests = Bucket(max(0.5, 0.9 * self.recent_rate(now)), 1.0)
-                self.rate_inferred = True
+        self.throttled += 1  # (a budget refusal is always a 429)
+        if self.requests is None:
+            # No budget known: pace at the rate that was getting through, then probe up.
+            self.requests = Bucket(max(0.5, 0.9 * self.recent_rate(now)), 1.0)
+            self.rate_inferred = True
+            self.last_cut = now
+        elif self.rate_inferred:
+            # The estimate itself was too high; cut it once per burst of 429s.
+            if now - self.last_cut > 0.5:
+                self.requests.rate = max(0.5, self.requests.rate * 0.85)
                 self.last_cut = now
-            elif self.rate_inferred:
-                # The estimate itself was too high; cut it once per burst of 429s.
-                if now - self.last_cut > 0.5:
-                    self.requests.rate = max(0.5, self.requests.rate * 0.85)
-                    self.last_cut = now
-            else:
-                self.factor = max(0.2, self.factor * 0.85)
+        else:
+            self.factor = max(0.2, self.factor * 0.85)
         pause = retry_after if retry_after is not None else 1.0
         self.paused_until = max(self.paused_until, now + min(pause, 600.0))
         self._decrease(now)

@@ -21,6 +21,7 @@ content (then split off the answer by pipeline/reasoning.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -49,10 +50,6 @@ T = TypeVar("T")
 POOL_SIZE = 4  # connections per httpx pool (see Teacher.__init__)
 
 
-def default_base_url() -> str:
-    return os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-
-
 class TeacherConfig(StageConfig):
     """Who answers, and how hard we may push it."""
 
@@ -60,7 +57,7 @@ class TeacherConfig(StageConfig):
         None, description="Label recorded in every row as `teacher` (default: the model name)."
     )
     base_url: str = Field(
-        default_factory=default_base_url,
+        default_factory=lambda: os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
         validate_default=True,
         description="OpenAI-compatible API root, e.g. https://api.deepseek.com/v1 or http://127.0.0.1:8000/v1 "
         "(default: $OPENAI_BASE_URL, else OpenAI).",
@@ -269,11 +266,7 @@ def usage_cost(t: TeacherConfig, data: Any) -> float:
 def parse_completion(data: Any, latency_s: float | None) -> Completion:
     """A chat-completion body (online, or one line of a Batch API output file) -> Completion.
     A body without usable choices raises TransientError: asking again may well work."""
-    if (
-        not isinstance(data, dict)
-        or not isinstance(data.get("choices"), list)
-        or not data["choices"]
-    ):
+    if not (isinstance(data, dict) and isinstance(data.get("choices"), list) and data["choices"]):
         if isinstance(data, dict) and data.get("error"):
             raise TransientError(
                 f"HTTP 200 with an error body: {str(data['error'])[:200]}", status=200
@@ -352,8 +345,7 @@ def assemble_stream(chunks: list[Any]) -> dict[str, Any]:
             entries = (d.get("logprobs") or {}).get("content")
             if isinstance(entries, list):
                 c["lp"] = (c["lp"] or []) + entries
-    for i in sorted(choices):
-        c = choices[i]
+    for i, c in sorted(choices.items()):
         message = {"role": "assistant", "content": ""}
         message.update({k: "".join(v) for k, v in c["parts"].items()})
         body["choices"].append(
@@ -385,7 +377,7 @@ async def read_stream(resp: httpx.Response) -> dict[str, Any]:
 
 
 def _server_message(resp: httpx.Response) -> str:
-    try:
+    with contextlib.suppress(ValueError):  # not JSON
         data = resp.json()
         err = data.get("error") if isinstance(data, dict) else None
         if isinstance(err, dict) and err.get("message"):
@@ -394,8 +386,6 @@ def _server_message(resp: httpx.Response) -> str:
             return err[:300]
         if isinstance(data, dict) and data.get("detail"):
             return str(data["detail"])[:300]
-    except ValueError:
-        pass
     return resp.text[:200].replace("\n", " ") or resp.reason_phrase
 
 
@@ -533,16 +523,16 @@ def http_client(
 
 
 class Teacher:
-    """HTTP client for one teacher; shares one connection pool and one limiter across requests."""
+    """HTTP client for one teacher; shares its connection pools and one limiter across requests."""
 
-    def __init__(self, cfg: TeacherConfig, limiter: Limiter | None = None):
+    def __init__(self, cfg: TeacherConfig):
         if not cfg.model:
             raise ConfigError(
                 "no teacher model: pass --model NAME or set model: in the harvest config"
             )
         self.cfg = cfg
         self.url = f"{cfg.base_url}/chat/completions"
-        self.limiter = limiter or Limiter(
+        self.limiter = Limiter(
             rpm=cfg.rpm, tpm=cfg.tpm, concurrency=cfg.concurrency, adaptive=cfg.adaptive_concurrency
         )
         # Several small connection pools instead of one big one: httpx's pool does work in
