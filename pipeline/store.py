@@ -371,7 +371,7 @@ class Store:
         if self.path.is_file() and self.path.stat().st_size > 0:
             return
         seen = [n for n in HISTORY if (self.run_dir / n).exists()]
-        if self.run_dir.is_dir() and STORE_FILE in own_files(self.run_dir, marked_only=True):
+        if STORE_FILE in own_files(self.run_dir):
             seen.append(".distill.json")
         if seen:
             state = "empty" if self.path.exists() else "missing"
