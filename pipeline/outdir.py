@@ -124,24 +124,17 @@ def replace_own(out: Path, stage: str, new: Path) -> None:
     """Replace this stage's earlier files in `out` by the entries of folder `new` (then removed),
     keeping anything else a user put in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    if owner(out) == stage:  # a marker-less folder lists no files: nothing goes
-        for name in own_files(out):
-            path = out / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
-    names = []
-    for entry in sorted(new.iterdir()):
-        if entry.name == MARKER:
-            continue
-        target = out / entry.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        entry.replace(target)
-        names.append(entry.name)
+    names = [entry.name for entry in sorted(new.iterdir()) if entry.name != MARKER]
+    # What goes: the earlier output's files (a marker-less folder lists none), and whatever a new
+    # entry would land on.
+    for name in (own_files(out) if owner(out) == stage else []) + names:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    for name in names:
+        (new / name).replace(out / name)
     shutil.rmtree(new)
     _write(out, stage, names)
 
