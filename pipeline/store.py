@@ -661,13 +661,11 @@ class Store:
         args: tuple[Any, ...] = (kind,)
         if step is not None:
             sql, args = sql + " AND step = ?", (kind, step)
-        out = {}
-        for r in self.db.execute(sql, args):
-            row = dict(r)
+        rows = [dict(r) for r in self.db.execute(sql, args)]
+        for row in rows:
             for c in ("prompt_ids", "completion_ids", "teacher_logprobs"):
                 row[c] = json.loads(row[c])
-            out[row["key"]] = row
-        return out
+        return {row["key"]: row for row in rows}
 
     def rollout_totals(self) -> tuple[float, int]:
         """(USD spent on scoring, teacher tokens scored) over every stored rollout."""
