@@ -4,7 +4,7 @@ A response paid for is committed (one transaction, WAL) before anything else hap
 Its key is a hash of (endpoint, model, request messages, generation parameters, sample index),
 so rerunning the same job finds every key done and sends nothing, and changing a parameter makes
 new keys while old rows stay. Rows in `responses` are never updated or deleted; a key can be
-inserted once only (INSERT OR IGNORE), so a response can never appear twice.
+inserted once only (ON CONFLICT(key) DO NOTHING), so a response can never appear twice.
 
 Each prompt id's text is kept in `prompts` (a hash of its request messages): a rerun that gives an
 id other text is stopped before sending (pipeline/harvest.py check_prompt_identity).
