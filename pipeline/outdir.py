@@ -52,14 +52,13 @@ def owner(out: Path) -> str | None:
     return None
 
 
-def own_files(out: Path, *, marked_only: bool = False) -> list[str]:
-    """The entries of `out` that its stage wrote (marker list; every entry for a pre-marker folder,
-    none with `marked_only`)."""
+def own_files(out: Path) -> list[str]:
+    """The entries of `out` that its stage wrote, as its marker lists them (none without one)."""
     try:
         data = json.loads((out / MARKER).read_text(encoding="utf-8"))
         return [str(f) for f in data.get("files", [])]
     except (OSError, ValueError, AttributeError):
-        return [] if marked_only else [p.name for p in out.iterdir() if p.name != MARKER]
+        return []
 
 
 def claim(out: Path, stage: str, flag: str = "--out") -> Path:
@@ -118,35 +117,24 @@ def staged(out: Path, stage: str, flag: str = "--out") -> Iterator[Path]:
 
 def record(out: Path, stage: str, names: list[str]) -> None:
     """Add `names` (entries directly in `out`) to the files this stage owns there."""
-    try:
-        have = set(json.loads((out / MARKER).read_text(encoding="utf-8")).get("files", []))
-    except (OSError, ValueError, AttributeError):
-        have = set()
-    _write(out, stage, sorted(have | set(names)))
+    _write(out, stage, sorted(set(own_files(out)) | set(names)))
 
 
 def replace_own(out: Path, stage: str, new: Path) -> None:
     """Replace this stage's earlier files in `out` by the entries of folder `new` (then removed),
     keeping anything else a user put in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    if owner(out) == stage and (out / MARKER).exists():
-        for name in own_files(out):
-            path = out / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
-    names = []
-    for entry in sorted(new.iterdir()):
-        if entry.name == MARKER:
-            continue
-        target = out / entry.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-        entry.replace(target)
-        names.append(entry.name)
+    names = [entry.name for entry in sorted(new.iterdir()) if entry.name != MARKER]
+    # What goes: the earlier output's files (a marker-less folder lists none), and whatever a new
+    # entry would land on.
+    for name in (own_files(out) if owner(out) == stage else []) + names:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    for name in names:
+        (new / name).replace(out / name)
     shutil.rmtree(new)
     _write(out, stage, names)
 

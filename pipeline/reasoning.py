@@ -52,9 +52,7 @@ def split_think(text: str) -> tuple[str, str | None]:
 def join_think(trace: str | None, answer: str) -> str:
     """The answer with its trace inline before it; no block at all when there is no trace.
     The trace is kept as given (datasets built before this module must rebuild byte-identical)."""
-    if not trace:
-        return answer
-    return f"{OPEN}\n{trace}\n{CLOSE}\n\n{answer}"
+    return f"{OPEN}\n{trace}\n{CLOSE}\n\n{answer}" if trace else answer
 
 
 def final_answer(text: str) -> str:

@@ -95,12 +95,8 @@ class Response:
 def pack_logprobs(rows: list | None) -> bytes | None:
     """Token logprobs as [[token, logprob, [[alt, logprob], ...]], ...] (teacher.token_logprobs
     reads them off the API) -> zlib-compressed JSON; None stays None."""
-    if not rows:
-        return None
-    return zlib.compress(canonical_json(rows).encode("utf-8"), 6)
+    return zlib.compress(canonical_json(rows).encode("utf-8"), 6) if rows else None
 
 
 def unpack_logprobs(blob: bytes | None) -> list | None:
-    if blob is None:
-        return None
-    return json.loads(zlib.decompress(blob))
+    return None if blob is None else json.loads(zlib.decompress(blob))

@@ -50,8 +50,7 @@ def redact(text: str) -> str:
     if not text:
         return text
     for s in sorted(_secrets, key=len, reverse=True):  # longest first: one key may contain another
-        if s in text:
-            text = text.replace(s, MASK)
+        text = text.replace(s, MASK)
     for pattern, repl in _PATTERNS:
         text = pattern.sub(repl, text)
     return text

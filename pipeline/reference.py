@@ -40,12 +40,9 @@ REFERENCE_START, REFERENCE_END = "<!-- reference:start -->", "<!-- reference:end
 
 
 def _type_name(annotation: Any) -> str:
-    text = (
-        getattr(annotation, "__name__", None)
-        if getattr(annotation, "__args__", None) is None
-        else None
-    )
-    text = text or str(annotation)
+    text = str(annotation)
+    if getattr(annotation, "__args__", None) is None:  # a plain class: its name
+        text = getattr(annotation, "__name__", None) or text
     for noise in ("typing.", "pathlib.", "pipeline.teacher.", "pipeline.", "<class '", "'>"):
         text = text.replace(noise, "")
     return text.replace("NoneType", "None").replace("|", "\\|")

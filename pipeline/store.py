@@ -4,7 +4,7 @@ A response paid for is committed (one transaction, WAL) before anything else hap
 Its key is a hash of (endpoint, model, request messages, generation parameters, sample index),
 so rerunning the same job finds every key done and sends nothing, and changing a parameter makes
 new keys while old rows stay. Rows in `responses` are never updated or deleted; a key can be
-inserted once only (INSERT OR IGNORE), so a response can never appear twice.
+inserted once only (ON CONFLICT(key) DO NOTHING), so a response can never appear twice.
 
 Each prompt id's text is kept in `prompts` (a hash of its request messages): a rerun that gives an
 id other text is stopped before sending (pipeline/harvest.py check_prompt_identity).
@@ -224,15 +224,12 @@ def request_keys(base_url: str, model: str, params: dict) -> Callable[..., str]:
 
 def _friendly(e: sqlite3.Error | OSError | UnicodeDecodeError, path: Path) -> StoreError:
     text = str(e)
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "full" in text:
+    code = e.errno if isinstance(e, OSError) else None
+    if code == errno.ENOSPC or "full" in text:
         return StoreError(
             f"{path}: disk full; free space and rerun (responses already stored are safe)"
         )
-    if (
-        "readonly" in text
-        or "read-only" in text
-        or (isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES))
-    ):
+    if code in (errno.EROFS, errno.EACCES) or "readonly" in text or "read-only" in text:
         return StoreError(
             f"{path}: run directory is read-only; choose a writable --out or fix its permissions"
         )
@@ -332,19 +329,15 @@ class Store:
             if not self.path.is_file() or self.path.stat().st_size == 0:
                 raise InputError(
                     f"{self.run_dir}: no harvest store here ({STORE_FILE} missing or empty); "
-                    "run `distill harvest --out {dir}` first or check the path".replace(
-                        "{dir}", str(self.run_dir)
-                    )
+                    f"run `distill harvest --out {self.run_dir}` first or check the path"
                 )
             # Read-only, but still WAL-aware: mode=ro needs the -shm file or a writable dir; on
             # read-only media fall back to immutable (nobody can be writing there).
             try:
-                self.db = self._open_ro(f"file:{self.path}?mode=ro")
-            except sqlite3.OperationalError:
                 try:
+                    self.db = self._open_ro(f"file:{self.path}?mode=ro")
+                except sqlite3.OperationalError:
                     self.db = self._open_ro(f"file:{self.path}?mode=ro&immutable=1")
-                except (sqlite3.Error, UnicodeDecodeError) as e:
-                    raise _friendly(e, self.path) from None
             except (sqlite3.Error, UnicodeDecodeError) as e:
                 raise _friendly(e, self.path) from None
         else:
@@ -378,7 +371,7 @@ class Store:
         if self.path.is_file() and self.path.stat().st_size > 0:
             return
         seen = [n for n in HISTORY if (self.run_dir / n).exists()]
-        if self.run_dir.is_dir() and STORE_FILE in own_files(self.run_dir, marked_only=True):
+        if STORE_FILE in own_files(self.run_dir):
             seen.append(".distill.json")
         if seen:
             state = "empty" if self.path.exists() else "missing"
@@ -668,13 +661,11 @@ class Store:
         args: tuple[Any, ...] = (kind,)
         if step is not None:
             sql, args = sql + " AND step = ?", (kind, step)
-        out = {}
-        for r in self.db.execute(sql, args):
-            row = dict(r)
+        rows = [dict(r) for r in self.db.execute(sql, args)]
+        for row in rows:
             for c in ("prompt_ids", "completion_ids", "teacher_logprobs"):
                 row[c] = json.loads(row[c])
-            out[row["key"]] = row
-        return out
+        return {row["key"]: row for row in rows}
 
     def rollout_totals(self) -> tuple[float, int]:
         """(USD spent on scoring, teacher tokens scored) over every stored rollout."""
@@ -737,15 +728,11 @@ def log_early_failure(
         return
     if not ((run_dir / MARKER).is_file() or (run_dir / "harvest.log").is_file()):
         return
-    with contextlib.suppress(OSError):
-        handler = log_handler(run_dir)
-        try:
-            text = f"{what or stage} failed: {error} (exit {error.exit_code})"
-            handler.handle(
-                logging.makeLogRecord({"levelno": logging.ERROR, "levelname": "ERROR", "msg": text})
-            )
-        finally:
-            handler.close()
+    with contextlib.suppress(OSError), contextlib.closing(log_handler(run_dir)) as handler:
+        text = f"{what or stage} failed: {error} (exit {error.exit_code})"
+        handler.handle(
+            logging.makeLogRecord({"levelno": logging.ERROR, "levelname": "ERROR", "msg": text})
+        )
 
 
 def migrate(db: sqlite3.Connection) -> None:
@@ -782,8 +769,5 @@ def backfill_prompts(db: sqlite3.Connection) -> None:
 
 def create_store_file(path: Path) -> None:
     """A new, empty store of the current schema at `path` (`distill doctor` recovers into one)."""
-    db = sqlite3.connect(path, isolation_level=None)
-    try:
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
         migrate(db)
-    finally:
-        db.close()
