@@ -253,8 +253,10 @@ class Limiter:
             except ValueError:
                 per_min = 0.0
             bucket = self.requests if kind == "requests" else self.tokens
+            # An inferred request pace gives way to a request limit in headers; tokens keep theirs.
+            inferred = self.rate_inferred and kind == "requests"
             if per_min > 0 and (
-                bucket is None or abs(bucket.rate * 60 - per_min) > 1e-6 or self.rate_inferred
+                bucket is None or abs(bucket.rate * 60 - per_min) > 1e-6 or inferred
             ):
                 if kind == "requests":
                     self.requests = Bucket.per_minute(per_min)

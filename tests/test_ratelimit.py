@@ -145,6 +145,27 @@ def test_a_header_less_429_with_nothing_else_in_flight_is_a_budget() -> None:
     assert lim.paused_until > 0
 
 
+def test_token_headers_after_an_inferred_pace_keep_the_tokens_spent() -> None:
+    """A header-less 429 infers a request pace; later answers carry only token headers. The
+    token bucket is built once, not rebuilt full on every answer (which undid all token pacing)."""
+
+    async def run() -> Limiter:
+        lim = Limiter(concurrency=64)
+        await lim.acquire(1)
+        lim.on_throttle(None, 429)
+        await lim.release()
+        return lim
+
+    lim = asyncio.run(run())
+    assert lim.rate_inferred
+    lim.observe_headers({"x-ratelimit-limit-tokens": "60000"})
+    assert lim.tokens is not None
+    lim.tokens.level -= 400  # a reservation
+    spent = lim.tokens.level
+    lim.observe_headers({"x-ratelimit-limit-tokens": "60000"})
+    assert lim.tokens.level == spent and lim.rate_inferred  # the request pace is still inferred
+
+
 def test_a_503_refused_alone_pauses_but_never_paces() -> None:
     async def run() -> Limiter:
         lim = Limiter(concurrency=64)
