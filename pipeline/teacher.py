@@ -344,7 +344,8 @@ def assemble_stream(chunks: list[Any]) -> dict[str, Any]:
             c["finish_reason"] = d.get("finish_reason") or c["finish_reason"]
             entries = (d.get("logprobs") or {}).get("content")
             if isinstance(entries, list):
-                c["lp"] = (c["lp"] or []) + entries
+                c["lp"] = c["lp"] or []
+                c["lp"] += entries  # in place: a copy per chunk made long streams quadratic
     for i, c in sorted(choices.items()):
         message = {"role": "assistant", "content": ""}
         message.update({k: "".join(v) for k, v in c["parts"].items()})
