@@ -225,11 +225,12 @@ def request_keys(base_url: str, model: str, params: dict) -> Callable[..., str]:
 def _friendly(e: sqlite3.Error | OSError | UnicodeDecodeError, path: Path) -> StoreError:
     text = str(e)
     code = e.errno if isinstance(e, OSError) else None
-    if code == errno.ENOSPC or "full" in text:
+    said = "" if isinstance(e, OSError) else text  # SQLite's words (an OSError's text names its file)
+    if code == errno.ENOSPC or "full" in said:
         return StoreError(
             f"{path}: disk full; free space and rerun (responses already stored are safe)"
         )
-    if code in (errno.EROFS, errno.EACCES) or "readonly" in text or "read-only" in text:
+    if code in (errno.EROFS, errno.EACCES) or "readonly" in said or "read-only" in said:
         return StoreError(
             f"{path}: run directory is read-only; choose a writable --out or fix its permissions"
         )

@@ -5,9 +5,12 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
+from pipeline.errors import StoreError
 from pipeline.export import EXPORT_COLUMNS
 from pipeline.record import Response, content_hash
-from pipeline.store import MIGRATIONS, STORE_FILE, Store
+from pipeline.store import MIGRATIONS, STORE_FILE, RunLock, Store
 from tests.conftest import (
     arithmetic_rows,
     assert_one_line_error,
@@ -188,3 +191,10 @@ def test_a_damaged_store_is_never_reported_done_and_doctor_recovers_it(
     lost = server.requests - sent
     assert 0 < lost < 60
     assert run_cli("doctor", str(run)).returncode == 0
+
+
+def test_a_path_with_full_in_its_name_is_not_a_full_disk(tmp_path: Path) -> None:
+    """An OSError's text carries its file name: only its errno says what went wrong."""
+    with pytest.raises(StoreError) as e:
+        RunLock(tmp_path / "fullrun").acquire()  # no such folder
+    assert "disk full" not in str(e.value) and "No such file" in str(e.value)
