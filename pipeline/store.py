@@ -225,7 +225,9 @@ def request_keys(base_url: str, model: str, params: dict) -> Callable[..., str]:
 def _friendly(e: sqlite3.Error | OSError | UnicodeDecodeError, path: Path) -> StoreError:
     text = str(e)
     code = e.errno if isinstance(e, OSError) else None
-    said = "" if isinstance(e, OSError) else text  # SQLite's words (an OSError's text names its file)
+    said = (
+        "" if isinstance(e, OSError) else text
+    )  # SQLite's words (an OSError's text names its file)
     if code == errno.ENOSPC or "full" in said:
         return StoreError(
             f"{path}: disk full; free space and rerun (responses already stored are safe)"
@@ -662,7 +664,8 @@ class Store:
         args: tuple[Any, ...] = (kind,)
         if step is not None:
             sql, args = sql + " AND step = ?", (kind, step)
-        rows = [dict(r) for r in self.db.execute(sql, args)]
+        with self._reading():
+            rows = [dict(r) for r in self.db.execute(sql, args)]
         for row in rows:
             for c in ("prompt_ids", "completion_ids", "teacher_logprobs"):
                 row[c] = json.loads(row[c])
@@ -670,9 +673,10 @@ class Store:
 
     def rollout_totals(self) -> tuple[float, int]:
         """(USD spent on scoring, teacher tokens scored) over every stored rollout."""
-        r = self.db.execute(
-            "SELECT COALESCE(SUM(cost_usd), 0), COALESCE(SUM(prompt_tokens), 0) FROM rollouts"
-        ).fetchone()
+        with self._reading():
+            r = self.db.execute(
+                "SELECT COALESCE(SUM(cost_usd), 0), COALESCE(SUM(prompt_tokens), 0) FROM rollouts"
+            ).fetchone()
         return float(r[0]), int(r[1])
 
 

@@ -198,3 +198,11 @@ def test_a_path_with_full_in_its_name_is_not_a_full_disk(tmp_path: Path) -> None
     with pytest.raises(StoreError) as e:
         RunLock(tmp_path / "fullrun").acquire()  # no such folder
     assert "disk full" not in str(e.value) and "No such file" in str(e.value)
+
+
+def test_rollout_reads_fail_in_one_line_like_every_read(tmp_path: Path) -> None:
+    with Store(tmp_path / "run") as st:
+        st.db.execute("DROP TABLE rollouts")  # what a damaged page can look like to a query
+        for read in (lambda: st.rollouts("train"), st.rollout_totals):
+            with pytest.raises(StoreError, match="distill doctor"):
+                read()
