@@ -56,7 +56,7 @@ EXPLAIN = {
     "custom": "rejected by custom_filter {custom_filter}",
     "duplicate": "same answer as an earlier sample of the prompt",
     "near_duplicate": "word {near_duplicate_ngram}-gram Jaccard >= {near_duplicate_threshold} with an earlier sample",
-    "not_selected": "beyond {per_prompt} per prompt (select: {select})",
+    "not_selected": "not the preferred teacher (prefer_teachers) or beyond {per_prompt} per prompt (select: {select})",
 }
 FILTERS = tuple(EXPLAIN)
 SWITCHES = ("unfinished", "empty", "refusal", "length", "verify", "duplicate", "near_duplicate")
@@ -719,8 +719,8 @@ def _card_curation(rep: BuildReport, cfg: BuildConfig) -> list[str]:
     fmt = {**cfg.model_dump(), "custom_filter": f"`{cfg.custom_filter}`"}
     for name in FILTERS:
         on = (
-            name == "failed"
-            or (name == "not_selected" and cfg.select != "all")
+            name in ("failed", "replaced_prompt")  # counted whatever the config
+            or (name == "not_selected" and (cfg.select != "all" or cfg.prefer_teachers))
             or (name == "custom" and cfg.custom_filter)
             or getattr(cfg.filters, name, False)
         )

@@ -672,6 +672,8 @@ def test_prefer_teachers_keeps_one_teacher_per_prompt_verified_first(
     assert kept == {"p0": "small", "p1": "small", "p2": "big", "p3": "big"}
     assert report["removed"]["not_selected"] == 4
     assert report["rows_in"] == sum(report["removed"].values()) + report["kept"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| not_selected | 4 | not the preferred teacher" in card  # said "off" (select: all)
 
 
 def test_split_field_fixes_the_eval_set_and_filter_eval_false_keeps_it_whole(

@@ -60,6 +60,8 @@ def test_replace_changed_prompts_harvests_the_new_text_and_build_uses_only_it(
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["removed"]["replaced_prompt"] == 1  # counted, not "duplicate"
+    card = (tmp_path / "ds" / "README.md").read_text()
+    assert "| replaced_prompt | 1 | an answer to a prompt's old text" in card  # not "off"
     got = _dataset_prompts(tmp_path / "ds")
     assert got == {"a": ["What is 1 + 2?"], "b": ["What is 2 + 5?"]}
 
