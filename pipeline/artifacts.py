@@ -238,6 +238,6 @@ def read_json(path: Path) -> dict[str, Any]:
 def _config_student(path: Path) -> str | None:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8, or a bad date
         return None
     return data.get("student") if isinstance(data, dict) else None

@@ -463,6 +463,18 @@ def test_a_relative_student_is_recorded_absolute(tiny_model, data_dir, tmp_path,
     assert Path(run.student).is_absolute() and (Path(run.student) / "config.json").is_file()
 
 
+@pytest.mark.parametrize("text", [b"\xff\xfe not utf-8", b"student: x\nwhen: 2020-13-01\n"])
+def test_an_unreadable_config_yaml_falls_back_to_the_adapters_base(
+    tmp_path: Path, text: bytes
+) -> None:
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "base-student"})
+    )
+    (tmp_path / "config.yaml").write_bytes(text)  # a traceback before, not the fallback
+    assert read_finetune_run(tmp_path).student == "base-student"
+
+
 def test_yaml_config_then_flags(tiny_model, data_dir, tmp_path):  # noqa: F811
     """A config file's finetune: section, overridden by flags; one target module by name."""
     cfg = tmp_path / "x.yaml"
