@@ -700,9 +700,8 @@ class Harvest:
                     # Let requests in flight finish for up to the grace period, then cut them.
                     _, still = await asyncio.wait(tasks, timeout=self.cfg.grace_period)
                     if still:
-                        log.warning(
-                            "grace period over; abandoning %d requests in flight", len(still)
-                        )
+                        cut = sum(t.limiter.in_flight for t in self.teachers)
+                        log.warning("grace period over; abandoning %d requests in flight", cut)
                     break
         finally:
             for t in tasks:

@@ -186,7 +186,8 @@ def test_max_duration_holds_even_when_every_request_hangs(
     server.hang_seconds = 60
     p = write_jsonl(tmp_path / "p.jsonl", arithmetic_rows(4))
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("harvest:\n  grace_period: 0.5\n  timeout: 600\n")
+    # rpm given: no slow start, so all 4 go out at once
+    cfg.write_text("harvest:\n  grace_period: 0.5\n  timeout: 600\n  rpm: 6000\n")
     started = time.monotonic()
     proc = run_cli(
         "harvest",
@@ -198,6 +199,8 @@ def test_max_duration_holds_even_when_every_request_hangs(
     took = time.monotonic() - started
     assert proc.returncode == EXIT_PARTIAL, proc.stderr
     assert "max_duration" in json.loads(proc.stdout)["stopped"] and took < 15, took
+    log = (tmp_path / "run" / "harvest.log").read_text()
+    assert "abandoning 4 requests in flight" in log  # requests, not worker pools (1 here)
 
 
 def test_a_fatal_error_and_the_exit_code_are_in_the_log(
