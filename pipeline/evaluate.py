@@ -1230,6 +1230,8 @@ def write_report(report: dict[str, Any], cfg: EvalConfig, students: Students, ou
     """report.json, report.md, config.yaml and the plots, in `out`."""
     from pipeline.plots import plot_loss_curves, plot_metrics
 
+    # Claimed at the start; if the folder went meanwhile, the answers must still be written.
+    out.mkdir(parents=True, exist_ok=True)
     history = students.run.out / "log_history.json" if students.run.out else None
     # plot_loss_curves says False for a file that is missing or unreadable, as for one with no loss
     loss_plot = history is not None and plot_loss_curves(history, out / "loss_curves.png")

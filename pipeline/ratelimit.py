@@ -268,7 +268,7 @@ class Limiter:
                 else:
                     self.tokens = Bucket.per_minute(per_min)
             try:
-                left = float(headers.get(f"x-ratelimit-remaining-{kind}", 1))
+                left = float(headers.get(f"x-ratelimit-remaining-{kind}", 1))  # absent: not out
             except ValueError:
                 continue
             if left <= 0:
