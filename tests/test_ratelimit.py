@@ -132,15 +132,21 @@ def test_the_limit_grows_one_per_round_trip_while_latency_holds_and_holds_when_i
     assert lim.limit == 12.0
 
 
-def test_a_header_less_429_with_nothing_else_in_flight_is_a_budget() -> None:
+def refused_alone(status: int) -> Limiter:
+    """A fresh limiter after one request, alone in flight, was refused with `status` (no headers)."""
+
     async def run() -> Limiter:
         lim = Limiter(concurrency=64)
         await lim.acquire(1)
-        lim.on_throttle(None, 429)
+        lim.on_throttle(None, status)
         await lim.release()
         return lim
 
-    lim = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_a_header_less_429_with_nothing_else_in_flight_is_a_budget() -> None:
+    lim = refused_alone(429)
     assert lim.requests is not None and lim.rate_inferred  # paced: no concurrency explains it
     assert lim.paused_until > 0
 
@@ -148,15 +154,7 @@ def test_a_header_less_429_with_nothing_else_in_flight_is_a_budget() -> None:
 def test_token_headers_after_an_inferred_pace_keep_the_tokens_spent() -> None:
     """A header-less 429 infers a request pace; later answers carry only token headers. The
     token bucket is built once, not rebuilt full on every answer (which undid all token pacing)."""
-
-    async def run() -> Limiter:
-        lim = Limiter(concurrency=64)
-        await lim.acquire(1)
-        lim.on_throttle(None, 429)
-        await lim.release()
-        return lim
-
-    lim = asyncio.run(run())
+    lim = refused_alone(429)
     assert lim.rate_inferred
     lim.observe_headers({"x-ratelimit-limit-tokens": "60000"})
     assert lim.tokens is not None
