@@ -29,6 +29,7 @@ OUT/loss_curves.png (from the fine-tune run's log_history.json, when there is on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -866,7 +867,6 @@ How well does the student's answer match the reference in correctness and conten
 def run_judge(cfg: EvalConfig, prompts: list[Prompt], per: dict[str, list[dict[str, Any]]]) -> None:
     """Score every student answer 1-10 with an LLM through the teacher client; store it as 0-1."""
     import asyncio
-    import contextlib
 
     from pipeline.errors import PromptRejected
     from pipeline.ratelimit import retrying

@@ -314,7 +314,7 @@ async def score(
             "longer than its context?): check that teacher and student share a tokenizer"
         ) from None
     finally:
-        budget.pending -= worst
+        budget.release(worst)
     raise AssertionError("unreachable")
 
 
@@ -330,6 +330,9 @@ class Budget:
         if self.cap is not None and self.spent + self.pending + worst > self.cap:
             raise CostCap(f"max_cost ${self.cap:g} reached (spent ${self.spent:.4f})")
         self.pending += worst
+
+    def release(self, worst: float) -> None:
+        self.pending -= worst
 
 
 async def same_tokenizer(cfg: OnpolicyConfig, tokenizer: Any, protocol: str) -> None:

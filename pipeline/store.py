@@ -225,9 +225,8 @@ def request_keys(base_url: str, model: str, params: dict) -> Callable[..., str]:
 def _friendly(e: sqlite3.Error | OSError | UnicodeDecodeError, path: Path) -> StoreError:
     text = str(e)
     code = e.errno if isinstance(e, OSError) else None
-    said = (
-        "" if isinstance(e, OSError) else text
-    )  # SQLite's words (an OSError's text names its file)
+    # SQLite's words count; an OSError's text names its file, so only its errno does
+    said = "" if isinstance(e, OSError) else text
     if code == errno.ENOSPC or "full" in said:
         return StoreError(
             f"{path}: disk full; free space and rerun (responses already stored are safe)"
